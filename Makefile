@@ -1,0 +1,41 @@
+# fastkd: every target sets up what it needs on a fresh machine (idempotent, cached in .venv).
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
+PYTEST_ARGS ?=
+
+.PHONY: setup sysdeps venv test demo bench clean
+
+# Debian packages FFCV builds against, and Fashion-MNIST for the demo.
+sysdeps:
+	@if dpkg -s $(SYS_PKGS) >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(SYS_PKGS); \
+	else echo "no apt-get: install $(SYS_PKGS) by hand (FFCV needs them)"; fi
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+
+venv: $(BIN)/python
+
+$(VENV)/.deps: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: sysdeps $(VENV)/.built
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf build *.egg-info fastkd/_C*.so $(VENV)

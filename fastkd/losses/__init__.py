@@ -1,0 +1,7 @@
+"""nn.Modules that own the trainable parts of the distillation losses and call fastkd.ops."""
+from .ct import CT
+from .kd import LogitKD
+from .mgd import MGD
+from .seeds import SeedStream
+
+__all__ = ["MGD", "CT", "LogitKD", "SeedStream"]
