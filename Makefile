@@ -35,7 +35,7 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h)
 setup: sysdeps $(VENV)/.built
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	FASTKD_REQUIRE_EXT=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastkd/_C*.so $(VENV)

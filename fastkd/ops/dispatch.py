@@ -19,6 +19,8 @@ import torch
 # name -> "module:attribute" of the backend object. Other backends add themselves here.
 _REGISTRY: Dict[str, str] = {
     "reference": "fastkd.ops._reference_backend:BACKEND",
+    "triton": "fastkd.ops._triton_backend:BACKEND",
+    "csrc": "fastkd.ops._csrc_backend:BACKEND",
 }
 # Preference order of ``auto`` per device type (first acceptable wins; "reference" always accepts).
 AUTO_ORDER: Dict[str, List[str]] = {

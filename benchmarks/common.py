@@ -1,0 +1,132 @@
+"""Shared timing, memory and reporting helpers for the benchmarks in this folder.
+
+GPU: ``triton.testing.do_bench`` (median and 20/80 % quantiles, L2 flushed between runs).
+CPU: repeated wall-clock runs, median and quantiles (machines are shared and noisy: report spread).
+Every benchmark compares in one run: fused vs reference eager vs torch.compile(reference).
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+# Dense peaks used for "fraction of peak" columns (vendor numbers, SXM parts).
+PEAKS = {
+    "H100": {"bf16_tflops": 989.0, "hbm_tbps": 3.35},
+    "H200": {"bf16_tflops": 989.0, "hbm_tbps": 4.8},
+}
+
+
+def device_peaks(device: torch.device | str) -> Optional[dict]:
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAKS.items():
+        if key in name:
+            return peaks
+    return None
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(fn: Callable[[], object], device, *, warmup: int = 3, rep: int = 10,
+          min_time_s: float = 0.0) -> Dict[str, float]:
+    """Time ``fn`` -> {"ms": median, "p20": ..., "p80": ...} in milliseconds."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        ms, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": ms, "p20": p20, "p80": p80}
+    for _ in range(warmup):
+        fn()
+    times: List[float] = []
+    start_all = time.perf_counter()
+    while len(times) < rep or time.perf_counter() - start_all < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
+    return {"ms": statistics.median(times), "p20": q(0.2), "p80": q(0.8)}
+
+
+def peak_memory_bytes(fn: Callable[[], object], device) -> Optional[int]:
+    """Peak extra memory allocated while running ``fn`` once (beyond what was allocated before).
+
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events replayed in
+    order (allocations and frees by the ATen CPU allocator), which also sees the compiled extension's
+    ATen tensors.
+    """
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each event's own (self) allocations minus frees, replayed in start-time order; frees outside any
+    # op appear as "[memory]" events. Temporaries allocated and freed inside one leaf op are missed.
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                    if e.self_cpu_memory_usage)
+    if not deltas:
+        return None
+    cur = peak = 0
+    for _, delta in deltas:
+        cur += delta
+        peak = max(peak, cur)
+    return peak
+
+
+def environment(device) -> Dict[str, str]:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "-"
+    if torch.device(device).type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+    else:
+        info["device"] = f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} " \
+                         f"(torch threads {torch.get_num_threads()})"
+    return info
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def write_results(path: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+                  env: Dict[str, str], command: str, notes: str = "") -> str:
+    """Append one run's table (with device, date, versions and the command) to a results file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    head = ", ".join(f"{k} {v}" for k, v in env.items())
+    text = f"\n## {title}\n\n{head}\n\nCommand: `{command}`\n\n{markdown_table(columns, rows)}\n"
+    if notes:
+        text += f"\n{notes}\n"
+    with open(path, "a") as f:
+        f.write(text)
+    return text

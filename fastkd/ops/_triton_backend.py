@@ -1,0 +1,49 @@
+"""The Triton backend: fused kernels on CUDA (and on the CPU under TRITON_INTERPRET=1, for tests).
+
+The kernels live in one file per op (``mgd_triton.py``, ``ct_triton.py``); each exposes
+``refuse(**inputs) -> str | None`` and its loss entry point. This object only routes to them.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+class _TritonBackend:
+    name = "triton"
+    _modules = {"mgd_loss": "fastkd.ops.mgd_triton", "ct_loss": "fastkd.ops.ct_triton"}
+
+    def unavailable(self):
+        try:
+            import triton  # noqa: F401
+        except ImportError as exc:
+            return f"triton is not installed ({exc})"
+        return None
+
+    def _module(self, op):
+        return importlib.import_module(self._modules[op])
+
+    def refuse(self, op, **inputs):
+        if op not in self._modules:
+            return f"no Triton kernel for {op}"
+        student = inputs["student"]
+        if student.device.type != "cuda" and not _interpreting():
+            return f"inputs are on {student.device.type}; Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+        try:
+            module = self._module(op)
+        except Exception as exc:
+            return f"import of {self._modules[op]} failed: {type(exc).__name__}: {exc}"
+        return module.refuse(**inputs)
+
+    def mgd_loss(self, *args, **kwargs):
+        return self._module("mgd_loss").mgd_loss(*args, **kwargs)
+
+    def ct_loss(self, *args, **kwargs):
+        return self._module("ct_loss").ct_loss(*args, **kwargs)
+
+
+BACKEND = _TritonBackend()

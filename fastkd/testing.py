@@ -1,0 +1,61 @@
+"""Helpers to compare a fast path with the reference (used by tests and benchmarks).
+
+Tolerances are relative to the size of the values compared; see TOLERANCES. For low precision, prefer
+``assert_error_within``: the fast path's error against a float32 reference must be at most ``k`` times
+the error of plain PyTorch computing the same thing in the same low precision (flash-attention's rule).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+# dtype -> (atol, rtol) for values of order 1, fast path vs reference in the same dtype.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-8),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (5e-2, 2e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def assert_verbose_allclose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+                            name: str = "tensor", max_report: int = 5) -> None:
+    """torch.allclose with a report of where and by how much the two differ."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    bad = ~torch.isclose(a, e, atol=atol, rtol=rtol, equal_nan=False)
+    if not bad.any():
+        return
+    idx = bad.nonzero()[:max_report]
+    diff = (a - e).abs()
+    lines = [f"{name}: {int(bad.sum())}/{a.numel()} elements differ (atol={atol:g}, rtol={rtol:g}); "
+             f"max abs diff {diff.max().item():.4g}, max |expected| {e.abs().max().item():.4g}"]
+    for i in idx:
+        i = tuple(i.tolist())
+        lines.append(f"  at {i}: actual {a[i].item():.6g} expected {e[i].item():.6g}")
+    raise AssertionError("\n".join(lines))
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, *, name: str = "tensor",
+                        scale: float | None = None) -> None:
+    """Compare with TOLERANCES[dtype], the absolute tolerance scaled by max|expected| (or ``scale``)."""
+    atol, rtol = TOLERANCES[dtype]
+    ref_scale = expected.detach().abs().max().item() if scale is None else scale
+    assert_verbose_allclose(actual, expected, atol=atol * max(ref_scale, 1e-30), rtol=rtol, name=name)
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.detach().double() - expected.detach().double()).abs().max().item()
+
+
+def assert_error_within(fast: torch.Tensor, plain: torch.Tensor, reference: torch.Tensor, *, k: float = 2.0,
+                        floor: float = 0.0, name: str = "tensor") -> None:
+    """|fast - reference| <= k * |plain - reference| + floor, with reference in float32 or float64."""
+    err_fast = max_error(fast, reference)
+    err_plain = max_error(plain, reference)
+    if err_fast > k * err_plain + floor:
+        raise AssertionError(f"{name}: fast path error {err_fast:.4g} exceeds {k} x plain-PyTorch error "
+                             f"{err_plain:.4g} (+ floor {floor:.3g}) against the float32 reference")
