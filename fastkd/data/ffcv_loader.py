@@ -1,0 +1,131 @@
+"""FFCV loader: .beton -> normalised batches on the device.
+
+Train pipeline: RandomResizedCrop decoder (decode + crop + resize in one JIT-compiled pass per image,
+numba threads) -> random horizontal flip -> tensor -> device (pinned, non-blocking, on FFCV's own
+CUDA stream) -> NCHW view -> normalise into a preallocated float / bf16 buffer.  Val: centre crop.
+
+The order is fastkd's (:mod:`fastkd.data.order`), not FFCV's: FFCV's distributed order pads
+shards with repeated samples; ours gives disjoint shards and an exact mid-epoch resume.
+
+Output buffers are FFCV's: a batch's tensors are overwritten ``batches_ahead + 2`` batches later;
+``.clone()`` what must outlive that.  Augmentation draws (crop boxes, flips) come from numba's
+per-thread generators and are not reproducible; the order is.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.operation import Operation
+from ffcv.pipeline.state import State
+from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.traversal_order.base import TraversalOrder
+
+from .base import EpochLoader, cpu_count
+from .transforms import DEFAULT_CENTER_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, normalize_coefficients, normalize_into
+
+
+class NormalizeImage(Operation):
+    """uint8 [N,3,H,W] (any strides, on the device) -> float [N,3,H,W] ``(x/255 - mean) / std``.
+
+    Declares its output (shape, torch dtype, device) so FFCV preallocates one buffer per batch
+    slot; with ``channels_last`` the buffer is NHWC and the result its NCHW view.
+    """
+
+    def __init__(self, mean, std, device, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+        super().__init__()
+        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self.scale, self.shift = normalize_coefficients(mean, std, self.device)
+
+    def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Optional[AllocationQuery]]:
+        c, h, w = previous_state.shape
+        shape = (h, w, c) if self.channels_last else (c, h, w)
+        return (replace(previous_state, jit_mode=False, dtype=self.dtype),
+                AllocationQuery(shape, dtype=self.dtype, device=self.device))
+
+    def generate_code(self):
+        scale, shift, channels_last = self.scale, self.shift, self.channels_last
+
+        def normalize(images, dst):
+            out = dst[: images.shape[0]]
+            if channels_last:
+                out = out.permute(0, 3, 1, 2)
+            return normalize_into(images, out, scale, shift)
+
+        return normalize
+
+
+class _GivenOrder(TraversalOrder):
+    """Hands FFCV the indices fastkd chose for the coming epoch."""
+
+    def __init__(self, loader: Loader):
+        super().__init__(loader)
+        self.next_order = np.arange(len(self.indices), dtype=np.uint64)
+
+    def sample_order(self, epoch: int):
+        return self.next_order
+
+
+def sidecar(path: str) -> dict:
+    """The ``<file>.json`` written next to a .beton by fastkd's writers ({} when absent)."""
+    try:
+        with open(path + ".json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+class FFCVLoader(EpochLoader):
+    backend = "ffcv"
+
+    def __init__(self, path: str, *, train: bool, batch_size: int, num_workers: int, image_size: int,
+                 mean, std, device="cpu", channels_last: bool = False, dtype=torch.float32,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 shuffle: Optional[bool] = None, resolution=None, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
+                 flip: bool = True, center_ratio: float = DEFAULT_CENTER_RATIO,
+                 os_cache: bool = True, batches_ahead: int = 3):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"FFCV file {path!r} not found (write one with `fastkd data write`)")
+        device = torch.device(device)
+        workers = max(1, min(int(num_workers) if num_workers else cpu_count(), cpu_count()))
+        if train:
+            decoder = RandomResizedCropRGBImageDecoder((image_size, image_size), scale=tuple(scale),
+                                                       ratio=tuple(ratio))
+            image_ops = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+        else:
+            decoder = CenterCropRGBImageDecoder((image_size, image_size), ratio=center_ratio)
+            image_ops = [decoder]
+        to_device = [ToDevice(device, non_blocking=True)] if device.type != "cpu" else []
+        image_ops += [ToTensor(), *to_device, ToTorchImage(channels_last=True, convert_back_int16=False),
+                      NormalizeImage(mean, std, device, dtype, channels_last)]
+        label_ops = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
+        self.decoder = decoder
+        self._loader = Loader(path, batch_size=batch_size, num_workers=workers, os_cache=os_cache,
+                              order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=batches_ahead,
+                              pipelines={"image": image_ops, "label": label_ops})
+        self._loader.traversal_order = _GivenOrder(self._loader)
+        self.path, self.num_workers, self.image_size = path, workers, image_size
+        super().__init__(self._loader.reader.num_samples, batch_size=batch_size,
+                         shuffle=train if shuffle is None else shuffle, drop_last=drop_last, seed=seed,
+                         rank=rank, world_size=world_size, device=device,
+                         resolution=resolution or (lambda epoch: image_size))
+
+    def _iterate(self, order: np.ndarray, epoch: int, resolution: int):
+        if tuple(self.decoder.output_size) != (resolution, resolution):
+            # Progressive resizing: buffers are re-declared at the new size, the pipeline recompiled.
+            self.decoder.output_size = (resolution, resolution)
+            self._loader.generate_code()
+        self._loader.traversal_order.next_order = order
+        it = iter(self._loader)
+        try:
+            for images, labels in it:
+                yield images, labels
+        finally:
+            it.close()

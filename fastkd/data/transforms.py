@@ -1,0 +1,165 @@
+"""Image transforms shared by the FFCV and fallback loaders (numpy / torch only).
+
+Crop geometry follows FFCV's decoders (which follow torchvision): RandomResizedCrop draws up to 10
+(area, log-aspect) pairs, then falls back to a centre crop clamped to the aspect range; the centre
+crop for evaluation takes ``ratio * min(H, W)`` square pixels.  Crops are resized with OpenCV's
+INTER_AREA like FFCV's ``resize_crop`` (PIL's antialiased bilinear when OpenCV is absent).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SCALE = (0.08, 1.0)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+DEFAULT_CENTER_RATIO = 224 / 256
+
+try:  # OpenCV comes with FFCV's dependencies; the fallback must work without it
+    import cv2
+except ImportError:  # pragma: no cover - exercised only where OpenCV is missing
+    cv2 = None
+
+
+def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Validate per-channel mean/std on the 0-1 scale (torchvision's convention)."""
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
+    if any(not 0.0 <= m <= 1.0 for m in mean) or any(not 0.0 < s <= 1.0 for s in std):
+        raise ValueError(f"mean/std are on the 0-1 scale (e.g. {IMAGENET_MEAN}/{IMAGENET_STD}); "
+                         f"got mean={mean} std={std}")
+    return mean, std
+
+
+def normalize_coefficients(mean, std, device, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [1,3,1,1] with ``(x_uint8 / 255 - mean) / std == x * scale + shift``."""
+    mean, std = check_mean_std(mean, std)
+    m = torch.tensor(mean, dtype=torch.float64)
+    s = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * s)).to(dtype).view(1, 3, 1, 1).to(device)
+    shift = (-m / s).to(dtype).view(1, 3, 1, 1).to(device)
+    return scale, shift
+
+
+def normalize_into(images: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
+                   shift: torch.Tensor) -> torch.Tensor:
+    """uint8 [N,3,H,W] (any strides) -> ``out`` (float, same shape): x * scale + shift.
+
+    Low-precision outputs are computed in fp32 and rounded once.
+    """
+    if out.dtype == torch.float32:
+        out.copy_(images)
+        return out.mul_(scale).add_(shift)
+    return out.copy_(torch.addcmul(shift, images.float(), scale))
+
+
+def random_resized_crop_box(height: int, width: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
+                            rng: Optional[np.random.Generator] = None) -> Tuple[int, int, int, int]:
+    """(top, left, h, w) of a RandomResizedCrop window (same algorithm as FFCV's decoder)."""
+    rng = rng if rng is not None else np.random.default_rng()
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(rng.uniform(0, height - h + 1))
+            j = int(rng.uniform(0, width - w + 1))
+            return i, j, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(height: int, width: int, ratio: float = DEFAULT_CENTER_RATIO) -> Tuple[int, int, int, int]:
+    """(top, left, c, c) of the evaluation centre crop, ``c = ratio * min(H, W)`` (as FFCV)."""
+    c = max(1, int(ratio * min(height, width)))
+    return (height - c) // 2, (width - c) // 2, c, c
+
+
+def crop_resize(image: np.ndarray, box: Tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Crop ``box`` out of HxWx3 uint8 ``image`` and resize it to ``size`` x ``size``."""
+    i, j, h, w = box
+    crop = image[i:i + h, j:j + w]
+    if crop.shape[0] == size and crop.shape[1] == size:
+        return np.ascontiguousarray(crop)
+    if cv2 is not None:
+        return cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BILINEAR))
+
+
+@dataclass(frozen=True)
+class SampleTransform:
+    """Per-sample train / eval transform of the fallback loader: HxWx3 uint8 -> SxSx3 uint8.
+
+    Randomness is drawn from ``SeedSequence([seed, epoch, index])``, so a sample's crop and flip
+    depend only on the run seed, the epoch and the sample: reproducible across workers and resumes.
+    """
+
+    train: bool
+    size: int
+    scale: Tuple[float, float] = DEFAULT_SCALE
+    ratio: Tuple[float, float] = DEFAULT_RATIO
+    flip: bool = True
+    center_ratio: float = DEFAULT_CENTER_RATIO
+    seed: int = 0
+
+    def __call__(self, image: np.ndarray, index: int, epoch: int, size: Optional[int] = None) -> np.ndarray:
+        size = size or self.size
+        h, w = image.shape[:2]
+        if not self.train:
+            return crop_resize(image, center_crop_box(h, w, self.center_ratio), size)
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index, 0x5EED]))
+        out = crop_resize(image, random_resized_crop_box(h, w, self.scale, self.ratio, rng), size)
+        if self.flip and rng.random() < 0.5:
+            out = np.ascontiguousarray(out[:, ::-1])
+        return out
+
+
+@dataclass(frozen=True)
+class ResolutionSchedule:
+    """Progressive resizing (FFCV's ImageNet recipe): ``min_res`` up to ``start_ramp``, then a linear
+    ramp rounded to multiples of ``step``, ``max_res`` from ``end_ramp`` on.  Epochs count from 0."""
+
+    min_res: int
+    max_res: int
+    start_ramp: int
+    end_ramp: int
+    step: int = 32
+
+    def __post_init__(self):
+        if not 0 < self.min_res <= self.max_res:
+            raise ValueError(f"resolution schedule needs 0 < min_res <= max_res, got {self.min_res}, {self.max_res}")
+        if self.end_ramp <= self.start_ramp:
+            raise ValueError(f"resolution schedule needs end_ramp > start_ramp, got {self.start_ramp}, {self.end_ramp}")
+
+    def __call__(self, epoch: int) -> int:
+        if epoch <= self.start_ramp:
+            return self.min_res
+        if epoch >= self.end_ramp:
+            return self.max_res
+        res = np.interp(epoch, [self.start_ramp, self.end_ramp], [self.min_res, self.max_res])
+        return int(max(self.step, round(res / self.step) * self.step))
+
+    @classmethod
+    def from_any(cls, spec) -> Optional["ResolutionSchedule"]:
+        if spec is None or isinstance(spec, cls):
+            return spec
+        if isinstance(spec, dict):
+            return cls(**spec)
+        return cls(*spec)
