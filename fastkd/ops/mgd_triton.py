@@ -1,0 +1,528 @@
+"""Fused MGD loss in Triton: random mask + generator convolutions + squared error, forward and backward.
+
+Maths (METHODS.md section 1; rows p = (n, h, w) run over the N*H*W pixels, channels are columns)::
+
+    A      = S @ Wa^T + ba                 (align, 1x1 conv; A = S when Cs == Ct)
+    keep   = Philox(seed, counter) >= ratio, counter = g*H*W + h*W + w (spatial) or g*C + c (channel),
+             g = sample_offset + n                                       (fastkd.ops.mask contract)
+    Z1[p]  = b1 + sum_{tap, ci} (A * keep)[p + off(tap), ci] W1[:, ci, tap]      (3x3, padding 1)
+    H1     = relu(Z1)
+    G[p]   = b2 + sum_{tap, ci} H1[p + off(tap), ci] W2[:, ci, tap]
+    loss   = alpha / N * sum (G - T)^2
+    D      = dL/dG = 2 alpha / N * (G - T)                       (computed in the forward, as Liger does)
+  backward, with g = dL_total/dloss:
+    dW2[co, ci, tap] = g sum_p H1[p + off(tap), ci] D[p, co]          db2 = g sum_p D[p]
+    dH1[p]  = g [H1[p] > 0] sum_tap D[p - off(tap)] W2[:, :, tap]^T   (a 3x3 conv of D with flipped taps)
+    dW1, db1 as dW2, db2 with (A * keep, dH1)
+    dA[p]   = keep[p] sum_tap dH1[p - off(tap)] W1[:, :, tap]^T
+    dS = dA @ Wa, dWa = dA^T S, dba = sum_p dA                        (or dS = dA without align)
+
+Three kernels do all of it, as implicit GEMMs on tl.dot (bf16/fp16/fp32 inputs, fp32 accumulation):
+  _conv_fwd_kernel    Y[p, co] = sum_{tap, ci} X[p + off(tap), ci] Wt[tap, ci, co] with a 1x1 or 3x3 window.
+                      KEEP_IN regenerates the mask while loading X (dropped pixels/channels are not read);
+                      the epilogue is one of: +bias / +bias,ReLU (conv1) / +bias, squared error, per-tile loss
+                      partial and D (conv2) / ReLU gate by H1 (input gradient of conv2) / mask gate (input
+                      gradient of conv1). With flipped taps and transposed weight strides it is the input
+                      gradient of a convolution.
+  _conv_wgrad_kernel  dW[co, ci, tap] over a split of the pixels (per-split partials, no atomics), plus the bias
+                      gradient from the centre tap.
+  _sum_rows_kernel / _sum_all_kernel   fixed-order sums of the partials (deterministic).
+Written to memory: A (only with align), H1 and D ([N*H*W, Ct] each, channels-last); nothing for the mask,
+the masked input, G or G - T. The backward regenerates the mask from the seed.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+KEEP_NONE, KEEP_SPATIAL, KEEP_CHANNEL = 0, 1, 2
+EPI_BIAS, EPI_BIAS_RELU, EPI_MSE, EPI_RELU_GRAD, EPI_KEEP_GRAD = 0, 1, 2, 3, 4
+_KEEP_MODE = {"spatial": KEEP_SPATIAL, "channel": KEEP_CHANNEL}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _conv_configs():
+    if _INTERPRET:  # the interpreter is slow: one small tile, no tuning
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
+              (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+def _wgrad_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+              (64, 64, 64, 4, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+INTERPRET_DOT = tl.constexpr(_INTERPRET)
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _conv_configs())
+
+
+@triton.jit
+def _spatial_keep(n, pix, HW, seed, sample_offset, ratio):
+    """keep of pixel ``pix`` (= h*W + w) of sample ``n``: Philox counter g*H*W + h*W + w."""
+    counter = (n.to(tl.int64) + sample_offset) * HW + pix
+    return tl.rand(seed, counter) >= ratio
+
+
+@triton.jit
+def _channel_keep(n, cs, n_lo, C, seed, sample_offset, ratio, SPAN: tl.constexpr):
+    """keep[i, j] of channel cs[j] of sample n[i] (counter g*C + c). The rows of a tile cover at most SPAN
+    consecutive samples from n_lo: one Philox draw per (sample, channel), broadcast over the pixels; when a
+    tile holds many small samples, one draw per (row, channel) instead."""
+    if SPAN > 8:
+        g = n.to(tl.int64) + sample_offset
+        keep = tl.rand(seed, g[:, None] * C + cs[None, :]) >= ratio
+    else:
+        keep = (n[:, None] < 0) & (cs[None, :] < 0)
+        for j in tl.static_range(SPAN):
+            g = tl.zeros_like(cs).to(tl.int64) + (n_lo + j) + sample_offset
+            keep = tl.where((n == n_lo + j)[:, None], (tl.rand(seed, g * C + cs) >= ratio)[None, :], keep)
+    return keep
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b, fp32 accumulation. Triton 3.6's interpreter multiplies bf16/fp16 bit patterns as
+    integers, so there the operands go through fp32 (exact products, same fp32 accumulation)."""
+    if INTERPRET_DOT:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.autotune(configs=_conv_configs(), key=["P", "CIN", "COUT", "KSIZE", "KEEP_IN", "EPILOGUE"],
+                 reset_to_zero=["part_ptr"])
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
+    P, sxn, sxp, sxc, swt, swk, swn, syn, syp, syc, san, sap, sac,
+    seed, sample_offset, ratio, scale,
+    H: tl.constexpr, W: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr, KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
+    EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    HW: tl.constexpr = H * W
+    SPAN: tl.constexpr = (BLOCK_M - 1) // HW + 2  # samples a tile of rows can touch
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(P, BLOCK_M)
+    grid_n = tl.cdiv(COUT, BLOCK_N)
+    group = pid // (GROUP_M * grid_n)  # grouped order: neighbouring programs share input rows in L2
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
+    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < P
+    col_ok = cols < COUT
+    n = rows // HW
+    pix = rows % HW
+    h = pix // W
+    w = pix % W
+    n_lo = (pid_m * BLOCK_M) // HW
+    PAD: tl.constexpr = KSIZE // 2
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KSIZE * KSIZE):
+        hs = h + (tap // KSIZE - PAD)
+        ws = w + (tap % KSIZE - PAD)
+        ok = row_ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        if KEEP_IN == 1:
+            ok = ok & _spatial_keep(n, hs * W + ws, HW, seed, sample_offset, ratio)
+        x_rows = x_ptr + n.to(tl.int64) * sxn + (hs * W + ws).to(tl.int64) * sxp
+        if FLIP:
+            w_tap = w_ptr + (KSIZE * KSIZE - 1 - tap) * swt
+        else:
+            w_tap = w_ptr + tap * swt
+        for k0 in range(0, CIN, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < CIN
+            x_mask = ok[:, None] & k_ok[None, :]
+            if KEEP_IN == 2:
+                x_mask = x_mask & _channel_keep(n, ks, n_lo, CIN, seed, sample_offset, ratio, SPAN)
+            x = tl.load(x_rows[:, None] + ks[None, :] * sxc, mask=x_mask, other=0.0)
+            wt = tl.load(w_tap + ks[:, None] * swk + cols[None, :] * swn,
+                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(x, wt, acc, DOT_PREC)
+
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if EPILOGUE == 1:
+        acc = tl.maximum(acc, 0.0)
+    if EPILOGUE == 2:  # squared error against the teacher, this tile's share of the loss, and dL/dG
+        t = tl.load(aux_ptr + n.to(tl.int64)[:, None] * san + pix.to(tl.int64)[:, None] * sap
+                    + cols[None, :] * sac, mask=out_mask, other=0.0)
+        diff = tl.where(out_mask, acc - t.to(tl.float32), 0.0)
+        tl.store(part_ptr + pid_m * grid_n + pid_n, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
+        acc = diff * scale
+    if EPILOGUE == 3:  # gradient through ReLU: gate by the stored activation, times dL_total/dloss
+        hid = tl.load(aux_ptr + n.to(tl.int64)[:, None] * san + pix.to(tl.int64)[:, None] * sap
+                      + cols[None, :] * sac, mask=out_mask, other=0.0)
+        acc = tl.where(hid > 0, acc * tl.load(g_ptr).to(tl.float32), 0.0)
+    if EPILOGUE == 4:  # gradient through the mask: regenerate it for the output pixels / channels
+        if KEEP_OUT == 1:
+            acc = tl.where(_spatial_keep(n, pix, HW, seed, sample_offset, ratio)[:, None], acc, 0.0)
+        if KEEP_OUT == 2:
+            acc = tl.where(_channel_keep(n, cols, n_lo, COUT, seed, sample_offset, ratio, SPAN), acc, 0.0)
+    if WRITE_Y:
+        y = y_ptr + n.to(tl.int64)[:, None] * syn + pix.to(tl.int64)[:, None] * syp + cols[None, :] * syc
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["P", "CIN", "COUT", "KSIZE", "KEEP_IN"])
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, dy_ptr, part_ptr, bpart_ptr,
+    P, sxn, sxp, sxc, sdn, sdp, sdc, seed, sample_offset, ratio,
+    H: tl.constexpr, W: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, P_CHUNK: tl.constexpr,
+    KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """part[split, co, ci, tap] = sum_{p in split} dY[p, co] (X * keep)[p + off(tap), ci];
+    bpart[split, co] = sum_{p in split} dY[p, co] (centre tap, first channel block only)."""
+    HW: tl.constexpr = H * W
+    SPAN: tl.constexpr = (BLOCK_K - 1) // HW + 2
+    pid = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    grid_n = tl.cdiv(CIN, BLOCK_N)
+    pid_m = pid // grid_n
+    pid_n = pid % grid_n
+    co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < COUT
+    ci_ok = ci < CIN
+    PAD: tl.constexpr = KSIZE // 2
+    dh = tap // KSIZE - PAD
+    dw = tap % KSIZE - PAD
+    do_bias = (tap == (KSIZE * KSIZE) // 2) & (pid_n == 0)
+    p_start = split * P_CHUNK
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for p0 in range(0, P_CHUNK, BLOCK_K):  # static bounds: P_CHUNK is a multiple of every BLOCK_K
+        ps = p_start + p0 + tl.arange(0, BLOCK_K)
+        p_ok = ps < P
+        n = ps // HW
+        pix = ps % HW
+        hs = pix // W + dh
+        ws = pix % W + dw
+        ok = p_ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
+        if KEEP_IN == 1:
+            ok = ok & _spatial_keep(n, hs * W + ws, HW, seed, sample_offset, ratio)
+        x_mask = ok[:, None] & ci_ok[None, :]
+        if KEEP_IN == 2:
+            x_mask = x_mask & _channel_keep(n, ci, (p_start + p0) // HW, CIN, seed, sample_offset, ratio, SPAN)
+        x = tl.load(x_ptr + (n.to(tl.int64) * sxn + (hs * W + ws).to(tl.int64) * sxp)[:, None]
+                    + ci[None, :] * sxc, mask=x_mask, other=0.0)
+        dyt = tl.load(dy_ptr + (n.to(tl.int64) * sdn + pix.to(tl.int64) * sdp)[None, :] + co[:, None] * sdc,
+                      mask=p_ok[None, :] & co_ok[:, None], other=0.0)
+        acc = _dot(dyt, x, acc, DOT_PREC)
+        if BIAS_GRAD:
+            if do_bias:
+                bacc += tl.sum(dyt.to(tl.float32), axis=1)
+    n_w = COUT * CIN * KSIZE * KSIZE
+    part = part_ptr + split.to(tl.int64) * n_w + (co[:, None] * CIN + ci[None, :]) * (KSIZE * KSIZE) + tap
+    tl.store(part, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    if BIAS_GRAD:
+        tl.store(bpart_ptr + split * COUT + co, bacc, mask=co_ok & do_bias)
+
+
+@triton.jit
+def _sum_rows_kernel(x_ptr, out_ptr, g_ptr, M, R: tl.constexpr, HAS_G: tl.constexpr, BLOCK: tl.constexpr):
+    """out[m] = g * sum_{r < R} x[r, m], rows added in order (deterministic)."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < M
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(0, R):
+        acc += tl.load(x_ptr + r * M + cols.to(tl.int64), mask=ok, other=0.0)
+    if HAS_G:
+        acc = acc * tl.load(g_ptr).to(tl.float32)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _sum_all_kernel(x_ptr, out_ptr, scale, R: tl.constexpr, BLOCK: tl.constexpr):
+    """out = scale * sum x[:R] in a fixed order (one program, a block-wide tree at the end)."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK):
+        idx = r0 + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + idx, mask=idx < R, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+
+
+# ----------------------------------------------------------------------------------------------- host
+
+
+def _pixel_strides(t: torch.Tensor):
+    """(sample, pixel, channel) strides of a 4-D [N, C, H, W] tensor whose (h, w) index folds into one
+    pixel index h*W + w (contiguous and channels_last both do); other layouts are made contiguous."""
+    n, c, h, w = t.shape
+    if h > 1 and t.stride(2) != w * t.stride(3):
+        t = t.contiguous()
+    return t, (t.stride(0), t.stride(3), t.stride(1))
+
+
+def _nhwc_strides(hw: int, c: int):
+    return (hw * c, c, 1)
+
+
+def _dot_precision(t: torch.Tensor) -> str:
+    # fp32 follows PyTorch's convolution setting (TF32 on tensor cores unless disabled); exact otherwise.
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cudnn.allow_tf32:
+        return "tf32"
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _parallel_target(device_index: Optional[int]) -> int:
+    if device_index is None:
+        return 16
+    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, flip=False, keep_in=KEEP_NONE,
+          keep_out=KEEP_NONE, epilogue=EPI_BIAS, aux=None, aux_str=(0, 0, 0), part=None, g=None,
+          seed=0, sample_offset=0, ratio=0.0, scale=1.0, write_y=True):
+    P = N * H * W
+    dummy = x
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)  # noqa: E731
+    _conv_fwd_kernel[grid](
+        x, wt, bias if bias is not None else dummy, y if y is not None else dummy,
+        aux if aux is not None else dummy, part if part is not None else torch.empty(1, device=x.device),
+        g if g is not None else dummy, P, *x_str, *w_str, *y_str, *aux_str, seed, sample_offset, ratio,
+        scale, H=H, W=W, CIN=cin, COUT=cout, KSIZE=ksize, FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
+        EPILOGUE=epilogue, HAS_BIAS=bias is not None, WRITE_Y=write_y and y is not None,
+        DOT_PREC=_dot_precision(x))
+
+
+def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in=KEEP_NONE, seed=0,
+           sample_offset=0, ratio=0.0, bias_grad=True):
+    """(dW [cout, cin, k, k], db [cout]) = g * (sum over pixel splits of the wgrad partials)."""
+    P = N * H * W
+    tiles = ksize * ksize * triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
+    dev_index = x.device.index if x.is_cuda else None
+    if x.is_cuda and dev_index is None:
+        dev_index = torch.cuda.current_device()
+    split = max(1, min(triton.cdiv(_parallel_target(dev_index), tiles), triton.cdiv(P, 512 if x.is_cuda else 64)))
+    align = 32 if _INTERPRET else 128  # a multiple of every BLOCK_K
+    p_chunk = triton.cdiv(triton.cdiv(P, split), align) * align
+    split = triton.cdiv(P, p_chunk)
+    part = torch.empty(split, cout * cin * ksize * ksize, device=x.device, dtype=torch.float32)
+    bpart = torch.empty(split, cout, device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),  # noqa: E731
+                         ksize * ksize, split)
+    _conv_wgrad_kernel[grid](x, dy, part, bpart, P, *x_str, *dy_str, seed, sample_offset, ratio, H=H, W=W,
+                             CIN=cin, COUT=cout, P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in, BIAS_GRAD=bias_grad,
+                             DOT_PREC=_dot_precision(x))
+    dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
+    _sum_rows(part, dw, g)
+    db = None
+    if bias_grad:
+        db = torch.empty(cout, device=x.device, dtype=dtype)
+        _sum_rows(bpart, db, g)
+    return dw, db
+
+
+def _sum_rows(part: torch.Tensor, out: torch.Tensor, g: Optional[torch.Tensor], block: int = 1024):
+    m = out.numel()
+    _sum_rows_kernel[(triton.cdiv(m, block),)](part, out, g if g is not None else part, m, R=part.shape[0],
+                                                HAS_G=g is not None, BLOCK=block)
+
+
+def _gen_weights(w: torch.Tensor):
+    """[co, ci, 3, 3] -> [3, 3, ci, co] contiguous: (tap, ci, co) strides for the forward, (tap, co, ci)
+    with flipped taps for the input gradient."""
+    wt = w.permute(2, 3, 1, 0).contiguous()
+    c_out, c_in = w.shape[0], w.shape[1]
+    return wt, (c_in * c_out, c_out, 1), (c_in * c_out, 1, c_out)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask: str, ratio: float,
+                alpha: float, seed: int, sample_offset: int, need_grad: bool):
+    """-> (loss, A or empty, H1, D or empty): three fused launches (align, conv1, conv2+MSE) and a sum."""
+    N, cs, H, W = student.shape
+    C, P = teacher.shape[1], N * H * W
+    dtype, dev = student.dtype, student.device
+    student, s_str = _pixel_strides(student)
+    teacher, t_str = _pixel_strides(teacher)
+    nhwc = _nhwc_strides(H * W, C)
+    geo = dict(N=N, H=H, W=W)
+    rng = dict(seed=seed, sample_offset=sample_offset, ratio=ratio)
+    if align_w is not None:  # 1x1 GEMM + bias, written once channels-last (the generator reads it 9 times)
+        a = torch.empty(P, C, device=dev, dtype=dtype)
+        _conv(student, s_str, align_w, (0, align_w.stride(1), align_w.stride(0)), align_b, a, nhwc,
+              cin=cs, cout=C, ksize=1, **geo)
+        x, x_str = a, nhwc
+    else:
+        a, x, x_str = student.new_empty(0), student, s_str
+    w1t, w1_str, _ = _gen_weights(gen_w1)
+    w2t, w2_str, _ = _gen_weights(gen_w2)
+    hidden = torch.empty(P, C, device=dev, dtype=dtype)
+    _conv(x, x_str, w1t, w1_str, gen_b1, hidden, nhwc, cin=C, cout=C, ksize=3, keep_in=_KEEP_MODE[mask],
+          epilogue=EPI_BIAS_RELU, **rng, **geo)
+    dg = torch.empty(P, C, device=dev, dtype=dtype) if need_grad else student.new_empty(0)
+    part = torch.zeros(triton.cdiv(P, _MIN_BLOCK_M) * triton.cdiv(C, _MIN_BLOCK_N), device=dev,
+                       dtype=torch.float32)
+    _conv(hidden, nhwc, w2t, w2_str, gen_b2, dg if need_grad else None, nhwc, cin=C, cout=C, ksize=3,
+          epilogue=EPI_MSE, aux=teacher, aux_str=t_str, part=part, scale=2.0 * alpha / N, **geo)
+    loss = torch.empty((), device=dev, dtype=torch.float32)
+    _sum_all_kernel[(1,)](part, loss, alpha / N, R=part.numel(), BLOCK=1024)
+    return loss, a, hidden, dg
+
+
+def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask: str, ratio: float, seed: int,
+                 sample_offset: int, needs: List[bool]):
+    """Gradients [dS, dWa, dba, dW1, db1, dW2, db2] (unwanted ones as empty tensors)."""
+    if dg.numel() == 0:
+        raise RuntimeError("mgd_loss (triton): backward called on a forward run without gradients")
+    N, cs, H, W = student.shape
+    C = gen_w1.shape[0]
+    dtype, dev = student.dtype, student.device
+    grads = [student.new_empty(0) for _ in range(7)]  # distinct: outputs of a custom op may not alias
+    ds = torch.empty_like(student) if needs[0] else None  # the student's own layout
+    student, s_str = _pixel_strides(student)
+    nhwc = _nhwc_strides(H * W, C)
+    geo = dict(N=N, H=H, W=W)
+    rng = dict(seed=seed, sample_offset=sample_offset, ratio=ratio)
+    mode = _KEEP_MODE[mask]
+    g = grad_loss.detach().to(torch.float32).reshape(())
+    x, x_str = (a, nhwc) if align_w is not None else (student, s_str)
+    if needs[5] or needs[6]:
+        grads[5], grads[6] = _wgrad(hidden, nhwc, dg, nhwc, g, cin=C, cout=C, ksize=3, dtype=dtype, **geo)
+    if not any(needs[:5]):
+        return grads
+    w2t, _, w2_str_t = _gen_weights(gen_w2)
+    dh = torch.empty_like(hidden)  # dL/dZ1 = g * relu'(Z1) * (conv2 input gradient)
+    _conv(dg, nhwc, w2t, w2_str_t, None, dh, nhwc, cin=C, cout=C, ksize=3, flip=True,
+          epilogue=EPI_RELU_GRAD, aux=hidden, aux_str=nhwc, g=g, **geo)
+    if needs[3] or needs[4]:
+        grads[3], grads[4] = _wgrad(x, x_str, dh, nhwc, None, cin=C, cout=C, ksize=3, dtype=dtype,
+                                    keep_in=mode, **rng, **geo)
+    if not any(needs[:3]):
+        return grads
+    w1t, _, w1_str_t = _gen_weights(gen_w1)
+    if align_w is None:  # dS = keep * (conv1 input gradient), written in the student's layout
+        ds, ds_str = _pixel_strides(ds)
+        _conv(dh, nhwc, w1t, w1_str_t, None, ds, ds_str, cin=C, cout=C, ksize=3, flip=True,
+              epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
+        grads[0] = ds
+        return grads
+    da = torch.empty_like(hidden)
+    _conv(dh, nhwc, w1t, w1_str_t, None, da, nhwc, cin=C, cout=C, ksize=3, flip=True,
+          epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
+    if needs[0]:
+        ds, ds_str = _pixel_strides(ds)
+        _conv(da, nhwc, align_w, (0, align_w.stride(0), align_w.stride(1)), None, ds, ds_str, cin=C, cout=cs,
+              ksize=1, **geo)
+        grads[0] = ds
+    if needs[1] or needs[2]:
+        grads[1], grads[2] = _wgrad(student, s_str, da, nhwc, None, cin=cs, cout=C, ksize=1, dtype=dtype, **geo)
+    return grads
+
+
+# ------------------------------------------------------------------------------ custom op and autograd
+# Seeds are uint64 by contract; the op schema carries int64, so seeds >= 2**63 travel as their two's complement.
+_U64 = 2**64
+
+
+@torch.library.custom_op("fastkd::mgd_loss_fwd", mutates_args=())
+def _mgd_fwd_op(student: torch.Tensor, teacher: torch.Tensor, gen_w1: torch.Tensor, gen_b1: torch.Tensor,
+                gen_w2: torch.Tensor, gen_b2: torch.Tensor, align_w: Optional[torch.Tensor],
+                align_b: Optional[torch.Tensor], mask: str, ratio: float, alpha: float, seed: int,
+                sample_offset: int, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _device_guard(student):
+        return tuple(mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask, ratio,
+                                alpha, seed % _U64, sample_offset, need_grad))
+
+
+@_mgd_fwd_op.register_fake
+def _mgd_fwd_fake(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask, ratio, alpha, seed,
+                  sample_offset, need_grad):
+    N, _, H, W = student.shape
+    pc = (N * H * W, teacher.shape[1])
+    return (student.new_empty((), dtype=torch.float32), student.new_empty(pc if align_w is not None else (0,)),
+            student.new_empty(pc), student.new_empty(pc if need_grad else (0,)))
+
+
+@torch.library.custom_op("fastkd::mgd_loss_bwd", mutates_args=())
+def _mgd_bwd_op(grad_loss: torch.Tensor, student: torch.Tensor, gen_w1: torch.Tensor, gen_w2: torch.Tensor,
+                align_w: Optional[torch.Tensor], a: torch.Tensor, hidden: torch.Tensor, dg: torch.Tensor,
+                mask: str, ratio: float, seed: int, sample_offset: int, needs: List[bool]) -> List[torch.Tensor]:
+    with _device_guard(student):
+        return mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio,
+                            seed % _U64, sample_offset, needs)
+
+
+@_mgd_bwd_op.register_fake
+def _mgd_bwd_fake(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio, seed, sample_offset,
+                  needs):
+    C = gen_w1.shape[0]
+    like = [student, align_w, None if align_w is None else student.new_empty(C), gen_w1, student.new_empty(C),
+            gen_w2, student.new_empty(C)]
+    return [torch.empty_like(t) if need and t is not None else student.new_empty(0) for t, need in zip(like, needs)]
+
+
+_GRAD_POS = (0, 6, 7, 2, 3, 4, 5)  # op argument index of dS, dWa, dba, dW1, db1, dW2, db2
+
+
+def _setup_context(ctx, inputs, output):
+    student, _, gen_w1, _, gen_w2, _, align_w, _, mask, ratio, _, seed, sample_offset, _ = inputs
+    _, a, hidden, dg = output
+    ctx.save_for_backward(student, gen_w1, gen_w2, align_w, a, hidden, dg)
+    ctx.rng = (mask, ratio, seed, sample_offset)
+
+
+def _backward(ctx, grad_loss, *unused):
+    needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_POS]
+    grads = [None] * 14
+    if any(needs):
+        computed = _mgd_bwd_op(grad_loss, *ctx.saved_tensors, *ctx.rng, needs)
+        for pos, need, gr in zip(_GRAD_POS, needs, computed):
+            grads[pos] = gr if need else None
+    return tuple(grads)
+
+
+_mgd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def refuse(student, teacher, gen_w1, align_w=None, mask="spatial", **_) -> Optional[str]:
+    """Why these inputs cannot run on the Triton MGD kernels (None if they can)."""
+    if student.dtype not in _DTYPES:
+        return f"dtype {student.dtype} is not supported by the Triton MGD kernels (float32, bfloat16, float16)"
+    n, cs, h, w = student.shape
+    c = teacher.shape[1]
+    if n * h * w * max(c, cs) >= 2**31 or 9 * c * c >= 2**31:
+        return f"feature [{n}, {c}, {h}, {w}] is too large for 32-bit pixel/weight indexing in the kernels"
+    if min(n, h, w, c, cs) == 0:
+        return "empty feature map"
+    return None
+
+
+def mgd_loss(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, *, align_w=None, align_b=None, mask="spatial",
+             ratio=0.65, alpha=2e-5, seed: int, sample_offset=0) -> torch.Tensor:
+    """The fused MGD loss (0-d float32); differentiable in student, align and generator parameters."""
+    params = (student, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    seed = seed - _U64 if seed >= 2**63 else seed
+    out = _mgd_fwd_op(student, teacher.detach(), gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask,
+                      float(ratio), float(alpha), seed, int(sample_offset), need_grad)
+    return out[0]
