@@ -52,7 +52,7 @@ else:
         triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for ba, bb, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
                                  (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]]
-INTERPRET_DOT = tl.constexpr(INTERPRET)
+INTERPRETING = tl.constexpr(INTERPRET)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _ROW_CONFIGS)
 _WG_ROW_ALIGN = 32 if INTERPRET else 128  # rows per split of the weight-gradient kernel: a power of two >= every BLOCK_K
 
@@ -68,13 +68,25 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
     """acc + a @ b with fp32 accumulation; IEEE fp32 (no TF32) for float32 inputs. Triton 3.6's
     interpreter multiplies bf16/fp16 bit patterns as integers, so there the operands go through fp32
     (exact products, same fp32 accumulation as the tensor cores)."""
-    if INTERPRET_DOT:
+    if INTERPRETING:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif IEEE:
         acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
     return acc
+
+
+@triton.jit
+def _store(ptr, value, mask):
+    """Store in the destination's dtype, rounding to nearest even as the GPU does. Triton 3.6's
+    interpreter truncates float32 -> bfloat16 (a downward bias), so there the rounding is done on
+    the bits."""
+    if INTERPRETING and ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "N_OUT", "EPI"],
@@ -135,7 +147,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
         acc = tl.where(h > 0, acc * tl.load(g_ptr).to(tl.float32), 0.0)
         tl.store(dbp_ptr + pid_m * N_OUT + cols, tl.sum(acc, axis=0), mask=mask_n)
     if STORE_OUT:
-        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store(out_ptr + o_off, acc, mask)
 
 
 @triton.autotune(configs=_WG_CONFIGS, key=["M", "A", "B"])
