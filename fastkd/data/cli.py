@@ -1,0 +1,151 @@
+"""``fastkd data ...``: write and inspect .beton files.
+
+The engine's CLI mounts it with ``fastkd.data.cli.add_parser(subparsers)``; the parsed namespace's
+``func(args) -> int`` runs the command.  Standalone: ``python -m fastkd.data.cli write ...``.
+
+  fastkd data write imagefolder ROOT OUT [--max-resolution 512] [--write-mode proportion]
+                    [--jpeg-quality 90] [--compress-probability 0.5] [--on-corrupt skip|error]
+                    [--num-workers N] [--force]
+      OUT ending in .beton: ROOT is one split.  Otherwise OUT is a directory and every split
+      folder of ROOT (train, val, ...) that holds class folders becomes OUT/<split>.beton.
+  fastkd data write fashion-mnist OUT_DIR [--source-dir DIR] [--cache-dir DIR] [--force]
+  fastkd data inspect FILE.beton
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from typing import List, Optional
+
+from .writers import ON_CORRUPT, WRITE_MODES
+
+_SPLITS = ("train", "val", "validation", "test")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``data`` command (with ``write`` and ``inspect``) to an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="write and inspect FFCV .beton datasets")
+    sub = data.add_subparsers(dest="data_command", required=True)
+    write = sub.add_parser("write", help="write a dataset to .beton")
+    kinds = write.add_subparsers(dest="kind", required=True)
+
+    folder = kinds.add_parser("imagefolder", help="ImageFolder tree (ROOT/<class>/<image>)")
+    folder.add_argument("root", help="ImageFolder root, or a folder of split folders (train/, val/)")
+    folder.add_argument("out", help="FILE.beton, or a directory for one file per split")
+    folder.add_argument("--max-resolution", type=int, default=None,
+                        help="shrink so the longest side is at most this (e.g. 512); default: keep")
+    folder.add_argument("--write-mode", choices=WRITE_MODES, default="proportion",
+                        help="raw pixels, jpg, smart, or proportion (JPEG with --compress-probability)")
+    folder.add_argument("--jpeg-quality", type=int, default=90)
+    folder.add_argument("--compress-probability", type=float, default=0.5)
+    folder.add_argument("--smart-threshold", type=int, default=None,
+                        help="smart mode: JPEG when the raw image exceeds this many bytes")
+    folder.add_argument("--on-corrupt", choices=ON_CORRUPT, default="skip",
+                        help="skip unreadable images (counted and named) or stop at the first")
+    _common(folder)
+    folder.set_defaults(func=_write_imagefolder)
+
+    fmnist = kinds.add_parser("fashion-mnist", help="Fashion-MNIST IDX files -> train.beton, test.beton")
+    fmnist.add_argument("out", help="output directory")
+    fmnist.add_argument("--source-dir", default=None, help="directory with the four .gz IDX files "
+                        "(default: the Debian package, the cache, else a verified download)")
+    fmnist.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/fastkd)")
+    _common(fmnist)
+    fmnist.set_defaults(func=_write_fashion_mnist)
+
+    inspect = sub.add_parser("inspect", help="print what a .beton holds")
+    inspect.add_argument("file")
+    inspect.set_defaults(func=_inspect)
+    return data
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, default=None, help="writer processes (default: all CPUs)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def _print_report(report) -> None:
+    print(f"wrote {report.path}: {report.num_samples} images, {len(report.classes)} classes, "
+          f"{report.seconds:.1f} s")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable image(s):", file=sys.stderr)
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+
+
+def _write_imagefolder(args) -> int:
+    from .imagefolder import scan
+    from .writers import ImageFolderSource, write_beton
+
+    opts = dict(write_mode=args.write_mode, max_resolution=args.max_resolution,
+                jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                smart_threshold=args.smart_threshold, num_workers=args.num_workers, force=args.force,
+                on_corrupt=args.on_corrupt, progress=args.progress)
+    if args.out.endswith(".beton"):
+        jobs = [(args.root, args.out)]
+    else:
+        splits = [s for s in _SPLITS if os.path.isdir(os.path.join(args.root, s))]
+        if not splits:
+            raise SystemExit(f"{args.root} has no split folders {_SPLITS}; give OUT as FILE.beton to "
+                             "write the whole tree as one split")
+        jobs = [(os.path.join(args.root, s), os.path.join(args.out, f"{s}.beton")) for s in splits]
+    existing = [out for _, out in jobs if os.path.exists(out)]
+    if existing and not args.force:
+        raise SystemExit(f"refusing to overwrite {', '.join(existing)} (use --force)")
+    for root, out in jobs:
+        index = scan(root)
+        print(f"{root}: {len(index)} files in {len(index.classes)} classes -> {out}")
+        _print_report(write_beton(ImageFolderSource(index), out, **opts))
+    return 0
+
+
+def _write_fashion_mnist(args) -> int:
+    from .fashion_mnist import write_fashion_mnist_beton
+
+    paths = write_fashion_mnist_beton(args.out, source_dir=args.source_dir, cache_dir=args.cache_dir,
+                                      force=args.force, num_workers=args.num_workers,
+                                      progress=args.progress)
+    for split, path in paths.items():
+        print(f"wrote {path} ({split})")
+    return 0
+
+
+def _inspect(args) -> int:
+    from ffcv.reader import Reader
+
+    from .ffcv_loader import sidecar
+
+    reader = Reader(args.file)
+    names = dict(zip(reader.field_names, reader.metadata.dtype.names))
+    print(f"{args.file}: {reader.num_samples} samples, fields {reader.field_names}")
+    if "image" in names:
+        img = reader.metadata[names["image"]]
+        modes = Counter(int(m) for m in img["mode"])
+        print(f"  image: height {img['height'].min()}-{img['height'].max()}, width "
+              f"{img['width'].min()}-{img['width'].max()}, jpeg {modes.get(0, 0)}, raw {modes.get(1, 0)}")
+    if "label" in names:
+        counts = Counter(int(v) for v in reader.metadata[names["label"]])
+        print(f"  label: {len(counts)} classes, per class min {min(counts.values())} max {max(counts.values())}")
+    meta = sidecar(args.file)
+    if meta:
+        print(f"  written with write_mode={meta.get('write_mode')} max_resolution={meta.get('max_resolution')}"
+              f", {len(meta.get('skipped', []))} file(s) skipped")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastkd")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"fastkd data: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
