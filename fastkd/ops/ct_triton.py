@@ -320,8 +320,8 @@ def _forward_fake(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad
     m, ch, ct = n * h * w, w1.shape[0], teacher.shape[1]
     loss = student.new_empty((), dtype=torch.float32)
     if not needs_grad:
-        e = student.new_empty((0,))
-        return loss, e, e, student.new_empty((0,), dtype=torch.float32)
+        return (loss, student.new_empty((0,)), student.new_empty((0,)),
+                student.new_empty((0,), dtype=torch.float32))
     return (loss, student.new_empty((m, ch)), student.new_empty((m, ct)),
             student.new_empty((ct,), dtype=torch.float32))
 
