@@ -104,6 +104,18 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
+@triton.jit
+def _store(ptr, value, mask):
+    """Store fp32 ``value`` in ``ptr``'s dtype, rounding to nearest even (Triton 3.6's interpreter truncates
+    fp32 -> bf16, so there the rounding is done on the bits first; compiled code uses the native cvt)."""
+    if INTERPRET_DOT:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            value = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=_conv_configs(), key=["P", "CIN", "COUT", "KSIZE", "KEEP_IN", "EPILOGUE"],
                  reset_to_zero=["part_ptr"])
 @triton.jit
@@ -181,7 +193,7 @@ def _conv_fwd_kernel(
             acc = tl.where(_channel_keep(n, cols, n_lo, COUT, seed, sample_offset, ratio, SPAN), acc, 0.0)
     if WRITE_Y:
         y = y_ptr + n.to(tl.int64)[:, None] * syn + pix.to(tl.int64)[:, None] * syp + cols[None, :] * syc
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        _store(y, acc, out_mask)
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["P", "CIN", "COUT", "KSIZE", "KEEP_IN"])
@@ -252,7 +264,7 @@ def _sum_rows_kernel(x_ptr, out_ptr, g_ptr, M, R: tl.constexpr, HAS_G: tl.conste
         acc += tl.load(x_ptr + r * M + cols.to(tl.int64), mask=ok, other=0.0)
     if HAS_G:
         acc = acc * tl.load(g_ptr).to(tl.float32)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    _store(out_ptr + cols, acc, ok)
 
 
 @triton.jit
@@ -437,6 +449,20 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
     if needs[1] or needs[2]:
         grads[1], grads[2] = _wgrad(student, s_str, da, nhwc, None, cin=cs, cout=C, ksize=1, dtype=dtype, **geo)
     return grads
+
+
+def applied_keep_mask(mode: str, n: int, c: int, h: int, w: int, *, ratio: float, seed: int,
+                      sample_offset: int = 0, device="cpu") -> torch.Tensor:
+    """The keep-mask exactly as the kernels apply it, [N, C, H, W] float32 (a test/debug entry, not a
+    fast path): the forward kernel's masked input load on an all-ones feature through an identity 1x1."""
+    P, hw = n * h * w, h * w
+    ones = torch.ones(P, c, device=device)
+    eye = torch.eye(c, device=device)
+    out = torch.empty(P, c, device=device)
+    nhwc = _nhwc_strides(hw, c)
+    _conv(ones, nhwc, eye, (0, c, 1), None, out, nhwc, N=n, H=h, W=w, cin=c, cout=c, ksize=1,
+          keep_in=_KEEP_MODE[mode], seed=seed, sample_offset=sample_offset, ratio=ratio)
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 # ------------------------------------------------------------------------------ custom op and autograd
