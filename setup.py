@@ -47,6 +47,7 @@ def _extensions():
     ext = CppExtension(
         name="fastkd._C",
         sources=sources,
+        depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
