@@ -1,0 +1,123 @@
+"""Loader throughput: FFCV vs the PyTorch DataLoader fallback on the same images, same run.
+
+Both read the same synthetic ImageFolder of ~400 px JPEGs (textured, so JPEG decoding costs what
+it costs on photos) and produce the same batches: RandomResizedCrop to --size + flip + normalise,
+float32 NCHW, with the same number of workers.  FFCV reads .beton files
+written from that folder with each of --ffcv-modes ('raw': decoded pixels, FFCV's choice for
+small images; 'jpg': JPEG q90, as `fastkd data write imagefolder --write-mode jpg`); the fallback
+decodes the JPEG files with PIL in DataLoader worker processes.  Reported: images/s over whole epochs after one
+warm-up epoch (FFCV's JIT compile and page cache), median of --epochs.
+
+  python benchmarks/bench_data.py --images 512 --workers 2 --epochs 3 --out benchmarks/results/data_cpu.md
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_folder(root: str, n: int, classes: int = 10, side: int = 400) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:side, 0:side]
+    for k in range(n):
+        d = os.path.join(root, f"c{k % classes}")
+        os.makedirs(d, exist_ok=True)
+        h, w = side - int(rng.integers(0, 100)), side
+        # Smooth gradients plus noise: JPEGs of realistic size (~40-60 KB at q90), not flat colour.
+        base = np.stack([(xx * (c + 1) * 0.3 + yy * 0.2 * (2 - c) + 40 * c) % 256 for c in range(3)], -1)
+        img = np.clip(base[:h] + rng.normal(0, 18, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(d, f"{k}.jpg"), quality=90)
+
+
+def run_epochs(loader, epochs: int) -> list:
+    rates = []
+    for epoch in range(epochs + 1):  # epoch 0 warms up (JIT compile, worker start, page cache)
+        loader.set_epoch(epoch)
+        n, t0 = 0, time.perf_counter()
+        for images, _ in loader:
+            n += images.shape[0]
+        if epoch:
+            rates.append(n / (time.perf_counter() - t0))
+    return rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--ffcv-modes", default="raw,jpg", help="write modes of the .beton files to compare")
+    p.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
+    p.add_argument("--out", default=None, help="append the result table to this markdown file")
+    args = p.parse_args()
+
+    import torch
+
+    from fastkd.data import build_loader, write_imagefolder_beton
+    from fastkd.data.base import cpu_count
+
+    work = args.dir or tempfile.mkdtemp(prefix="fastkd-bench-data-")
+    folder = os.path.join(work, "train")
+    if not os.path.isdir(folder):
+        make_folder(folder, args.images)
+    runs = []
+    for mode in args.ffcv_modes.split(","):
+        beton = os.path.join(work, f"train-{mode}.beton")
+        if not os.path.exists(beton):
+            write_imagefolder_beton(folder, beton, write_mode=mode, jpeg_quality=90, progress=False)
+        runs.append((f"ffcv ({mode} .beton)", "ffcv", beton))
+    runs.append(("torch DataLoader (PIL)", "torch", folder))
+    jpeg_kb = np.mean([os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs]) / 1024
+    common = dict(path=None, batch_size=args.batch_size, num_workers=args.workers, image_size=args.size, seed=0)
+    results = {}
+    for name, source, path in runs:
+        loader = build_loader("train", source=source, **{**common, "path": path})
+        rates = run_epochs(loader, args.epochs)
+        results[name] = (statistics.median(rates), min(rates), max(rates))
+        print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f})")
+        del loader
+    base = results[runs[-1][0]][0]
+    for name, _, _ in runs[:-1]:
+        print(f"{name} / torch: {results[name][0] / base:.2f}x")
+
+    if args.out:
+        cmd = "python benchmarks/bench_data.py " + " ".join(sys.argv[1:])
+        load = os.getloadavg()
+        rows = [f"## {datetime.date.today().isoformat()} - {platform.processor() or platform.machine()}, "
+                f"{cpu_count()} CPU cores, no GPU", "",
+                f"- versions: Python {platform.python_version()}, torch {torch.__version__}, ffcv {importlib.metadata.version('ffcv')}, "
+                f"numpy {np.__version__}",
+                f"- command: `{cmd}`",
+                f"- data: {args.images} synthetic JPEGs, 300-400 x 400 px, mean {jpeg_kb:.0f} KB (q90); "
+                f"output {args.size}x{args.size} RandomResizedCrop(0.08-1) + flip + normalise, float32, "
+                f"batch {args.batch_size}, {args.workers} workers each, median of {args.epochs} epochs after 1 warm-up",
+                f"- load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+                "(shared machine: other jobs were running, numbers are noisy)", "",
+                "| loader | images/s (median) | min | max |", "|---|---|---|---|"]
+        rows += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} |" for k, v in results.items()]
+        rows = [r.replace("| max |", "| max | vs torch |").replace("|---|---|---|---|", "|---|---|---|---|---|")
+                for r in rows]
+        rows[-len(results):] = [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[0] / base:.2f}x |"
+                                for k, v in results.items()]
+        rows += ["", ""]
+        with open(args.out, "a") as f:
+            f.write("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
