@@ -82,10 +82,11 @@ def _store(ptr, value, mask):
     """Store in the destination's dtype, rounding to nearest even as the GPU does. Triton 3.6's
     interpreter truncates float32 -> bfloat16 (a downward bias), so there the rounding is done on
     the bits."""
-    if INTERPRETING and ptr.dtype.element_ty == tl.bfloat16:
-        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    if INTERPRETING:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -214,11 +215,13 @@ def _matrix(w: torch.Tensor) -> torch.Tensor:
 def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, scale, m, hw, epi, store_out):
     k, n_out = w_kn.shape
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
-    dummy = x
-    _row_gemm_kernel[grid](x, *xs, w_kn, w_kn.stride(0), w_kn.stride(1), bias if bias is not None else dummy,
-                           out if out is not None else dummy, *os_, aux if aux is not None else dummy, *as_,
-                           part if part is not None else dummy, dbp if dbp is not None else dummy,
-                           g if g is not None else dummy, scale, m, hw, n_out, K=k,
+    # Unused pointer arguments get a fresh empty tensor, never an input: the autotuner zeroes
+    # part_ptr / dbp_ptr before each trial (reset_to_zero).
+    unused = torch.empty((0,), device=x.device, dtype=torch.float32)
+    pick = lambda t: unused if t is None else t  # noqa: E731
+    _row_gemm_kernel[grid](x, *xs, w_kn, w_kn.stride(0), w_kn.stride(1), pick(bias), pick(out), *os_,
+                           pick(aux), *as_, pick(part), pick(dbp),
+                           pick(g), scale, m, hw, n_out, K=k,
                            EPI=epi, STORE_OUT=store_out, IEEE=x.dtype == torch.float32)
 
 
