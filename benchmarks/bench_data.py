@@ -61,6 +61,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true", help="channels_last output (both loaders)")
     p.add_argument("--ffcv-modes", default="raw,jpg", help="write modes of the .beton files to compare")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--out", default=None, help="append the result table to this markdown file")
@@ -83,7 +84,8 @@ def main() -> None:
         runs.append((f"ffcv ({mode} .beton)", "ffcv", beton))
     runs.append(("torch DataLoader (PIL)", "torch", folder))
     jpeg_kb = np.mean([os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs]) / 1024
-    common = dict(path=None, batch_size=args.batch_size, num_workers=args.workers, image_size=args.size, seed=0)
+    common = dict(path=None, batch_size=args.batch_size, num_workers=args.workers, image_size=args.size, seed=0,
+                  channels_last=args.channels_last)
     results = {}
     for name, source, path in runs:
         loader = build_loader("train", source=source, **{**common, "path": path})
@@ -104,7 +106,7 @@ def main() -> None:
                 f"numpy {np.__version__}",
                 f"- command: `{cmd}`",
                 f"- data: {args.images} synthetic JPEGs, 300-400 x 400 px, mean {jpeg_kb:.0f} KB (q90); "
-                f"output {args.size}x{args.size} RandomResizedCrop(0.08-1) + flip + normalise, float32, "
+                f"output {args.size}x{args.size} RandomResizedCrop(0.08-1) + flip + normalise, float32{' channels_last' if args.channels_last else ''}, "
                 f"batch {args.batch_size}, {args.workers} workers each, median of {args.epochs} epochs after 1 warm-up",
                 f"- load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
                 "(shared machine: other jobs were running, numbers are noisy)", "",
