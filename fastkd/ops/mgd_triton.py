@@ -70,6 +70,14 @@ def _wgrad_configs():
 INTERPRET_DOT = tl.constexpr(_INTERPRET)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _conv_configs())
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _conv_configs())
+_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _wgrad_configs())
+
+
+def _span(block_rows: int, hw: int) -> int:
+    """Most samples a run of ``block_rows`` consecutive pixel rows can touch (a compile-time bound for
+    the channel mask; any value > 8 selects the per-row draw, so it is capped at 9)."""
+    return min((block_rows - 1) // hw + 2, 9)
 
 
 @triton.jit
@@ -84,7 +92,7 @@ def _channel_keep(n, cs, n_lo, C, seed, sample_offset, ratio, SPAN: tl.constexpr
     """keep[i, j] of channel cs[j] of sample n[i] (counter g*C + c). The rows of a tile cover at most SPAN
     consecutive samples from n_lo: one Philox draw per (sample, channel), broadcast over the pixels; when a
     tile holds many small samples, one draw per (row, channel) instead."""
-    if SPAN > 8:
+    if SPAN > 8:  # (see _span)
         g = n.to(tl.int64) + sample_offset
         keep = tl.rand(seed, g[:, None] * C + cs[None, :]) >= ratio
     else:
@@ -100,8 +108,10 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr):
     """acc + a @ b, fp32 accumulation. Triton 3.6's interpreter multiplies bf16/fp16 bit patterns as
     integers, so there the operands go through fp32 (exact products, same fp32 accumulation)."""
     if INTERPRET_DOT:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -116,19 +126,18 @@ def _store(ptr, value, mask):
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_conv_configs(), key=["P", "CIN", "COUT", "KSIZE", "KEEP_IN", "EPILOGUE"],
+@triton.autotune(configs=_conv_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN", "EPILOGUE"],
                  reset_to_zero=["part_ptr"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
-    P, sxn, sxp, sxc, swt, swk, swn, syn, syp, syc, san, sap, sac,
+    P, H, W, P_KEY, sxn, sxp, sxc, swt, swk, swn, syn, syp, syc, san, sap, sac,
     seed, sample_offset, ratio, scale,
-    H: tl.constexpr, W: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr, KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
+    CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr, KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    HW: tl.constexpr = H * W
-    SPAN: tl.constexpr = (BLOCK_M - 1) // HW + 2  # samples a tile of rows can touch
+    HW = H * W
     pid = tl.program_id(0)
     grid_m = tl.cdiv(P, BLOCK_M)
     grid_n = tl.cdiv(COUT, BLOCK_N)
@@ -148,28 +157,27 @@ def _conv_fwd_kernel(
     w = pix % W
     n_lo = (pid_m * BLOCK_M) // HW
     PAD: tl.constexpr = KSIZE // 2
+    KB: tl.constexpr = (CIN + BLOCK_K - 1) // BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KSIZE * KSIZE):
+    # one flat loop over (tap, channel block), so the software pipeliner sees 9 * KB iterations, not 9 short loops
+    for it in range(0, KSIZE * KSIZE * KB):
+        tap = it // KB
+        ks = (it % KB) * BLOCK_K + tl.arange(0, BLOCK_K)
         hs = h + (tap // KSIZE - PAD)
         ws = w + (tap % KSIZE - PAD)
         ok = row_ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-        if KEEP_IN == 1:
+        if KEEP_IN == 1:  # dropped pixels are not even read
             ok = ok & _spatial_keep(n, hs * W + ws, HW, seed, sample_offset, ratio)
-        x_rows = x_ptr + n.to(tl.int64) * sxn + (hs * W + ws).to(tl.int64) * sxp
-        if FLIP:
-            w_tap = w_ptr + (KSIZE * KSIZE - 1 - tap) * swt
-        else:
-            w_tap = w_ptr + tap * swt
-        for k0 in range(0, CIN, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < CIN
-            x_mask = ok[:, None] & k_ok[None, :]
-            if KEEP_IN == 2:
-                x_mask = x_mask & _channel_keep(n, ks, n_lo, CIN, seed, sample_offset, ratio, SPAN)
-            x = tl.load(x_rows[:, None] + ks[None, :] * sxc, mask=x_mask, other=0.0)
-            wt = tl.load(w_tap + ks[:, None] * swk + cols[None, :] * swn,
-                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = _dot(x, wt, acc, DOT_PREC)
+        k_ok = ks < CIN
+        x_mask = ok[:, None] & k_ok[None, :]
+        if KEEP_IN == 2:
+            x_mask = x_mask & _channel_keep(n, ks, n_lo, CIN, seed, sample_offset, ratio, SPAN)
+        x_rows = n.to(tl.int64) * sxn + (hs * W + ws).to(tl.int64) * sxp
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * sxc, mask=x_mask, other=0.0)
+        w_tap = (KSIZE * KSIZE - 1 - tap) if FLIP else tap
+        wt = tl.load(w_ptr + w_tap * swt + ks[:, None] * swk + cols[None, :] * swn,
+                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = _dot(x, wt, acc, DOT_PREC)
 
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
@@ -196,19 +204,18 @@ def _conv_fwd_kernel(
         _store(y, acc, out_mask)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["P", "CIN", "COUT", "KSIZE", "KEEP_IN"])
+@triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"])
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, bpart_ptr,
-    P, sxn, sxp, sxc, sdn, sdp, sdc, seed, sample_offset, ratio,
-    H: tl.constexpr, W: tl.constexpr, CIN: tl.constexpr, COUT: tl.constexpr, P_CHUNK: tl.constexpr,
+    P, H, W, P_KEY, sxn, sxp, sxc, sdn, sdp, sdc, seed, sample_offset, ratio,
+    CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, P_CHUNK: tl.constexpr,
     KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """part[split, co, ci, tap] = sum_{p in split} dY[p, co] (X * keep)[p + off(tap), ci];
     bpart[split, co] = sum_{p in split} dY[p, co] (centre tap, first channel block only)."""
-    HW: tl.constexpr = H * W
-    SPAN: tl.constexpr = (BLOCK_K - 1) // HW + 2
+    HW = H * W
     pid = tl.program_id(0)
     tap = tl.program_id(1)
     split = tl.program_id(2)
@@ -316,8 +323,8 @@ def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, fli
     _conv_fwd_kernel[grid](
         x, wt, bias if bias is not None else dummy, y if y is not None else dummy,
         aux if aux is not None else dummy, part if part is not None else torch.empty(1, device=x.device),
-        g if g is not None else dummy, P, *x_str, *w_str, *y_str, *aux_str, seed, sample_offset, ratio,
-        scale, H=H, W=W, CIN=cin, COUT=cout, KSIZE=ksize, FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
+        g if g is not None else dummy, P, H, W, triton.next_power_of_2(P), *x_str, *w_str, *y_str, *aux_str,
+        seed, sample_offset, ratio, scale, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_M, H * W), KSIZE=ksize, FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, WRITE_Y=write_y and y is not None,
         DOT_PREC=_dot_precision(x))
 
@@ -331,15 +338,16 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     if x.is_cuda and dev_index is None:
         dev_index = torch.cuda.current_device()
     split = max(1, min(triton.cdiv(_parallel_target(dev_index), tiles), triton.cdiv(P, 512 if x.is_cuda else 64)))
-    align = 32 if _INTERPRET else 128  # a multiple of every BLOCK_K
-    p_chunk = triton.cdiv(triton.cdiv(P, split), align) * align
+    # pixels per split: a power of two (few compiled variants) and a multiple of every BLOCK_K
+    p_chunk = max(triton.next_power_of_2(triton.cdiv(P, split)), _MAX_BLOCK_K)
     split = triton.cdiv(P, p_chunk)
     part = torch.empty(split, cout * cin * ksize * ksize, device=x.device, dtype=torch.float32)
     bpart = torch.empty(split, cout, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),  # noqa: E731
                          ksize * ksize, split)
-    _conv_wgrad_kernel[grid](x, dy, part, bpart, P, *x_str, *dy_str, seed, sample_offset, ratio, H=H, W=W,
-                             CIN=cin, COUT=cout, P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in, BIAS_GRAD=bias_grad,
+    _conv_wgrad_kernel[grid](x, dy, part, bpart, P, H, W, triton.next_power_of_2(P), *x_str, *dy_str, seed,
+                             sample_offset, ratio, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_K, H * W),
+                             P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in, BIAS_GRAD=bias_grad,
                              DOT_PREC=_dot_precision(x))
     dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
     _sum_rows(part, dw, g)
@@ -392,8 +400,9 @@ def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align
     _conv(x, x_str, w1t, w1_str, gen_b1, hidden, nhwc, cin=C, cout=C, ksize=3, keep_in=_KEEP_MODE[mask],
           epilogue=EPI_BIAS_RELU, **rng, **geo)
     dg = torch.empty(P, C, device=dev, dtype=dtype) if need_grad else student.new_empty(0)
-    part = torch.zeros(triton.cdiv(P, _MIN_BLOCK_M) * triton.cdiv(C, _MIN_BLOCK_N), device=dev,
-                       dtype=torch.float32)
+    # one loss partial per tile of the finest config (power-of-two length: few variants of the sum kernel)
+    part = torch.zeros(triton.next_power_of_2(triton.cdiv(P, _MIN_BLOCK_M) * triton.cdiv(C, _MIN_BLOCK_N)),
+                       device=dev, dtype=torch.float32)
     _conv(hidden, nhwc, w2t, w2_str, gen_b2, dg if need_grad else None, nhwc, cin=C, cout=C, ksize=3,
           epilogue=EPI_MSE, aux=teacher, aux_str=t_str, part=part, scale=2.0 * alpha / N, **geo)
     loss = torch.empty((), device=dev, dtype=torch.float32)
