@@ -20,8 +20,10 @@ upcast or permuted copy of S or T is ever made: S, T and dS are addressed throug
 (NCHW-contiguous and channels_last both work: row m = (n, p = h*W + w) sits at n*sN + p*sP).
 
 Every reduction is deterministic: tiles write partials, summed afterwards in a fixed order; no float
-atomics. All GEMMs are ``tl.dot`` with float32 accumulation (bf16/fp16 on tensor cores; float32 uses
-IEEE precision, no TF32). Channel counts need not be multiples of 16 (masked loads).
+atomics. All GEMMs are ``tl.dot`` with float32 accumulation (bf16/fp16 on tensor cores). float32 inputs
+follow ``torch.backends.cudnn.allow_tf32``, the flag that governs the reference's 1x1 convolutions on
+the same GPU (PyTorch's default: TF32 on); with it off they are multiplied in IEEE float32. Channel
+counts need not be multiples of 16 (masked loads).
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def _row_offsets(rows, HW, s_n, s_p):
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; IEEE fp32 (no TF32) for float32 inputs. Triton 3.6's
+    """acc + a @ b with fp32 accumulation; IEEE: float32 without TF32. Triton 3.6's
     interpreter multiplies bf16/fp16 bit patterns as integers, so there the operands go through fp32
     (exact products, same fp32 accumulation as the tensor cores)."""
     if INTERPRETING:
@@ -212,6 +214,10 @@ def _matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1])
 
 
+def _ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
+
+
 def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, scale, m, hw, epi, store_out):
     k, n_out = w_kn.shape
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
@@ -222,16 +228,17 @@ def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, scale, m, hw,
     _row_gemm_kernel[grid](x, *xs, w_kn, w_kn.stride(0), w_kn.stride(1), pick(bias), pick(out), *os_,
                            pick(aux), *as_, pick(part), pick(dbp),
                            pick(g), scale, m, hw, n_out, K=k,
-                           EPI=epi, STORE_OUT=store_out, IEEE=x.dtype == torch.float32)
+                           EPI=epi, STORE_OUT=store_out, IEEE=_ieee(x))
 
 
 def _splits(m: int, a: int, b: int, device: torch.device) -> int:
-    """Row splits of a weight gradient: enough programs to fill the device, >= 1024 rows each."""
+    """Row splits of a weight gradient: about two programs per SM, >= 2048 rows each (the fp32
+    partials, splits x a x b, are written and summed once more: keep them small next to the rows)."""
     if INTERPRET:
         return min(2, triton.cdiv(m, _WG_ROW_ALIGN))
     tiles = triton.cdiv(a, 128) * triton.cdiv(b, 128)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(4 * sms, tiles), m // 1024))
+    return max(1, min(triton.cdiv(2 * sms, tiles), m // 2048))
 
 
 def _weight_grad(a, as_, b, bs_, m, hw, n_a, n_b) -> torch.Tensor:
@@ -242,7 +249,7 @@ def _weight_grad(a, as_, b, bs_, m, hw, n_a, n_b) -> torch.Tensor:
     part = torch.empty((splits, n_a, n_b), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]) * triton.cdiv(n_b, meta["BLOCK_B"]), splits)  # noqa: E731
     _weight_grad_kernel[grid](a, *as_, b, *bs_, part, m, hw, n_a, n_b, ROWS_PER_SPLIT=rows_per_split,
-                              IEEE=a.dtype == torch.float32)
+                              IEEE=_ieee(a))
     return part[0] if splits == 1 else part.sum(0)
 
 
