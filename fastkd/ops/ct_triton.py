@@ -27,6 +27,7 @@ counts need not be multiples of 16 (masked loads).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import List, Optional, Tuple
 
@@ -319,10 +320,16 @@ def ct_backward(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2:
 
 # ------------------------------------------------------------------------- custom op and entry point
 
+def _on_device(x: torch.Tensor):
+    """Launch on the inputs' GPU even when another one is current (Triton uses the current device)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _forward_op(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                 w2: torch.Tensor, b2: torch.Tensor, alpha: float, reduction: str,
                 needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return ct_forward(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad)
+    with _on_device(student):
+        return ct_forward(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad)
 
 
 def _forward_fake(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad):
@@ -339,7 +346,8 @@ def _forward_fake(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad
 def _backward_op(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  hidden: torch.Tensor, dy: torch.Tensor, db2: torch.Tensor,
                  needs: List[bool]) -> List[torch.Tensor]:
-    return ct_backward(grad, student, w1, w2, hidden, dy, db2, needs)
+    with _on_device(student):
+        return ct_backward(grad, student, w1, w2, hidden, dy, db2, needs)
 
 
 def _backward_fake(grad, student, w1, w2, hidden, dy, db2, needs):
