@@ -198,8 +198,6 @@ def test_torch_compile_fullgraph():
         assert_kernel_close("ct_loss", torch.float32, g, w, name=name)
 
 
-@pytest.mark.xfail(strict=True, reason="fastkd.ops._triton_backend resolves the kernel module with "
-                   "importlib.import_module on every call, which torch.compile cannot trace")
 def test_torch_compile_fullgraph_public_api():
     s, t, weights = make_inputs(2, 12, 20, 24, 5, 7)
     step = lambda *a: ops.ct_loss(*a, alpha=0.5, backend="triton")  # noqa: E731

@@ -186,8 +186,6 @@ def test_torch_compile_fullgraph():
         assert torch.equal(a, b)
 
 
-@pytest.mark.xfail(strict=True, reason="fastkd.ops._triton_backend resolves the kernel module with "
-                   "importlib.import_module on every call, which torch.compile cannot trace")
 def test_torch_compile_fullgraph_public_api():
     def step(s, t, w1, b1, w2, b2, aw, ab, seed):
         return mgd_loss(s, t, w1, b1, w2, b2, align_w=aw, align_b=ab, mask="spatial", ratio=0.5, alpha=0.2,

@@ -17,15 +17,24 @@ class _TritonBackend:
     name = "triton"
     _modules = {"mgd_loss": "fastkd.ops.mgd_triton", "ct_loss": "fastkd.ops.ct_triton"}
 
-    def unavailable(self):
+    def __init__(self):
+        # Imports are resolved once and cached: the dispatch path stays plain attribute and dict
+        # access, which torch.compile traces without graph breaks.
+        self._loaded = {}
+        self._triton_missing = None
         try:
             import triton  # noqa: F401
         except ImportError as exc:
-            return f"triton is not installed ({exc})"
-        return None
+            self._triton_missing = f"triton is not installed ({exc})"
+
+    def unavailable(self):
+        return self._triton_missing
 
     def _module(self, op):
-        return importlib.import_module(self._modules[op])
+        module = self._loaded.get(op)
+        if module is None:
+            module = self._loaded[op] = importlib.import_module(self._modules[op])
+        return module
 
     def refuse(self, op, **inputs):
         if op not in self._modules:
