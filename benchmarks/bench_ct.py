@@ -77,7 +77,7 @@ def eager(s, t, *p):
     return reference.ct_loss(s, t, *p, alpha=2e-5)
 
 
-# name -> factory of the function to time (a fresh torch.compile for every use, see measure).
+# name -> factory of the function to time.
 IMPLEMENTATIONS = {"fused triton": lambda: fused, "eager reference": lambda: eager,
                    "compiled reference": lambda: torch.compile(eager)}
 
@@ -89,16 +89,12 @@ def measure(make_fn, s, t, params, device, reps):
         for x in leaves:
             x.grad = None
 
-    # Backward alone: the graph is kept and its backward re-run, which a compiled backward allows only
-    # without donated buffers, so that one timing uses its own compilation with them off.
-    with torch._functorch.config.patch(donated_buffer=False):
-        fn = make_fn()
-        loss = fn(s, t, *params)
-        loss.backward(retain_graph=True)
-        timings = {"backward": bench(lambda: loss.backward(retain_graph=True), device, warmup=1, rep=reps)}
-        del loss
-    clear()
     fn = make_fn()
+    loss = fn(s, t, *params)
+    loss.backward(retain_graph=True)  # backward alone: the graph is kept and its backward re-run
+    timings = {"backward": bench(lambda: loss.backward(retain_graph=True), device, warmup=1, rep=reps)}
+    del loss
+    clear()
 
     def full():
         clear()
@@ -140,8 +136,9 @@ def main():
         print(f"{name}: fused loss {got:.6g}, fp32 reference {ref:.6g} (rel. diff {abs(got - ref) / abs(ref):.1e})")
         results = {}
         for impl, make_fn in IMPLEMENTATIONS.items():
-            try:
-                results[impl] = measure(make_fn, s, t, params, device, args.reps)
+            try:  # a compiled backward can be re-run (retain_graph) only without donated buffers
+                with torch._functorch.config.patch(donated_buffer=False):
+                    results[impl] = measure(make_fn, s, t, params, device, args.reps)
             except Exception as exc:  # e.g. torch.compile without a working compiler: report, go on
                 print(f"  {impl}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
         fl_f, fl_b, by_f, by_b, by_min = work(*shape, s.element_size())
@@ -174,7 +171,8 @@ def main():
         notes = ("Forward = training forward (inputs require grad); backward = backward alone (graph retained); "
                  "full = both. GB/s = bytes the fused design moves / time (same bytes for every impl). "
                  "min ms = unavoidable traffic (read S, T; write dS) at the HBM peak. Peak extra memory of one "
-                 "forward+backward beyond the inputs.")
+                 "forward+backward beyond the inputs. torch.compile runs without donated buffers (so that "
+                 "its backward can be re-run for the backward-alone timing).")
         if device.type == "cpu":
             notes += (" CPU: Triton kernels run under TRITON_INTERPRET=1 (a functional smoke test, not a speed "
                       "measurement); eager/compiled are the CPU reference.")
