@@ -18,6 +18,11 @@ wanted), dP [M, Ch] and dS [M, Cs] in the backward, plus small fp32 partials (on
 one column-sum row per row tile, one [Ct, Ch] / [Ch, Cs] block per row split). No Y, Y - T, fp32
 upcast or permuted copy of S or T is ever made: S, T and dS are addressed through their strides
 (NCHW-contiguous and channels_last both work: row m = (n, p = h*W + w) sits at n*sN + p*sP).
+Speed by layout (from the sm_90 code Triton 3.6 generates): channels_last features, and NCHW ones
+whose H*W is a multiple of 16, are read with 16-byte vector loads in the software-pipelined K loop;
+NCHW features with other H*W (7x7, FPN P4-P7) are read with coalesced 2-byte loads outside the
+cp.async pipeline (a tile of rows may span two samples, so no wider contiguity can be proven):
+prefer channels_last there.
 
 Every reduction is deterministic: tiles write partials, summed afterwards in a fixed order; no float
 atomics. All GEMMs are ``tl.dot`` with float32 accumulation (bf16/fp16 on tensor cores). float32 inputs
