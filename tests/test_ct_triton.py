@@ -129,6 +129,35 @@ def test_backward_twice_with_retained_graph():
     torch.testing.assert_close(s.grad, 2 * first, rtol=0, atol=0)
 
 
+def test_memory_written_is_hidden_and_gradients_only():
+    """Forward allocates H [M, Ch] and dY [M, Ct]; backward dP [M, Ch] and dS; nothing else row-sized
+    (no Y, no Y - T, no fp32 copy, no permuted copy of S or T): only small per-tile partials."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view or func._schema.is_mutable:  # no new memory (the interpreter's set_ too)
+                return out
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= 8 * 512 * 4:
+                    self.shapes.append((str(func.overloadpacket.__name__), tuple(t.shape)))
+            return out
+
+    s, t, (w1, b1, w2, b2) = make_inputs(2, 12, 20, 24, 16, 16, channels_last=True)  # M = 512 rows
+    with Allocations() as fwd:
+        loss, hidden, dy, db2 = ct_triton.ct_forward(s, t, w1, b1, w2, b2, 0.5, "mean", True)
+    assert sorted(shape for _, shape in fwd.shapes) == [(512, 20), (512, 24)], fwd.shapes
+    with Allocations() as bwd:
+        grads = ct_triton.ct_backward(torch.tensor(1.0), s, w1, w2, hidden, dy, db2, [True] * 5)
+    assert sorted(shape for _, shape in bwd.shapes) == [(2, 12, 16, 16), (512, 20)], bwd.shapes
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_module_matches_reference_module():
     torch.manual_seed(0)
     fast_mod = CT(12, 24, 20, alpha=0.3, backend="triton").to(DEVICE)
