@@ -147,7 +147,10 @@ def main():
         for impl, res in results.items():
             for pas, (flops, nbytes) in per_pass.items():
                 ms = res[pas]["ms"]
-                ratio = lambda other: f"{results[other][pas]['ms'] / ms:.2f}x" if other in results else "-"  # noqa: E731
+
+                def ratio(other):
+                    return f"{results[other][pas]['ms'] / ms:.2f}x" if other in results else "-"
+
                 tflops, gbps = flops / ms / 1e9, nbytes / ms / 1e6
                 peak_mem = res["peak"] if pas == "full" else None
                 eager_mem = results.get("eager reference", {}).get("peak") if pas == "full" else None

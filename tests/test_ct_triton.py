@@ -23,7 +23,10 @@ SHAPES = [(2, 12, 20, 24, 5, 7), (3, 5, 7, 3, 1, 1), (1, 17, 33, 9, 3, 13)]
 def make_inputs(n, cs, ch, ct, h, w, dtype=torch.float32, channels_last=False, weights_4d=False, seed=0,
                 device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
     s, t = rnd(n, cs, h, w), rnd(n, ct, h, w)
     if channels_last:
         s, t = s.to(memory_format=torch.channels_last), t.to(memory_format=torch.channels_last)

@@ -62,7 +62,8 @@ else:
                                  (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]]
 INTERPRETING = tl.constexpr(INTERPRET)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _ROW_CONFIGS)
-_WG_ROW_ALIGN = 32 if INTERPRET else 128  # rows per split of the weight-gradient kernel: a power of two >= every BLOCK_K
+# Rows per split of the weight-gradient kernel: a power of two >= every BLOCK_K.
+_WG_ROW_ALIGN = 32 if INTERPRET else 128
 
 
 @triton.jit
