@@ -75,6 +75,31 @@ def test_float32_matches_reference(n, cs, ct, h, w, mask, channels_last, offset)
         assert grads["student"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("n,cs,ct,h,w,mask,frozen,seed", [
+    (2, 24, 16, 5, 5, "channel", ("student", "gen_w2"), 2**64 - 1),  # one pixel split: wgrad writes dW itself
+    (3, 16, 16, 4, 1, "spatial", ("gen_b1",), 2**63),                 # W = 1 (degenerate strides)
+])
+def test_partial_gradients_degenerate_shapes_and_large_seeds(n, cs, ct, h, w, mask, frozen, seed):
+    student, teacher, params = make_inputs(n, cs, ct, h, w, channels_last=True)
+    kw = dict(mask=mask, ratio=0.4, alpha=0.3, seed=seed, sample_offset=2**33)
+    out = {}
+    for backend in ("triton", "reference"):
+        leaves = {"student": student.detach().clone(), **{k: v.detach().clone() for k, v in params.items()}}
+        for k, v in leaves.items():
+            v.requires_grad_(k not in frozen)
+        loss = mgd_loss(leaves["student"], teacher, leaves["gen_w1"], leaves["gen_b1"], leaves["gen_w2"],
+                        leaves["gen_b2"], align_w=leaves.get("align_w"), align_b=leaves.get("align_b"),
+                        backend=backend, **kw)
+        (loss * GRAD_OUT).backward()
+        out[backend] = (loss.detach(), {k: v.grad for k, v in leaves.items()})
+    assert_close_scaled(out["triton"][0], out["reference"][0], torch.float32, name="loss")
+    for name, g in out["triton"][1].items():
+        if name in frozen:
+            assert g is None, name
+        else:
+            assert_close_scaled(g, out["reference"][1][name], torch.float32, name=f"d{name}")
+
+
 # (dtype, n, cs, ct, h, w, mask, channels_last)
 LOWP_CASES = [
     (torch.bfloat16, 2, 24, 16, 7, 7, "spatial", True),
@@ -161,39 +186,29 @@ def _compile_case():
     return student, teacher, [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2", "align_w", "align_b")]
 
 
-def _loss_and_grads(fn, student, teacher, weights):
+def _loss_and_grads(fn, student, teacher, weights, seed):
     s = student.detach().requires_grad_()
     ws = [w.detach().requires_grad_() for w in weights]
-    out = fn(s, teacher, *ws, 77)
+    out = fn(s, teacher, *ws, seed)
     out.backward()
     return [out.detach(), s.grad] + [w.grad for w in ws]
 
 
 def test_torch_compile_fullgraph():
-    """torch.compile(fullgraph=True) around the fused op (custom ops + fake impls + registered autograd):
-    same loss and gradients, bit for bit, as eager. On the CPU the op runs the interpreted kernels and the
-    graph around it uses aot_eager (the GPU test uses inductor)."""
-    from fastkd.ops import mgd_triton
-
+    """torch.compile(fullgraph=True) of a function calling ``fastkd.ops.mgd_loss(backend="triton")``
+    (custom ops + fake impls + registered autograd): loss and gradients bit for bit as eager, for two
+    seeds (the second call makes the seed dynamic instead of recompiling per step). On the CPU the op
+    runs the interpreted kernels and the graph around it uses aot_eager (the GPU test uses inductor)."""
     def step(s, t, w1, b1, w2, b2, aw, ab, seed):
-        loss = mgd_triton.mgd_loss(s, t, w1, b1, w2, b2, align_w=aw, align_b=ab, mask="spatial", ratio=0.5,
-                                   alpha=0.2, seed=seed)
+        loss = mgd_loss(s, t, w1, b1, w2, b2, align_w=aw, align_b=ab, mask="spatial", ratio=0.5, alpha=0.2,
+                        seed=seed, backend="triton")
         return loss * 3.0 + 1.0
 
     args = _compile_case()
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    for a, b in zip(_loss_and_grads(step, *args), _loss_and_grads(compiled, *args)):
-        assert torch.equal(a, b)
-
-
-def test_torch_compile_fullgraph_public_api():
-    def step(s, t, w1, b1, w2, b2, aw, ab, seed):
-        return mgd_loss(s, t, w1, b1, w2, b2, align_w=aw, align_b=ab, mask="spatial", ratio=0.5, alpha=0.2,
-                        seed=seed, backend="triton")
-
-    student, teacher, weights = _compile_case()
-    step(student, teacher, *weights, 77)  # warm: the dispatcher's own lazy import happens eagerly
-    torch.compile(step, fullgraph=True, backend="aot_eager")(student, teacher, *weights, 77)
+    for seed in (77, 78):
+        for a, b in zip(_loss_and_grads(step, *args, seed=seed), _loss_and_grads(compiled, *args, seed=seed)):
+            assert torch.equal(a, b)
 
 
 def test_opcheck_fake_and_autograd_registration():

@@ -207,14 +207,15 @@ def _conv_fwd_kernel(
 @triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"])
 @triton.jit
 def _conv_wgrad_kernel(
-    x_ptr, dy_ptr, part_ptr, bpart_ptr,
+    x_ptr, dy_ptr, part_ptr, bpart_ptr, g_ptr,
     P, H, W, P_KEY, sxn, sxp, sxc, sdn, sdp, sdc, seed, sample_offset, ratio,
     CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, P_CHUNK: tl.constexpr,
-    KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_G: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """part[split, co, ci, tap] = sum_{p in split} dY[p, co] (X * keep)[p + off(tap), ci];
-    bpart[split, co] = sum_{p in split} dY[p, co] (centre tap, first channel block only)."""
+    bpart[split, co] = sum_{p in split} dY[p, co] (centre tap, first channel block only). With one split
+    (HAS_G) part/bpart are dW/db themselves."""
     HW = H * W
     pid = tl.program_id(0)
     tap = tl.program_id(1)
@@ -254,11 +255,15 @@ def _conv_wgrad_kernel(
         if BIAS_GRAD:
             if do_bias:
                 bacc += tl.sum(dyt.to(tl.float32), axis=1)
+    if HAS_G:  # a single split writes the gradient itself: scaled by dL_total/dloss, in the weights' dtype
+        g = tl.load(g_ptr).to(tl.float32)
+        acc = acc * g
+        bacc = bacc * g
     n_w = COUT * CIN * KSIZE * KSIZE
     part = part_ptr + split.to(tl.int64) * n_w + (co[:, None] * CIN + ci[None, :]) * (KSIZE * KSIZE) + tap
-    tl.store(part, acc, mask=co_ok[:, None] & ci_ok[None, :])
+    _store(part, acc, co_ok[:, None] & ci_ok[None, :])
     if BIAS_GRAD:
-        tl.store(bpart_ptr + split * COUT + co, bacc, mask=co_ok & do_bias)
+        _store(bpart_ptr + split * COUT + co, bacc, co_ok & do_bias)
 
 
 @triton.jit
@@ -291,9 +296,9 @@ def _pixel_strides(t: torch.Tensor):
     """(sample, pixel, channel) strides of a 4-D [N, C, H, W] tensor whose (h, w) index folds into one
     pixel index h*W + w (contiguous and channels_last both do); other layouts are made contiguous."""
     n, c, h, w = t.shape
-    if h > 1 and t.stride(2) != w * t.stride(3):
+    if h > 1 and w > 1 and t.stride(2) != w * t.stride(3):
         t = t.contiguous()
-    return t, (t.stride(0), t.stride(3), t.stride(1))
+    return t, (t.stride(0), t.stride(3) if w > 1 else t.stride(2), t.stride(1))
 
 
 def _nhwc_strides(hw: int, c: int):
@@ -341,20 +346,21 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     # pixels per split: a power of two (few compiled variants) and a multiple of every BLOCK_K
     p_chunk = max(triton.next_power_of_2(triton.cdiv(P, split)), _MAX_BLOCK_K)
     split = triton.cdiv(P, p_chunk)
-    part = torch.empty(split, cout * cin * ksize * ksize, device=x.device, dtype=torch.float32)
-    bpart = torch.empty(split, cout, device=x.device, dtype=torch.float32)
+    dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
+    db = torch.empty(cout, device=x.device, dtype=dtype) if bias_grad else None
+    direct = split == 1  # no partials: the kernel writes g * dW and g * db directly
+    part = dw if direct else torch.empty(split, dw.numel(), device=x.device, dtype=torch.float32)
+    bpart = db if direct and bias_grad else torch.empty(split, cout, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),  # noqa: E731
                          ksize * ksize, split)
-    _conv_wgrad_kernel[grid](x, dy, part, bpart, P, H, W, triton.next_power_of_2(P), *x_str, *dy_str, seed,
-                             sample_offset, ratio, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_K, H * W),
-                             P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in, BIAS_GRAD=bias_grad,
-                             DOT_PREC=_dot_precision(x))
-    dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
-    _sum_rows(part, dw, g)
-    db = None
-    if bias_grad:
-        db = torch.empty(cout, device=x.device, dtype=dtype)
-        _sum_rows(bpart, db, g)
+    _conv_wgrad_kernel[grid](x, dy, part, bpart, g if g is not None else part, P, H, W, triton.next_power_of_2(P),
+                             *x_str, *dy_str, seed, sample_offset, ratio, CIN=cin, COUT=cout,
+                             SPAN=_span(_MAX_BLOCK_K, H * W), P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in,
+                             BIAS_GRAD=bias_grad, HAS_G=direct and g is not None, DOT_PREC=_dot_precision(x))
+    if not direct:
+        _sum_rows(part, dw, g)
+        if bias_grad:
+            _sum_rows(bpart, db, g)
     return dw, db
 
 
