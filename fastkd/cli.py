@@ -1,0 +1,182 @@
+"""``fastkd train | eval | export | plot | data | bench``.
+
+    fastkd train configs/demo/mgd.yaml optim.lr=0.2 distill.pairs.0.alpha=1e-5
+    deepspeed --num_gpus 8 -m fastkd.cli train cfg.yaml          (or: deepspeed $(which fastkd) train ...)
+    fastkd eval cfg.yaml --weights runs/x/student.pt
+    fastkd export runs/x --out student.pt
+    fastkd plot runs/x
+
+A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
+and a nonzero exit status, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from typing import List, Optional
+
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+
+
+def _quiet_deepspeed() -> None:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.utils import logger
+        logger.setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    cfg = load_config(args.config, args.overrides)
+    _quiet_deepspeed()
+    from .engine.trainer import train
+    result = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0 and result:
+        print(" ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from .config import ConfigError, load_config
+    from .distill import build_model
+    from .distill.models import load_state_dict_file, load_strict
+    from .engine.data import build_loaders
+    from .engine.dist import setup
+    from .engine.evaluate import evaluate, model_eval_fn
+    from .engine.export import student_state_dict
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_deepspeed()
+    ctx = setup(cfg.train.dist_timeout_s)
+    which = cfg.teacher if args.teacher else cfg.student
+    model = build_model(which, "teacher" if args.teacher else "student")
+    if args.teacher:
+        src = which.checkpoint
+        state = load_state_dict_file(src, "teacher")
+    elif args.weights and os.path.isdir(args.weights):
+        src, state = args.weights, student_state_dict(args.weights)
+    elif args.weights:
+        src, state = args.weights, load_state_dict_file(args.weights, "student")
+    else:
+        if not os.path.isdir(cfg.run_dir):
+            raise ConfigError(f"no --weights given and run_dir {cfg.run_dir} does not exist")
+        src, state = cfg.run_dir, student_state_dict(cfg.run_dir)
+    load_strict(model, state, src, "teacher" if args.teacher else "student")
+    model = model.to(ctx.device).eval()
+    micro = max(1, cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum))
+    _, val = build_loaders(cfg.data, micro=micro, grad_accum=1, rank=ctx.rank, world=ctx.world_size,
+                           seed=cfg.seed, device=ctx.device)
+    acc = evaluate(model_eval_fn(model), val, ctx.device, torch.float32)
+    if ctx.is_main:
+        print(f"{src}: top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% on {acc['count']} images")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .engine.export import export_student
+    state = export_student(args.run_dir, args.out, args.tag)
+    n = sum(v.numel() for v in state.values() if v.is_floating_point())
+    print(f"wrote {args.out}: student state_dict, {len(state)} tensors, {n / 1e6:.2f}M values")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .engine.plot import plot_run
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .config import ConfigError
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo, "benchmarks", f"bench_{args.name}.py")
+    if not os.path.isfile(script):
+        names = sorted(f[6:-3] for f in os.listdir(os.path.join(repo, "benchmarks"))
+                       if f.startswith("bench_") and f.endswith(".py")) if os.path.isdir(
+                           os.path.join(repo, "benchmarks")) else []
+        raise ConfigError(f"no benchmark {args.name!r} (available: {', '.join(names) or 'none'})")
+    return subprocess.call([sys.executable, script, *args.rest])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastkd", description="fast feature knowledge distillation")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student (plain process or under the deepspeed launcher)")
+    t.add_argument("config", help="YAML config")
+    t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=0.2")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="top-1/top-5 of a student (or the teacher) on the validation set")
+    e.add_argument("config")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--weights", help="exported student.pt or a run directory (default: the config's run_dir)")
+    e.add_argument("--teacher", action="store_true", help="evaluate the teacher checkpoint instead")
+    e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write the student alone (strict-loadable state_dict)")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True)
+    x.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    x.set_defaults(func=cmd_export)
+
+    pl = sub.add_parser("plot", help="render metrics.jsonl curves to PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    pl.set_defaults(func=cmd_plot)
+
+    b = sub.add_parser("bench", help="run benchmarks/bench_NAME.py")
+    b.add_argument("name")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    try:
+        from .data import cli as data_cli
+    except Exception:  # fastkd.data is optional here: a broken or absent data CLI must not break training
+        data_cli = None
+    if data_cli is not None and hasattr(data_cli, "add_parser"):
+        data_cli.add_parser(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .config import ConfigError
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher appends it
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    prefix = f"fastkd: error{f' [rank {rank}]' if rank else ''}: "
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(prefix + str(exc), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except FileNotFoundError as exc:
+        print(prefix + str(exc), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        from .engine.errors import NonFiniteLossError
+        if isinstance(exc, NonFiniteLossError):
+            print(prefix + str(exc), file=sys.stderr, flush=True)
+            return EXIT_NONFINITE
+        raise
+    finally:
+        try:
+            from .engine.dist import teardown
+            teardown()
+        except ImportError:
+            pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The Distiller: student + its distillation modules; the frozen teacher rides along outside the module tree.
+
+One step (DESIGN.md "Data flow"):
+
+    t_logits, t_feats = distiller.teacher_forward(images)          # eval, no grad
+    seeds = distiller.next_seeds()                                 # host ints, outside torch.compile
+    losses = engine(images, labels, t_logits, t_feats, seeds, sample_offset, scale)
+    total = losses["total"]                                        # sum of the named terms
+
+Only the student and the loss modules are parameters of the Distiller, so DeepSpeed, the optimizer and
+the checkpoints never see the teacher.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, DistillConfig, PairConfig
+from ..losses import CT, MGD, LogitKD
+
+
+@dataclasses.dataclass
+class PairSpec:
+    """One (student feature, teacher feature, loss) pair after the shape check."""
+    name: str            # loss name in logs, e.g. "mgd.layer4"
+    key: str             # ModuleDict key (no dots)
+    cfg: PairConfig
+    student_channels: int
+    teacher_channels: int
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ",".join(str(s) for s in t.shape) + "]"
+
+
+def _available(feats: Dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k} {_shape(v)}" for k, v in feats.items()) or "none (does the model return features?)"
+
+
+def check_pairs(pairs: Sequence[PairConfig], s_feats: Dict[str, torch.Tensor],
+                t_feats: Dict[str, torch.Tensor]) -> List[PairSpec]:
+    """Check every pair on one batch of features; fail naming the layers and their shapes."""
+    names = [f"{p.loss}.{p.student}" for p in pairs]
+    specs, problems = [], []
+    for i, p in enumerate(pairs):
+        name = names[i] if names.count(names[i]) == 1 else f"{names[i]}<-{p.teacher}"
+        where = f"distill.pairs.{i} ({p.loss}: student {p.student!r} <- teacher {p.teacher!r})"
+        if p.student not in s_feats:
+            problems.append(f"{where}: the student has no feature {p.student!r}; available: {_available(s_feats)}")
+            continue
+        if p.teacher not in t_feats:
+            problems.append(f"{where}: the teacher has no feature {p.teacher!r}; available: {_available(t_feats)}")
+            continue
+        s, t = s_feats[p.student], t_feats[p.teacher]
+        if s.dim() != 4 or t.dim() != 4:
+            problems.append(f"{where}: features must be [N,C,H,W]; student {_shape(s)}, teacher {_shape(t)}")
+        elif s.shape[2:] != t.shape[2:]:
+            problems.append(f"{where}: cannot be paired, spatial sizes differ: student {p.student} {_shape(s)} "
+                            f"(HxW {s.shape[2]}x{s.shape[3]}) vs teacher {p.teacher} {_shape(t)} "
+                            f"(HxW {t.shape[2]}x{t.shape[3]}); pick layers with the same stride")
+        else:
+            specs.append(PairSpec(name, name.replace(".", "_").replace("<-", "__"), p, s.shape[1], t.shape[1]))
+    if problems:
+        raise ConfigError("feature pairs cannot be distilled:\n  " + "\n  ".join(problems))
+    return specs
+
+
+def build_losses(specs: Sequence[PairSpec], *, seed: int, backend: str) -> nn.ModuleDict:
+    """One MGD/CT module per pair; ``alpha: auto`` starts at 1.0 until calibrated."""
+    mods = nn.ModuleDict()
+    for i, sp in enumerate(specs):
+        p = sp.cfg
+        alpha = 1.0 if p.alpha == "auto" else float(p.alpha)
+        if p.loss == "mgd":
+            # Distinct, reproducible mask streams per pair (SeedStream keys on base * 2^20 + k).
+            mods[sp.key] = MGD(sp.student_channels, sp.teacher_channels, mask=p.mask, ratio=p.ratio,
+                               alpha=alpha, seed=seed * 64 + i, backend=backend)
+        else:
+            mods[sp.key] = CT(sp.student_channels, sp.teacher_channels, p.hidden_channels, alpha=alpha,
+                              reduction=p.reduction, backend=backend)
+    return mods
+
+
+class Distiller(nn.Module):
+    """Student + distillation modules; ``forward`` returns the named losses and their ``total``."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, specs: Sequence[PairSpec], losses: nn.ModuleDict,
+                 cfg: DistillConfig, *, compile: bool = False):
+        super().__init__()
+        self.student = student
+        self.losses = losses
+        self.kd = LogitKD(temperature=cfg.kd.temperature, alpha=1.0 if cfg.kd.alpha == "auto" else cfg.kd.alpha,
+                          backend=cfg.backend) if cfg.kd is not None else None
+        self.specs = list(specs)
+        self.label_smoothing, self.task_weight = cfg.label_smoothing, cfg.task_weight
+        self.teacher_layers = sorted({sp.cfg.teacher for sp in self.specs})
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule: no params, no state_dict, no optimizer
+        self._fn = torch.compile(self._losses) if compile else self._losses
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher
+
+    @torch.no_grad()
+    def teacher_forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Teacher logits and the features the pairs need, in the student's dtype, without grad."""
+        t = self._teacher
+        p = next(t.parameters())
+        logits, feats = t(images.to(p.dtype), features=True)
+        dtype = images.dtype
+        return logits.to(dtype), {k: feats[k].to(dtype).contiguous() for k in self.teacher_layers}
+
+    def next_seeds(self) -> Dict[str, int]:
+        """One mask seed per MGD pair for this optimizer step (host ints; call outside torch.compile)."""
+        return {sp.key: self.losses[sp.key].next_seed() for sp in self.specs if sp.cfg.loss == "mgd"}
+
+    def forward(self, images, labels, t_logits, t_feats, seeds: Dict[str, int], sample_offset: int = 0,
+                scale: float = 1.0, *, eager: bool = False) -> Dict[str, torch.Tensor]:
+        fn = self._losses if eager else self._fn
+        out, s_feats = fn(images, labels, t_logits, t_feats)
+        # MGD runs after the compiled region: its mask seed changes every step and would be traced as a
+        # constant (a recompile per step); the op is a fused kernel of its own anyway.
+        for sp in self.specs:
+            if sp.cfg.loss == "mgd":
+                out[sp.name] = self.losses[sp.key](s_feats[sp.cfg.student], t_feats[sp.cfg.teacher],
+                                                   seed=seeds[sp.key], sample_offset=sample_offset)
+        # Every term is a mean over this micro-batch; ``scale`` turns it into "sum / global count" (STYLE.md).
+        out = {k: out[k] * scale for k in self.loss_names()}
+        out["total"] = sum(out.values())
+        return out
+
+    def loss_names(self) -> List[str]:
+        return ["ce"] + (["kd"] if self.kd is not None else []) + [sp.name for sp in self.specs]
+
+    def _losses(self, images, labels, t_logits, t_feats):
+        """Student forward + task, KD and CT losses (the torch.compile region)."""
+        logits, s_feats = self.student(images, features=True)
+        out = {"ce": self.task_weight * F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)}
+        if self.kd is not None:
+            out["kd"] = self.kd(logits, t_logits)
+        for sp in self.specs:
+            if sp.cfg.loss == "ct":
+                out[sp.name] = self.losses[sp.key](s_feats[sp.cfg.student], t_feats[sp.cfg.teacher])
+        return out, {sp.cfg.student: s_feats[sp.cfg.student] for sp in self.specs if sp.cfg.loss == "mgd"}
+
+    # -- alpha: auto -------------------------------------------------------------------------------------
+    def auto_terms(self, cfg: DistillConfig) -> Dict[str, Tuple[nn.Module, float]]:
+        terms = {sp.name: (self.losses[sp.key], sp.cfg.target) for sp in self.specs if sp.cfg.alpha == "auto"}
+        if cfg.kd is not None and cfg.kd.alpha == "auto":
+            terms["kd"] = (self.kd, cfg.kd.target)
+        return terms
+
+    @torch.no_grad()
+    def calibrate(self, cfg: DistillConfig, batches: Iterable, reduce_mean: Callable[[torch.Tensor], torch.Tensor],
+                  device: torch.device) -> Dict[str, float]:
+        """Set each ``alpha: auto`` so that the term starts at ``target`` x the task loss.
+
+        ``batches`` yields (images, labels, sample_offset). Measured with alpha = 1 on the first batches,
+        averaged over batches and processes (so every
+        rank picks the same alpha). The chosen alphas live in the modules' extra state: checkpoints keep them.
+        """
+        terms = self.auto_terms(cfg)
+        if not terms:
+            return {}
+        for mod, _ in terms.values():
+            mod.alpha = 1.0
+        was_training = self.training
+        self.train()
+        sums = torch.zeros(len(terms) + 1, dtype=torch.float64, device=device)
+        seeds = {sp.key: self.losses[sp.key].seeds.peek() for sp in self.specs if sp.cfg.loss == "mgd"}
+        count = 0
+        for images, labels, offset in batches:
+            images, labels = images.to(device), labels.to(device)
+            t_logits, t_feats = self.teacher_forward(images)
+            out = self.forward(images, labels, t_logits, t_feats, seeds, offset, 1.0, eager=True)
+            sums += torch.stack([out["ce"]] + [out[k] for k in terms]).double()
+            count += 1
+        self.train(was_training)
+        means = reduce_mean(sums / count).tolist()  # host sync: once, at start-up
+        chosen = {}
+        for (name, (mod, target)), value in zip(terms.items(), means[1:]):
+            if not value > 0:
+                raise ConfigError(f"alpha: auto for {name}: the measured loss is {value}; set alpha explicitly")
+            mod.alpha = float(target * means[0] / value)
+            chosen[name] = mod.alpha
+        return chosen
+
+    def alphas(self) -> Dict[str, float]:
+        out = {sp.name: self.losses[sp.key].alpha for sp in self.specs}
+        if self.kd is not None:
+            out["kd"] = self.kd.alpha
+        return out
+

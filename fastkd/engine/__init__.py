@@ -1,0 +1,1 @@
+"""Training engine: DeepSpeed trainer, checkpoints, schedules, metrics, eval, export, plots."""

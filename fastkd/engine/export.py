@@ -1,0 +1,43 @@
+"""Export the student alone from a run: no teacher, no generator/transform weights, strict-loadable keys."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+
+from ..config import ConfigError
+from . import checkpoint as ckpt
+
+PREFIX = "student."
+
+
+def student_state_dict(run_dir: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The student's state_dict from the latest (or the given) complete checkpoint of ``run_dir``."""
+    root = os.path.join(run_dir, ckpt.SUBDIR)
+    if tag is None:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None:
+            raise ConfigError(f"no complete checkpoint in {root}")
+        tag = found[1]
+    path = ckpt.model_states_file(root, tag)
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {os.path.join(root, tag)} has no model states ({os.path.basename(path)})")
+    # Our own run's file, written by DeepSpeed (it pickles its config too): trusted, full unpickling.
+    states = torch.load(path, map_location="cpu", weights_only=False)
+    module = states.get("module")
+    if not module or not any(k.startswith(PREFIX) for k in module):
+        raise ConfigError(f"{path} holds no student weights (ZeRO-3 partitioned checkpoints need consolidation)")
+    out = {k[len(PREFIX):]: v.float() if v.is_floating_point() else v
+           for k, v in module.items() if k.startswith(PREFIX)}
+    # A SyncBatchNorm student exports with the same keys as BatchNorm; compiled wrappers add _orig_mod.
+    return {k.replace("_orig_mod.", ""): v.clone() for k, v in out.items()}
+
+
+def export_student(run_dir: str, out: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    state = student_state_dict(run_dir, tag)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, out)
+    return state

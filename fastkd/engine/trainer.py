@@ -1,0 +1,316 @@
+"""The training loop on DeepSpeed. Pieces are built by the functions below; ``Trainer.fit`` reads top to bottom.
+
+Host-device syncs are marked ``# sync``; places where distributed state matters ``# dist``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, to_dict
+from ..distill import Distiller, build_losses, build_model, check_pairs, load_teacher
+from ..distill.models import maybe_load_student
+from . import checkpoint as ckpt
+from .data import build_loaders, loader_state, restore_loader, sample_offset
+from .dist import DistContext, all_reduce_mean, all_reduce_sum
+from .errors import NonFiniteLossError
+from .evaluate import evaluate, model_eval_fn
+from .metrics import MetricsLogger
+from .schedules import build_optimizer, build_scheduler
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building the pieces
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def micro_batch(cfg: Config, world: int) -> int:
+    per_step = world * cfg.train.grad_accum
+    if cfg.train.batch_size % per_step:
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by processes ({world}) x "
+                          f"grad_accum ({cfg.train.grad_accum})")
+    return cfg.train.batch_size // per_step
+
+
+def build_distiller(cfg: Config, ctx: DistContext, probe: torch.Tensor) -> Distiller:
+    """Student + teacher + one loss module per pair, after checking the pairs on a real batch."""
+    torch.manual_seed(cfg.seed)  # same student initialisation on every rank
+    student = build_model(cfg.student, "student")
+    maybe_load_student(student, cfg.student)
+    if cfg.train.sync_bn and ctx.world_size > 1:
+        if ctx.device.type != "cuda":
+            raise ConfigError("train.sync_bn needs GPUs (SyncBatchNorm does not run on the CPU); set it to false")
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student = student.to(ctx.device)
+    teacher = load_teacher(cfg.teacher, ctx.device)
+    was = student.training
+    student.eval()  # the probe must not touch BatchNorm running statistics
+    with torch.no_grad():
+        _, s_feats = student(probe.to(ctx.device), features=True)
+        _, t_feats = teacher(probe.to(ctx.device, next(teacher.parameters()).dtype), features=True)
+    student.train(was)
+    specs = check_pairs(cfg.distill.pairs, s_feats, t_feats)
+    losses = build_losses(specs, seed=cfg.seed, backend=cfg.distill.backend).to(ctx.device)
+    distiller = Distiller(student, teacher, specs, losses, cfg.distill, compile=cfg.train.compile)
+    if cfg.train.compile and cfg.train.compile_teacher:
+        object.__setattr__(distiller, "_teacher", torch.compile(teacher))
+    return distiller
+
+
+def deepspeed_config(cfg: Config, *, micro: int, dtype: torch.dtype) -> dict:
+    path = cfg.deepspeed.config
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        path = os.path.join(REPO, path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"deepspeed.config: preset not found: {cfg.deepspeed.config}")
+    with open(path) as f:
+        ds = json.load(f)
+    _merge(ds, copy.deepcopy(cfg.deepspeed.overrides))
+    ds.update(train_batch_size=cfg.train.batch_size, train_micro_batch_size_per_gpu=micro,
+              gradient_accumulation_steps=cfg.train.grad_accum, gradient_clipping=cfg.train.grad_clip,
+              steps_per_print=10**9, zero_allow_untested_optimizer=True)
+    ds["bf16"] = {"enabled": dtype == torch.bfloat16}
+    ds.pop("fp16", None)
+    if cfg.deepspeed.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    return ds
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def calibration_batches(loader, cfg: Config, ctx: DistContext, micro: int):
+    """The first ``calibration_batches`` global batches, as (images, labels, sample_offset) of this rank."""
+    n = cfg.distill.calibration_batches * cfg.train.grad_accum
+    for i, (images, labels) in enumerate(loader):
+        if i >= n:
+            break
+        yield images, labels, sample_offset(i % cfg.train.grad_accum, ctx.rank, ctx.world_size, micro)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext):
+        import deepspeed
+
+        self.cfg, self.ctx = cfg, ctx
+        self.micro = micro_batch(cfg, ctx.world_size)
+        self.gas = cfg.train.grad_accum
+        self.dtype = compute_dtype(cfg, ctx.device)
+        self.train_loader, self.val_loader = build_loaders(
+            cfg.data, micro=self.micro, grad_accum=self.gas, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed,
+            device=ctx.device)
+        self.steps_per_epoch = len(self.train_loader) // self.gas
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        probe, _ = next(iter(self.train_loader))
+        self.distiller = build_distiller(cfg, ctx, probe)
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, cfg.run_dir)
+        self.alphas = {} if self.resume_from else self._calibrate()
+        optimizer = build_optimizer(self.distiller, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=self.total_steps,
+                                    steps_per_epoch=self.steps_per_epoch, base_lr=cfg.optim.lr)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.distiller, optimizer=optimizer, lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, micro=self.micro, dtype=self.dtype))
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        if self.resume_from:
+            self._restore(*self.resume_from)
+        self.log = MetricsLogger(cfg.run_dir, enabled=ctx.is_main, progress=cfg.train.progress,
+                                 total_steps=self.total_steps, initial_step=self.step)
+        self.stop_requested = False
+
+    # -- start-up ------------------------------------------------------------------------------------------
+    def _calibrate(self) -> Dict[str, float]:
+        self.train_loader.set_epoch(0) if hasattr(self.train_loader, "set_epoch") else None
+        student = self.distiller.student
+        buffers = {k: v.clone() for k, v in student.state_dict().items()}  # keep BN statistics untouched
+        chosen = self.distiller.calibrate(self.cfg.distill, calibration_batches(self.train_loader, self.cfg, self.ctx,
+                                          self.micro), all_reduce_mean, self.ctx.device)
+        student.load_state_dict(buffers)
+        return chosen
+
+    def _restore(self, root: str, tag: str) -> None:
+        client, rank_state = ckpt.load(self.engine, root, tag, self.ctx.rank)
+        self.step, self.epoch, self.step_in_epoch = client["step"], client["epoch"], client["step_in_epoch"]
+        self.loader_resume = rank_state.get("loader")
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved at the end of an epoch
+            self.epoch, self.step_in_epoch, self.loader_resume = self.epoch + 1, 0, None
+        self._message(f"resumed from {os.path.join(root, tag)} at step {self.step} (epoch {self.epoch})")
+
+    def _message(self, text: str) -> None:
+        if getattr(self, "log", None) is not None:
+            self.log.message(f"[fastkd] {text}")
+        elif self.ctx.is_main:
+            print(f"[fastkd] {text}", file=sys.stderr, flush=True)
+
+    def _eval(self, model: nn.Module) -> Dict[str, float]:
+        was = model.training
+        model.eval()
+        result = evaluate(model_eval_fn(model), self.val_loader, self.ctx.device, self.dtype)  # dist: counts summed
+        model.train(was)
+        return result
+
+    def _save(self) -> None:
+        client = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                  "alphas": self.distiller.alphas(), "world_size": self.ctx.world_size,
+                  "global_batch": self.cfg.train.batch_size, "config": to_dict(self.cfg)}
+        rank_state = {"loader": loader_state(self.train_loader)}
+        path = ckpt.save(self.engine, self.cfg.run_dir, self.step, client, rank_state, rank=self.ctx.rank,
+                         keep_last=self.cfg.train.keep_last)
+        self._message(f"checkpoint {path}")
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            os.makedirs(cfg.run_dir, exist_ok=True)
+            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=1)
+        for name, value in self.alphas.items():
+            self._message(f"alpha: auto for {name} -> {value:.4g}")
+            self.log.log(self.step, {f"alpha/{name}": value}, kind="calibration")
+        if cfg.train.eval_teacher:
+            acc = self._eval(self.distiller.teacher)
+            self._message(f"teacher val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% on {acc['count']} images")
+            self.log.log(self.step, {f"teacher/{k}": v for k, v in acc.items()}, kind="teacher")
+        old_handlers = self._install_signal_handlers()
+        try:
+            result = self._loop()
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            self.log.close()
+        return result
+
+    def _loop(self) -> Dict[str, float]:
+        cfg, ctx, engine, distiller = self.cfg, self.ctx, self.engine, self.distiller
+        names = distiller.loss_names() + ["total"]
+        acc = torch.zeros(len(names), dtype=torch.float64, device=ctx.device)  # loss sums since the last log
+        logged_steps, t_log = 0, time.time()
+        result: Dict[str, float] = {}
+        engine.train()
+        while self.step < self.total_steps:
+            skip = restore_loader(self.train_loader, getattr(self, "loader_resume", None), self.epoch)
+            self.loader_resume = None
+            if self.step_in_epoch and skip == 0 and not hasattr(self.train_loader, "load_state_dict"):
+                skip = self.step_in_epoch * self.gas
+            for i, (images, labels) in enumerate(self.train_loader):
+                if i < skip:  # a loader that cannot seek: fast-forward to the saved position
+                    continue
+                m = i % self.gas  # micro-step within the optimizer step (positions are step-aligned)
+                if m == 0:
+                    seeds = distiller.next_seeds()  # host ints, outside the compiled region
+                images = images.to(ctx.device, self.dtype, non_blocking=True)
+                labels = labels.to(ctx.device, non_blocking=True)
+                t_logits, t_feats = distiller.teacher_forward(images)
+                losses = engine(images, labels, t_logits, t_feats, seeds,
+                                sample_offset(m, ctx.rank, ctx.world_size, self.micro), labels.shape[0] / self.micro)
+                engine.backward(losses["total"])
+                step_losses = torch.stack([losses[k].detach().double() for k in names])
+                if m == self.gas - 1:
+                    self._check_step(step_losses, names)  # sync + dist: once per optimizer step
+                acc += step_losses
+                engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary only
+                if m != self.gas - 1:
+                    continue
+                self.step += 1
+                self.step_in_epoch += 1
+                logged_steps += 1
+                self.log.advance()
+                if self.step % cfg.train.log_every == 0 or self.step == self.total_steps:
+                    result = self._log_train(names, acc, logged_steps, t_log)
+                    acc.zero_()
+                    logged_steps, t_log = 0, time.time()
+                if self.stop_requested:
+                    self._save()
+                    self._message(f"stopped by signal at step {self.step}; checkpoint written")
+                    return result
+                if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
+                    self._save()
+                if self.step >= self.total_steps:
+                    break
+            epoch_done = self.step_in_epoch >= self.steps_per_epoch
+            if epoch_done:
+                self.epoch += 1
+                self.step_in_epoch = 0
+            last = self.step >= self.total_steps
+            if epoch_done and (last or (cfg.train.eval_every and self.epoch % cfg.train.eval_every == 0)):
+                result.update(self._log_eval())
+            elif last:
+                result.update(self._log_eval())
+            if epoch_done or last:
+                if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
+                    self._save()
+        return result
+
+    def _check_step(self, step_losses: torch.Tensor, names: List[str]) -> None:
+        """Stop on a non-finite loss before the optimizer step (the last checkpoint stays good); also
+        carries the preemption flag so every rank agrees to stop at the same step."""
+        flags = torch.cat([(~torch.isfinite(step_losses)).double(),
+                           torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=step_losses.device)])
+        flags = all_reduce_sum(flags).tolist()  # sync + dist
+        self.stop_requested = flags[-1] > 0
+        bad = [n for n, f in zip(names, flags[:-1]) if f > 0 and n != "total"] or (["total"] if flags[-2] else [])
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (epoch {self.epoch}) in term(s): {', '.join(bad)}; "
+                f"the optimizer step was not taken and the last good checkpoint is kept in "
+                f"{os.path.join(self.cfg.run_dir, ckpt.SUBDIR)}")
+
+    def _log_train(self, names, acc, steps, t0) -> Dict[str, float]:
+        world = self.ctx.world_size
+        means = (all_reduce_sum(acc) / (world * self.gas * steps)).tolist()  # sync + dist
+        elapsed = max(time.time() - t0, 1e-9)
+        rec = {f"loss/{n}": v for n, v in zip(names, means)}
+        rec.update(lr=self.engine.get_lr()[0], epoch=self.epoch,
+                   images_per_s=steps * self.cfg.train.batch_size / elapsed)
+        self.log.log(self.step, rec)
+        return rec
+
+    def _log_eval(self) -> Dict[str, float]:
+        acc = self._eval(self.distiller.student)
+        self._message(f"step {self.step} epoch {self.epoch}: val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% "
+                      f"({acc['count']} images)")
+        self.log.log(self.step, {**{f"val/{k}": v for k, v in acc.items()}, "epoch": self.epoch}, kind="eval")
+        return {f"val/{k}": v for k, v in acc.items()}
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT (preemption): finish the current step, write a checkpoint, exit cleanly."""
+        def request_stop(signum, frame):
+            self.stop_requested = True
+        old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                old[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread
+                pass
+        return old
+
+
+def train(cfg: Config) -> Dict[str, float]:
+    """Entry point of ``fastkd train`` in every process."""
+    from .dist import setup
+    ctx = setup(cfg.train.dist_timeout_s)
+    return Trainer(cfg, ctx).fit()
