@@ -177,7 +177,7 @@ def main():
         for impl, res in results.items():
             for pas, fl in per_pass.items():
                 ms = res[pas]["ms"]
-                ratio_to = lambda other: f"{results[other][pas]['ms'] / ms:.2f}x" if other in results else "-"  # noqa: E731
+                ratio_to = lambda o: f"{results[o][pas]['ms'] / ms:.2f}x" if o in results else "-"  # noqa: E731
                 peak_mem = res["peak"] if pas == "full" else None
                 eager_mem = results.get("eager reference", {}).get("peak") if pas == "full" else None
                 rows.append([name, label, impl, pas, ms, f"{res[pas]['p20']:.3g}-{res[pas]['p80']:.3g}",

@@ -17,18 +17,25 @@ Maths (METHODS.md section 1; rows p = (n, h, w) run over the N*H*W pixels, chann
     dA[p]   = keep[p] sum_tap dH1[p - off(tap)] W1[:, :, tap]^T
     dS = dA @ Wa, dWa = dA^T S, dba = sum_p dA                        (or dS = dA without align)
 
-Three kernels do all of it, as implicit GEMMs on tl.dot (bf16/fp16/fp32 inputs, fp32 accumulation):
-  _conv_fwd_kernel    Y[p, co] = sum_{tap, ci} X[p + off(tap), ci] Wt[tap, ci, co] with a 1x1 or 3x3 window.
-                      KEEP_IN regenerates the mask while loading X (dropped pixels/channels are not read);
-                      the epilogue is one of: +bias / +bias,ReLU (conv1) / +bias, squared error, per-tile loss
-                      partial and D (conv2) / ReLU gate by H1 (input gradient of conv2) / mask gate (input
-                      gradient of conv1). With flipped taps and transposed weight strides it is the input
-                      gradient of a convolution.
-  _conv_wgrad_kernel  dW[co, ci, tap] over a split of the pixels (per-split partials, no atomics), plus the bias
-                      gradient from the centre tap.
-  _sum_rows_kernel / _sum_all_kernel   fixed-order sums of the partials (deterministic).
-Written to memory: A (only with align), H1 and D ([N*H*W, Ct] each, channels-last); nothing for the mask,
-the masked input, G or G - T. The backward regenerates the mask from the seed.
+Two kernels do all the matrix work, as implicit GEMMs on tl.dot (bf16/fp16 on tensor cores, fp32 accumulation;
+float32 inputs use TF32 when torch.backends.cudnn.allow_tf32 allows it, as PyTorch's own convolutions do,
+IEEE fp32 otherwise):
+  _conv_fwd_kernel    Y[p, co] = sum_{tap, ci} X[p + off(tap), ci] Wt[tap, ci, co], 1x1 or 3x3 window, one flat
+                      (tap, channel-block) loop per output tile. KEEP_IN regenerates the mask while loading X
+                      (dropped pixels/channels are not even read). Epilogues: +bias (align) / +bias, ReLU (conv1) /
+                      +bias, squared error against T, the tile's loss partial and D (conv2) / ReLU gate by H1
+                      times g (input gradient of conv2) / mask gate (input gradient of conv1). Flipped taps and
+                      transposed weight strides make it the input gradient of a convolution (also dS = dA Wa).
+  _conv_wgrad_kernel  dW[co, ci, tap] over a split of the pixels (KEEP_IN for conv1's masked input), the bias
+                      gradient from the centre tap; per-split fp32 partials, or dW itself with one split.
+  _sum_rows_kernel / _sum_all_kernel   fixed-order sums of the partials (no float atomics anywhere: the same
+                      seed gives the same loss and gradients bit for bit on the same device and configuration).
+Launches: forward = [align] + conv1 + conv2 + loss sum; backward = wgrad2, dgrad2, wgrad1, dgrad1, [dgrad_align,
+wgrad_align] (+ partial sums where a weight gradient is split over pixels).
+Written to memory: forward A (only with align), H1 and D ([N*H*W, Ct] each, channels-last, saved for the
+backward; D only when a gradient is wanted); backward dH1 and dA (with align) and the gradients. Nothing is
+written for the mask, the masked input, G or G - T. S, T and dS are addressed through their strides
+(NCHW-contiguous or channels_last, no copies); weights are permuted once per call to [3, 3, Cin, Cout].
 """
 from __future__ import annotations
 
@@ -126,14 +133,15 @@ def _store(ptr, value, mask):
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_conv_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN", "EPILOGUE"],
-                 reset_to_zero=["part_ptr"])
+@triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"],
+                 key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
     P, H, W, P_KEY, sxn, sxp, sxc, swt, swk, swn, syn, syp, syc, san, sap, sac,
     seed, sample_offset, ratio, scale,
-    CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr, KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
+    CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr,
+    KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -329,7 +337,8 @@ def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, fli
         x, wt, bias if bias is not None else dummy, y if y is not None else dummy,
         aux if aux is not None else dummy, part if part is not None else torch.empty(1, device=x.device),
         g if g is not None else dummy, P, H, W, triton.next_power_of_2(P), *x_str, *w_str, *y_str, *aux_str,
-        seed, sample_offset, ratio, scale, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_M, H * W), KSIZE=ksize, FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
+        seed, sample_offset, ratio, scale, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_M, H * W), KSIZE=ksize,
+        FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, WRITE_Y=write_y and y is not None,
         DOT_PREC=_dot_precision(x))
 
