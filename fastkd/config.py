@@ -217,6 +217,9 @@ class TrainConfig:
     """Training epochs."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (default: epochs x steps per epoch)."""
+    session_steps: Optional[int] = None
+    """Stop this invocation after this many steps with a checkpoint (time-limited jobs); the schedule
+    still spans the whole run and ``resume: auto`` continues it exactly."""
     batch_size: int = 256
     """Global batch: micro_batch x processes x grad_accum."""
     grad_accum: int = 1
@@ -245,10 +248,6 @@ class TrainConfig:
     """Complete checkpoints kept on disk."""
     resume: str = "auto"
     """auto (latest complete checkpoint in run_dir, if any) | none | a checkpoint directory."""
-    nonfinite: Literal["stop", "skip"] = "stop"
-    """On a NaN/inf loss: stop (keeping the last good checkpoint) or skip the step."""
-    max_skips: int = 10
-    """With nonfinite=skip: stop after this many skipped steps."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     dist_timeout_s: int = 1800
@@ -258,6 +257,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "grad_accum", "log_every"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1")
+        _check(self.session_steps is None or self.session_steps >= 1, "session_steps must be >= 1")
         _check(self.batch_size % self.grad_accum == 0,
                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")

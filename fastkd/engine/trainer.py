@@ -210,6 +210,7 @@ class Trainer:
         acc = torch.zeros(len(names), dtype=torch.float64, device=ctx.device)  # loss sums since the last log
         logged_steps, t_log = 0, time.time()
         result: Dict[str, float] = {}
+        session_end = self.step + cfg.train.session_steps if cfg.train.session_steps else None
         engine.train()
         while self.step < self.total_steps:
             skip = restore_loader(self.train_loader, getattr(self, "loader_resume", None), self.epoch)
@@ -243,10 +244,12 @@ class Trainer:
                     result = self._log_train(names, acc, logged_steps, t_log)
                     acc.zero_()
                     logged_steps, t_log = 0, time.time()
-                if self.stop_requested:
-                    self._save()
-                    self._message(f"stopped by signal at step {self.step}; checkpoint written")
-                    return result
+                if self.stop_requested or self.step == session_end:
+                    if self.step < self.total_steps:
+                        self._save()
+                        why = "by signal" if self.stop_requested else "after train.session_steps"
+                        self._message(f"stopped {why} at step {self.step}; resume continues from the checkpoint")
+                        return result
                 if cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0:
                     self._save()
                 if self.step >= self.total_steps:

@@ -1,0 +1,59 @@
+"""Config: YAML + dotted overrides, unknown keys with suggestions, wrong types with field/value/type."""
+import os
+
+import pytest
+
+from fastkd.config import ConfigError, load_config, to_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tests", "tiny.yaml")
+
+
+def test_yaml_and_overrides():
+    cfg = load_config(TINY, ["optim.lr=0.2", "distill.pairs.0.alpha=1e-5", "distill.pairs.1.loss=mgd",
+                             "train.compile=true", "deepspeed.zero_stage=1"])
+    assert cfg.optim.lr == 0.2
+    assert cfg.distill.pairs[0].alpha == pytest.approx(1e-5)  # YAML 1.1 reads 1e-5 as a string: coerced
+    assert cfg.distill.pairs[1].loss == "mgd"
+    assert cfg.train.compile is True and cfg.deepspeed.zero_stage == 1
+    assert cfg.distill.kd.temperature == 4.0
+    assert load_config(TINY).distill.pairs[0].alpha == "auto"
+    assert to_dict(cfg)["distill"]["pairs"][0]["student"] == "layer2"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lrr=0.1", "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    ("distill.pairs.0.alpah=1", "unknown key 'distill.pairs.0.alpah'; did you mean 'distill.pairs.0.alpha'?"),
+    ("trian.epochs=2", "unknown key 'trian'; did you mean 'train'?"),
+])
+def test_unknown_key_suggests_closest(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=abc", "optim.lr: got 'abc' (str), expected float"),
+    ("distill.pairs.0.alpha=big", "distill.pairs.0.alpha: got 'big' (str), expected float or 'auto'"),
+    ("distill.pairs.0.loss=kd", "distill.pairs.0.loss: got 'kd' (str), expected 'mgd' | 'ct'"),
+    ("train.batch_size=[1]", "train.batch_size: got [1] (list), expected int"),
+])
+def test_wrong_type_names_field_value_and_type(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert expected in str(err.value)
+
+
+def test_post_init_validation_and_override_errors():
+    with pytest.raises(ConfigError, match="train: batch_size 16 is not divisible by grad_accum 3"):
+        load_config(TINY, ["train.grad_accum=3"])
+    with pytest.raises(ConfigError, match="ratio must be in"):
+        load_config(TINY, ["distill.pairs.0.ratio=1.5"])
+    with pytest.raises(ConfigError, match="is not an index of a list of 2"):
+        load_config(TINY, ["distill.pairs.5.alpha=1"])
+    with pytest.raises(ConfigError, match="must look like key.path=value"):
+        load_config(TINY, ["optim.lr"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("/nonexistent/cfg.yaml")
+    with pytest.raises(ConfigError, match="teacher.checkpoint is required"):
+        load_config(TINY, ["teacher.checkpoint=null"])
