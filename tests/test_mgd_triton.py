@@ -150,6 +150,46 @@ def test_student_gradient_is_zero_exactly_where_dropped():
         assert torch.equal(grads["student"] != 0, keep.bool()), mode
 
 
+@pytest.mark.parametrize("cs", [16, 24])
+def test_feature_sized_buffers_are_only_the_designed_ones(cs):
+    """Every feature-sized tensor (N*Ct*H*W or N*Cs*H*W elements) the host code allocates: forward A (align
+    only), H1 and D; backward dH1, dA (align only) and dS. So no mask, masked input, G or G - T (nor an
+    upcast or permuted copy of S or T) ever exists in memory."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastkd.ops import mgd_triton
+
+    n, ct, h, w = 2, 16, 5, 9
+    big = n * ct * h * w
+    student, teacher, params = make_inputs(n, cs, ct, h, w)
+    aw, ab = params.get("align_w"), params.get("align_b")
+
+    class Allocations(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.empty, torch.ops.aten.empty_strided,
+                                       torch.ops.aten.empty_like, torch.ops.aten.zeros,
+                                       torch.ops.aten.new_empty, torch.ops.aten.new_zeros):
+                self.sizes.append(out.numel())
+            return out
+
+    with Allocations() as fwd:
+        _, a, hidden, dg = mgd_triton.mgd_forward(student, teacher, params["gen_w1"], params["gen_b1"],
+                                                  params["gen_w2"], params["gen_b2"], aw, ab, "spatial", 0.5,
+                                                  1.0, 3, 0, True)
+    with Allocations() as bwd:
+        mgd_triton.mgd_backward(torch.tensor(1.0), student, params["gen_w1"], params["gen_w2"], aw, a, hidden, dg,
+                                "spatial", 0.5, 3, 0, [True] * 7)
+    align = aw is not None
+    feature = lambda sizes: sorted(x for x in sizes if x in (big, n * cs * h * w))  # noqa: E731
+    assert feature(fwd.sizes) == [big] * (2 + align)  # [A], H1, D
+    assert feature(bwd.sizes) == sorted([big] * (1 + align) + [n * cs * h * w])  # dH1, [dA], dS
+
+
 def test_same_seed_is_bit_identical_and_seed_matters():
     student, teacher, params = make_inputs(2, 16, 16, 5, 9)
     kw = dict(mask="spatial", ratio=0.65, alpha=1.0, sample_offset=0)

@@ -528,7 +528,11 @@ def _mgd_bwd_fake(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, ma
     C = gen_w1.shape[0]
     like = [student, align_w, None if align_w is None else student.new_empty(C), gen_w1, student.new_empty(C),
             gen_w2, student.new_empty(C)]
-    return [torch.empty_like(t) if need and t is not None else student.new_empty(0) for t, need in zip(like, needs)]
+    grads = [student.new_empty(t.shape) if need and t is not None else student.new_empty(0)  # contiguous, as real
+             for t, need in zip(like, needs)]
+    if needs[0]:
+        grads[0] = torch.empty_like(student)  # dS keeps the student's layout
+    return grads
 
 
 _GRAD_POS = (0, 6, 7, 2, 3, 4, 5)  # op argument index of dS, dWa, dba, dW1, db1, dW2, db2
