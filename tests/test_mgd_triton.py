@@ -284,6 +284,14 @@ def test_opcheck_fake_and_autograd_registration():
             params["gen_w2"], params["gen_b2"], None, None, "channel", 0.5, 1.0, 3, 0, True)
     torch.library.opcheck(mgd_triton._mgd_fwd_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    student, teacher, params = make_inputs(1, 24, 16, 3, 3, channels_last=True)
+    aw, w1, w2 = params["align_w"], params["gen_w1"], params["gen_w2"]
+    _, a, hidden, dg = mgd_triton._mgd_fwd_op(student, teacher, w1, params["gen_b1"], w2, params["gen_b2"], aw,
+                                              params["align_b"], "spatial", 0.5, 1.0, 3, 0, True)
+    for needs in ([True] * 7, [False, True, False, True, False, False, True]):
+        torch.library.opcheck(mgd_triton._mgd_bwd_op, (torch.tensor(0.5), student, w1, w2, aw, a, hidden, dg,
+                                                       "spatial", 0.5, 3, 0, needs),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -425,6 +425,11 @@ def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align
     return loss, a, hidden, dg
 
 
+def _only_needed(grads: List[torch.Tensor], needs: List[bool]) -> List[torch.Tensor]:
+    # a kernel may produce more than asked (dW with db); the op's schema promises empties for the rest
+    return [g if need else g.new_empty(0) for g, need in zip(grads, needs)]
+
+
 def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask: str, ratio: float, seed: int,
                  sample_offset: int, needs: List[bool]):
     """Gradients [dS, dWa, dba, dW1, db1, dW2, db2] (unwanted ones as empty tensors)."""
@@ -445,7 +450,7 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
     if needs[5] or needs[6]:
         grads[5], grads[6] = _wgrad(hidden, nhwc, dg, nhwc, g, cin=C, cout=C, ksize=3, dtype=dtype, **geo)
     if not any(needs[:5]):
-        return grads
+        return _only_needed(grads, needs)
     w2t, _, w2_str_t = _gen_weights(gen_w2)
     dh = torch.empty_like(hidden)  # dL/dZ1 = g * relu'(Z1) * (conv2 input gradient)
     _conv(dg, nhwc, w2t, w2_str_t, None, dh, nhwc, cin=C, cout=C, ksize=3, flip=True,
@@ -454,14 +459,14 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
         grads[3], grads[4] = _wgrad(x, x_str, dh, nhwc, None, cin=C, cout=C, ksize=3, dtype=dtype,
                                     keep_in=mode, **rng, **geo)
     if not any(needs[:3]):
-        return grads
+        return _only_needed(grads, needs)
     w1t, _, w1_str_t = _gen_weights(gen_w1)
     if align_w is None:  # dS = keep * (conv1 input gradient), written in the student's layout
         ds, ds_str = _pixel_strides(ds)
         _conv(dh, nhwc, w1t, w1_str_t, None, ds, ds_str, cin=C, cout=C, ksize=3, flip=True,
               epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
         grads[0] = ds
-        return grads
+        return _only_needed(grads, needs)
     da = torch.empty_like(hidden)
     _conv(dh, nhwc, w1t, w1_str_t, None, da, nhwc, cin=C, cout=C, ksize=3, flip=True,
           epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
@@ -472,7 +477,7 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
         grads[0] = ds
     if needs[1] or needs[2]:
         grads[1], grads[2] = _wgrad(student, s_str, da, nhwc, None, cin=cs, cout=C, ksize=1, dtype=dtype, **geo)
-    return grads
+    return _only_needed(grads, needs)
 
 
 def applied_keep_mask(mode: str, n: int, c: int, h: int, w: int, *, ratio: float, seed: int,
