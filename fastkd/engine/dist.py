@@ -78,3 +78,19 @@ def broadcast_object(obj, src: int = 0):
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def average_norm_buffers(module: torch.nn.Module) -> None:
+    """Average BatchNorm running statistics over processes (without SyncBatchNorm each rank keeps its own).
+
+    Called before evaluation and before a checkpoint, so every rank evaluates, and every checkpoint
+    holds, the same model. Training itself uses batch statistics and is unaffected.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for m in module.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            for buf in (m.running_mean, m.running_var):
+                if buf is not None:
+                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # dist
+                    buf.div_(dist.get_world_size())

@@ -20,7 +20,7 @@ from ..distill import Distiller, build_losses, build_model, check_pairs, load_te
 from ..distill.models import maybe_load_student
 from . import checkpoint as ckpt
 from .data import build_loaders, loader_state, restore_loader, sample_offset
-from .dist import DistContext, all_reduce_mean, all_reduce_sum
+from .dist import DistContext, all_reduce_mean, all_reduce_sum, average_norm_buffers
 from .errors import NonFiniteLossError
 from .evaluate import evaluate, model_eval_fn
 from .metrics import MetricsLogger
@@ -173,6 +173,7 @@ class Trainer:
         return result
 
     def _save(self) -> None:
+        average_norm_buffers(self.distiller.student)  # dist: one model in the checkpoint
         client = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                   "alphas": self.distiller.alphas(), "world_size": self.ctx.world_size,
                   "global_batch": self.cfg.train.batch_size, "config": to_dict(self.cfg)}
@@ -293,6 +294,7 @@ class Trainer:
         return rec
 
     def _log_eval(self) -> Dict[str, float]:
+        average_norm_buffers(self.distiller.student)  # dist: every rank evaluates the same model
         acc = self._eval(self.distiller.student)
         self._message(f"step {self.step} epoch {self.epoch}: val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% "
                       f"({acc['count']} images)")
