@@ -1,0 +1,66 @@
+"""`fastkd` CLI: user mistakes end with one clear message and a nonzero exit, without a traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_engine_nets import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tests", "tiny.yaml")
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, "-m", "fastkd.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.save(tiny(width=16).state_dict(), d / "teacher.pt")
+    torch.save(tiny(width=4).state_dict(), d / "wrong_teacher.pt")
+    return d
+
+
+CASES = {
+    "unknown key": (["optim.lrr=0.1"], "unknown key 'optim.lrr'; did you mean 'optim.lr'?"),
+    "wrong type": (["train.epochs=two"], "train.epochs: got 'two' (str), expected int"),
+    "missing teacher file": (["teacher.checkpoint=/no/such/teacher.pt"],
+                             "teacher checkpoint not found: /no/such/teacher.pt"),
+    "teacher keys mismatch": (["teacher.checkpoint={d}/wrong_teacher.pt"],
+                              "teacher checkpoint {d}/wrong_teacher.pt does not match the teacher model"),
+    "unpairable shapes": (["distill.pairs.0.teacher=layer1"],
+                          "student layer2 [16,16,4,4] (HxW 4x4) vs teacher layer1 [16,16,8,8] (HxW 8x8)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_user_errors_are_one_clear_message(case, teacher):
+    overrides, expected = CASES[case]
+    overrides = [o.format(d=teacher) for o in overrides]
+    res = run_cli("train", TINY, f"teacher.checkpoint={teacher}/teacher.pt", f"run_dir={teacher}/run", *overrides,
+                  cwd=teacher)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert expected.format(d=teacher) in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not os.path.isdir(teacher / "run" / "checkpoints")
+
+
+def test_export_and_plot_errors(tmp_path):
+    res = run_cli("export", str(tmp_path), "--out", str(tmp_path / "s.pt"), cwd=tmp_path)
+    assert res.returncode == 2 and "no complete checkpoint in" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("plot", str(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2 and "no metrics.jsonl in" in res.stderr
+
+
+def test_help_lists_subcommands(tmp_path):
+    res = run_cli("--help", cwd=tmp_path)
+    assert res.returncode == 0
+    for sub in ("train", "eval", "export", "plot", "bench"):
+        assert sub in res.stdout
