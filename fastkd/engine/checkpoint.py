@@ -148,4 +148,8 @@ def _maybe_fail(point: str) -> None:
 
 
 def model_states_file(root: str, tag: str) -> str:
+    """DeepSpeed's model-states file of a tag (ZeRO-3 names it per data-parallel rank)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if os.path.isfile(os.path.join(root, tag, name)):
+            return os.path.join(root, tag, name)
     return os.path.join(root, tag, "mp_rank_00_model_states.pt")

@@ -24,14 +24,25 @@ def student_state_dict(run_dir: str, tag: Optional[str] = None) -> Dict[str, tor
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {os.path.join(root, tag)} has no model states ({os.path.basename(path)})")
     # Our own run's file, written by DeepSpeed (it pickles its config too): trusted, full unpickling.
-    states = torch.load(path, map_location="cpu", weights_only=False)
-    module = states.get("module")
-    if not module or not any(k.startswith(PREFIX) for k in module):
-        raise ConfigError(f"{path} holds no student weights (ZeRO-3 partitioned checkpoints need consolidation)")
+    module = torch.load(path, map_location="cpu", weights_only=False).get("module") or {}
+    if any(k.startswith(PREFIX) and v.numel() == 0 for k, v in module.items()):
+        module = _consolidate_zero3(root, tag)  # ZeRO-3: parameters live partitioned in the optimizer states
+    if not any(k.startswith(PREFIX) for k in module):
+        raise ConfigError(f"{path} holds no student weights")
     out = {k[len(PREFIX):]: v.float() if v.is_floating_point() else v
-           for k, v in module.items() if k.startswith(PREFIX)}
-    # A SyncBatchNorm student exports with the same keys as BatchNorm; compiled wrappers add _orig_mod.
-    return {k.replace("_orig_mod.", ""): v.clone() for k, v in out.items()}
+           for k, v in module.items() if k.startswith(PREFIX) and not k.endswith("_extra_state")}
+    # Compiled wrappers add "_orig_mod."; strip it so the keys are the model's own (torchvision-style).
+    return {k.replace("_orig_mod.", ""): v.detach().clone() for k, v in out.items()}
+
+
+def _consolidate_zero3(root: str, tag: str) -> Dict[str, torch.Tensor]:
+    """Full fp32 parameters (and buffers) gathered from a ZeRO-3 checkpoint's partitions."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints progress per shard
+        return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
 
 
 def export_student(run_dir: str, out: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
