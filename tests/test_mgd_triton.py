@@ -24,7 +24,21 @@ GRAD_NAMES = ("student", "gen_w1", "gen_b1", "gen_w2", "gen_b2", "align_w", "ali
 GRAD_OUT = 1.7  # dL_total/dloss != 1 checks that the backward scales every gradient
 
 
-def make_inputs(n, cs, ct, h, w, dtype=torch.float32, channels_last=False, device="cpu", seed=0):
+# The small-shape grid runs wherever the kernels run: compiled on a GPU, interpreted on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32():
+    """float32 on both sides in IEEE precision (PyTorch's GPU convolutions, and so the fused path's
+    float32 dots, otherwise use TF32)."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+def make_inputs(n, cs, ct, h, w, dtype=torch.float32, channels_last=False, device=DEVICE, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype)  # noqa: E731
     student, teacher = r(n, cs, h, w), r(n, ct, h, w)
@@ -134,8 +148,9 @@ def test_kernel_mask_is_the_contract_mask(mode, shape):
 
     n, c, h, w = shape
     for seed, offset in ((7, 0), (2**40 + 3, 11), (2**63 + 5, 2)):
-        got = applied_keep_mask(mode, n, c, h, w, ratio=0.45, seed=seed, sample_offset=offset)
-        want = mgd_keep_mask(mode, n, c, h, w, ratio=0.45, seed=seed, sample_offset=offset).expand(n, c, h, w)
+        got = applied_keep_mask(mode, n, c, h, w, ratio=0.45, seed=seed, sample_offset=offset, device=DEVICE)
+        want = mgd_keep_mask(mode, n, c, h, w, ratio=0.45, seed=seed, sample_offset=offset, device=DEVICE)
+        want = want.expand(n, c, h, w)
         assert torch.equal(got, want), (mode, shape, seed, offset)
 
 
@@ -146,7 +161,8 @@ def test_student_gradient_is_zero_exactly_where_dropped():
     for mode in ("spatial", "channel"):
         _, grads = run(student, teacher, params, backend="triton", mask=mode, ratio=0.5, alpha=1.0, seed=42,
                        sample_offset=4)
-        keep = mgd_keep_mask(mode, n, c, h, w, ratio=0.5, seed=42, sample_offset=4).expand(n, c, h, w)
+        keep = mgd_keep_mask(mode, n, c, h, w, ratio=0.5, seed=42, sample_offset=4, device=DEVICE)
+        keep = keep.expand(n, c, h, w)
         assert torch.equal(grads["student"] != 0, keep.bool()), mode
 
 
@@ -182,8 +198,8 @@ def test_feature_sized_buffers_are_only_the_designed_ones(cs):
                                                   params["gen_w2"], params["gen_b2"], aw, ab, "spatial", 0.5,
                                                   1.0, 3, 0, True)
     with Allocations() as bwd:
-        mgd_triton.mgd_backward(torch.tensor(1.0), student, params["gen_w1"], params["gen_w2"], aw, a, hidden, dg,
-                                "spatial", 0.5, 3, 0, [True] * 7)
+        mgd_triton.mgd_backward(torch.tensor(1.0, device=DEVICE), student, params["gen_w1"], params["gen_w2"], aw, a,
+                                hidden, dg, "spatial", 0.5, 3, 0, [True] * 7)
     align = aw is not None
     feature = lambda sizes: sorted(x for x in sizes if x in (big, n * cs * h * w))  # noqa: E731
     assert feature(fwd.sizes) == [big] * (2 + align)  # [A], H1, D
@@ -205,7 +221,7 @@ def test_no_grad_forward_and_module():
     from fastkd.losses.mgd import MGD
 
     torch.manual_seed(0)
-    module = MGD(24, 16, mask="channel", ratio=0.15, alpha=7e-5, backend="triton")
+    module = MGD(24, 16, mask="channel", ratio=0.15, alpha=7e-5, backend="triton").to(DEVICE)
     student, teacher, _ = make_inputs(2, 24, 16, 5, 9)
     with torch.no_grad():
         fused = module(student, teacher, seed=3)
@@ -222,11 +238,11 @@ def test_short_training_run_matches_reference():
     curves = {}
     for backend in ("triton", "reference"):
         torch.manual_seed(0)
-        student_net = torch.nn.Conv2d(3, 16, 3, padding=1)
-        mgd = MGD(16, 24, mask="spatial", ratio=0.5, alpha=1e-2, seed=5, backend=backend)
+        student_net = torch.nn.Conv2d(3, 16, 3, padding=1).to(DEVICE)
+        mgd = MGD(16, 24, mask="spatial", ratio=0.5, alpha=1e-2, seed=5, backend=backend).to(DEVICE)
         opt = torch.optim.SGD([*student_net.parameters(), *mgd.parameters()], lr=0.05)
-        x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
-        teacher = torch.randn(2, 24, 5, 5, generator=torch.Generator().manual_seed(2))
+        x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+        teacher = torch.randn(2, 24, 5, 5, generator=torch.Generator().manual_seed(2)).to(DEVICE)
         losses = []
         for _ in range(6):
             loss = mgd(student_net(x), teacher)
@@ -241,7 +257,7 @@ def test_short_training_run_matches_reference():
 
 def test_refusals_say_why():
     student, teacher, params = make_inputs(1, 16, 16, 3, 3, dtype=torch.float64)
-    reasons = dict(explain("mgd_loss", "cpu", student=student, teacher=teacher, gen_w1=params["gen_w1"],
+    reasons = dict(explain("mgd_loss", DEVICE, student=student, teacher=teacher, gen_w1=params["gen_w1"],
                            align_w=None, mask="spatial"))
     assert "float64" in reasons["triton"]
 
@@ -289,9 +305,9 @@ def test_opcheck_fake_and_autograd_registration():
     _, a, hidden, dg = mgd_triton._mgd_fwd_op(student, teacher, w1, params["gen_b1"], w2, params["gen_b2"], aw,
                                               params["align_b"], "spatial", 0.5, 1.0, 3, 0, True)
     for needs in ([True] * 7, [False, True, False, True, False, False, True]):
-        torch.library.opcheck(mgd_triton._mgd_bwd_op, (torch.tensor(0.5), student, w1, w2, aw, a, hidden, dg,
-                                                       "spatial", 0.5, 3, 0, needs),
-                              test_utils=("test_schema", "test_faketensor"))
+        grad = torch.tensor(0.5, device=DEVICE)
+        torch.library.opcheck(mgd_triton._mgd_bwd_op, (grad, student, w1, w2, aw, a, hidden, dg, "spatial", 0.5, 3, 0,
+                                                       needs), test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -313,12 +329,7 @@ def test_gpu_real_shapes_bf16(name, n, cs, ct, h, w, mask, ratio):
     kw = dict(mask=mask, ratio=ratio, alpha=2e-5, seed=2024, sample_offset=0)
     fast_loss, fast = run(student, teacher, params, backend="triton", **kw)
     plain_loss, plain = run(student, teacher, params, backend="reference", **kw)
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        ref_loss, ref = run(student, teacher, params, backend="reference", dtype=torch.float32, **kw)
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
+    ref_loss, ref = run(student, teacher, params, backend="reference", dtype=torch.float32, **kw)  # IEEE fp32
     k, floor = MGD_TOLERANCES[torch.bfloat16]
     assert_error_within(fast_loss, plain_loss, ref_loss, k=k, floor=floor * ref_loss.abs().item(), name="loss")
     for g in ref:
@@ -330,15 +341,10 @@ def test_gpu_real_shapes_bf16(name, n, cs, ct, h, w, mask, ratio):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mask", ["spatial", "channel"])
 def test_gpu_float32_exact_dots(mask):
-    student, teacher, params = make_inputs(4, 96, 64, 19, 23, device="cuda")
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # IEEE fp32 on both sides
-    try:
-        kw = dict(mask=mask, ratio=0.5, alpha=0.3, seed=11, sample_offset=2)
-        loss, grads = run(student, teacher, params, backend="triton", **kw)
-        ref_loss, ref_grads = run(student, teacher, params, backend="reference", **kw)
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
+    student, teacher, params = make_inputs(4, 96, 64, 19, 23, device="cuda")  # IEEE fp32 (fixture)
+    kw = dict(mask=mask, ratio=0.5, alpha=0.3, seed=11, sample_offset=2)
+    loss, grads = run(student, teacher, params, backend="triton", **kw)
+    ref_loss, ref_grads = run(student, teacher, params, backend="reference", **kw)
     assert_close_scaled(loss, ref_loss, torch.float32, name="loss")
     for g in grads:
         assert_close_scaled(grads[g], ref_grads[g], torch.float32, name=f"d{g}")
