@@ -74,6 +74,18 @@ def _wgrad_configs():
             for m, n, k, w, s in shapes]
 
 
+def _prune(rows: str, cols: str):
+    """Drop tiles far larger than the problem (they only cost compile and tuning time): BLOCK_M beyond the
+    rows and BLOCK_N beyond the columns, rounded up to a power of two (>= 64)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        m = max(64, triton.next_power_of_2(args[rows]))
+        n = max(64, triton.next_power_of_2(args[cols]))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m and c.kwargs["BLOCK_N"] <= n]
+        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return {"early_config_prune": prune}
+
+
 INTERPRET_DOT = tl.constexpr(_INTERPRET)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _conv_configs())
@@ -133,7 +145,7 @@ def _store(ptr, value, mask):
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"],
+@triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], prune_configs_by=_prune("P", "COUT"),
                  key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
 @triton.jit
 def _conv_fwd_kernel(
@@ -212,7 +224,8 @@ def _conv_fwd_kernel(
         _store(y, acc, out_mask)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"])
+@triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
+                 prune_configs_by=_prune("COUT", "CIN"))
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, bpart_ptr, g_ptr,
