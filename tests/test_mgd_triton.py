@@ -6,10 +6,14 @@ contiguous and channels_last, several row tiles, channel counts that are not mul
 tile spanning several samples, a non-zero sample_offset and grad_output != 1. GPU tests at the issue's
 shapes are marked ``gpu``.
 
-Tolerances (see fastkd.testing.MGD_TOLERANCES): float32 is compared elementwise with
-(atol, rtol) = TOLERANCES[float32] with atol scaled by max|expected|; bfloat16 / float16 by
-``assert_error_within``: error of the fused path against a float32 reference <= k x error of the
-reference computed in that dtype, plus a small floor relative to max|expected|.
+Tolerances (fastkd.testing):
+    dtype     rule                                                        values
+    float32   elementwise, |fast - ref| <= atol * max|ref| + rtol * |ref|  TOLERANCES: atol 1e-4, rtol 1e-4
+    bfloat16  max|fast - ref32| <= k * max|plain - ref32| + floor * max|ref32|   MGD_TOLERANCES: k 2, floor 2e-3
+    float16   same rule                                                   MGD_TOLERANCES: k 2, floor 2.5e-4
+where ref is the reference in the same dtype (float32), ref32 the float32 reference on the same rounded
+inputs and plain the reference computed in the low dtype. The mask is compared bit for bit. float32 runs
+with TF32 off on both sides (a GPU's convolutions would otherwise use TF32).
 """
 from __future__ import annotations
 

@@ -415,9 +415,10 @@ def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align
     nhwc = _nhwc_strides(H * W, C)
     geo = dict(N=N, H=H, W=W)
     rng = dict(seed=seed, sample_offset=sample_offset, ratio=ratio)
+    gen_b1, gen_b2 = gen_b1.contiguous(), gen_b2.contiguous()  # the kernels read biases with unit stride
     if align_w is not None:  # 1x1 GEMM + bias, written once channels-last (the generator reads it 9 times)
         a = torch.empty(P, C, device=dev, dtype=dtype)
-        _conv(student, s_str, align_w, (0, align_w.stride(1), align_w.stride(0)), align_b, a, nhwc,
+        _conv(student, s_str, align_w, (0, align_w.stride(1), align_w.stride(0)), align_b.contiguous(), a, nhwc,
               cin=cs, cout=C, ksize=1, **geo)
         x, x_str = a, nhwc
     else:
