@@ -145,7 +145,9 @@ def _store(ptr, value, mask):
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
+# cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
 @triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], prune_configs_by=_prune("P", "COUT"),
+                 cache_results=True,
                  key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
 @triton.jit
 def _conv_fwd_kernel(
@@ -225,7 +227,7 @@ def _conv_fwd_kernel(
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
-                 prune_configs_by=_prune("COUT", "CIN"))
+                 prune_configs_by=_prune("COUT", "CIN"), cache_results=True)
 @triton.jit
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, bpart_ptr, g_ptr,
