@@ -85,7 +85,7 @@ def cmd_export(args) -> int:
     from .engine.export import export_student
     state = export_student(args.run_dir, args.out, args.tag)
     n = sum(v.numel() for v in state.values() if v.is_floating_point())
-    print(f"wrote {args.out}: student state_dict, {len(state)} tensors, {n / 1e6:.2f}M values")
+    print(f"wrote {args.out}: student state_dict, {len(state)} tensors, {n:,} values")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Real DeepSpeed runs on the CPU (gloo): 2 processes under the `deepspeed` launcher vs 1 plain process.
 
-Runs are module-scoped and shared between tests. Tiny teacher/student (tests.test_engine_nets), MGD + CT + KD,
+Runs are session-scoped and shared between tests (also with test_engine_reliability.py). Tiny teacher/student (tests.test_engine_nets), MGD + CT + KD,
 built-in synthetic data, 2 epochs x 4 steps of a global batch of 16; validation set of 37 (odd) images.
 
 BatchNorm: without SyncBatchNorm (GPU only) statistics are per micro-batch of each process. The 1-process
@@ -58,7 +58,7 @@ def metrics(run_dir, kind="train"):
         return [r for r in map(json.loads, f) if r["kind"] == kind]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("engine")
     torch.manual_seed(1)
@@ -72,13 +72,13 @@ def train(work, name, *overrides, procs=1, env=None, check=True):
     return _ok(res) if check else res
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_proc(work):
     train(work, "zero2_x2", "deepspeed.config=configs/deepspeed/zero2.json", procs=2)
     return work / "zero2_x2"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def one_proc(work):
     train(work, "single", "train.grad_accum=2")
     return work / "single"

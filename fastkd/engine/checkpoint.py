@@ -106,7 +106,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict, 
     barrier()
     engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     _atomic_torch_save({**rank_state, "rng": rng_state()}, os.path.join(path, f"fastkd_rank{rank:05d}.pt"))
-    _maybe_fail("after_shards")
+    _maybe_fail("after_shards", step)
     barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
         _atomic_write(os.path.join(path, MARKER), f"{step}\n")
@@ -141,9 +141,9 @@ def load(engine, root: str, tag: str, rank: int) -> Tuple[dict, dict]:
     return client or {}, rank_state
 
 
-def _maybe_fail(point: str) -> None:
-    """Fault injection for tests: FASTKD_FAIL_SAVE=<point> kills the process at that point of a save."""
-    if os.environ.get("FASTKD_FAIL_SAVE") == point:
+def _maybe_fail(point: str, step: int) -> None:
+    """Fault injection for tests: FASTKD_FAIL_SAVE=<point>@<step> kills the process at that point of a save."""
+    if os.environ.get("FASTKD_FAIL_SAVE") == f"{point}@{step}":
         os._exit(17)
 
 

@@ -1,6 +1,7 @@
 """Process-group setup and the few collectives the engine needs (gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -80,17 +81,31 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def average_norm_buffers(module: torch.nn.Module) -> None:
-    """Average BatchNorm running statistics over processes (without SyncBatchNorm each rank keeps its own).
+def norm_buffers(module: torch.nn.Module) -> dict:
+    """The BatchNorm running statistics of a module, by name."""
+    return {f"{name}.{b}": getattr(m, b) for name, m in module.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            for b in ("running_mean", "running_var") if getattr(m, b) is not None}
 
-    Called before evaluation and before a checkpoint, so every rank evaluates, and every checkpoint
-    holds, the same model. Training itself uses batch statistics and is unaffected.
+
+@contextlib.contextmanager
+def averaged_norm_buffers(module: torch.nn.Module):
+    """Inside the block, BatchNorm running statistics are averaged over processes; restored after.
+
+    Without SyncBatchNorm each rank keeps its own statistics. Evaluation and the checkpointed model use
+    the average (one model on every rank); training continues with each rank's own, so a resumed run
+    (which restores them from the per-rank checkpoint file) continues exactly.
     """
     if not (dist.is_initialized() and dist.get_world_size() > 1):
+        yield
         return
-    for m in module.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for buf in (m.running_mean, m.running_var):
-                if buf is not None:
-                    dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # dist
-                    buf.div_(dist.get_world_size())
+    bufs = norm_buffers(module)
+    saved = {k: v.clone() for k, v in bufs.items()}
+    for buf in bufs.values():
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # dist
+        buf.div_(dist.get_world_size())
+    try:
+        yield
+    finally:
+        for k, buf in bufs.items():
+            buf.copy_(saved[k])

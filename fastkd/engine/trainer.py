@@ -20,7 +20,7 @@ from ..distill import Distiller, build_losses, build_model, check_pairs, load_te
 from ..distill.models import maybe_load_student
 from . import checkpoint as ckpt
 from .data import build_loaders, loader_state, restore_loader, sample_offset
-from .dist import DistContext, all_reduce_mean, all_reduce_sum, average_norm_buffers
+from .dist import DistContext, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
 from .errors import NonFiniteLossError
 from .evaluate import evaluate, model_eval_fn
 from .metrics import MetricsLogger
@@ -155,6 +155,9 @@ class Trainer:
         client, rank_state = ckpt.load(self.engine, root, tag, self.ctx.rank)
         self.step, self.epoch, self.step_in_epoch = client["step"], client["epoch"], client["step_in_epoch"]
         self.loader_resume = rank_state.get("loader")
+        own = norm_buffers(self.distiller.student)
+        for k, v in rank_state.get("norm_buffers", {}).items():  # this rank's own BatchNorm statistics
+            own[k].copy_(v)
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at the end of an epoch
             self.epoch, self.step_in_epoch, self.loader_resume = self.epoch + 1, 0, None
         self._message(f"resumed from {os.path.join(root, tag)} at step {self.step} (epoch {self.epoch})")
@@ -173,13 +176,15 @@ class Trainer:
         return result
 
     def _save(self) -> None:
-        average_norm_buffers(self.distiller.student)  # dist: one model in the checkpoint
         client = {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                   "alphas": self.distiller.alphas(), "world_size": self.ctx.world_size,
                   "global_batch": self.cfg.train.batch_size, "config": to_dict(self.cfg)}
-        rank_state = {"loader": loader_state(self.train_loader)}
-        path = ckpt.save(self.engine, self.cfg.run_dir, self.step, client, rank_state, rank=self.ctx.rank,
-                         keep_last=self.cfg.train.keep_last)
+        student = self.distiller.student
+        rank_state = {"loader": loader_state(self.train_loader),
+                      "norm_buffers": {k: v.clone() for k, v in norm_buffers(student).items()}}
+        with averaged_norm_buffers(student):  # dist: the checkpoint holds one model
+            path = ckpt.save(self.engine, self.cfg.run_dir, self.step, client, rank_state, rank=self.ctx.rank,
+                             keep_last=self.cfg.train.keep_last)
         self._message(f"checkpoint {path}")
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -294,8 +299,8 @@ class Trainer:
         return rec
 
     def _log_eval(self) -> Dict[str, float]:
-        average_norm_buffers(self.distiller.student)  # dist: every rank evaluates the same model
-        acc = self._eval(self.distiller.student)
+        with averaged_norm_buffers(self.distiller.student):  # dist: every rank evaluates the same model
+            acc = self._eval(self.distiller.student)
         self._message(f"step {self.step} epoch {self.epoch}: val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% "
                       f"({acc['count']} images)")
         self.log.log(self.step, {**{f"val/{k}": v for k, v in acc.items()}, "epoch": self.epoch}, kind="eval")
