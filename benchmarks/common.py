@@ -62,9 +62,10 @@ def bench(fn: Callable[[], object], device, *, warmup: int = 3, rep: int = 10,
 def peak_memory_bytes(fn: Callable[[], object], device) -> Optional[int]:
     """Peak extra memory allocated while running ``fn`` once (beyond what was allocated before).
 
-    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation events replayed in
-    order (allocations and frees by the ATen CPU allocator), which also sees the compiled extension's
-    ATen tensors.
+    CUDA: the caching allocator's peak counter. CPU: the profiler's allocation records replayed in
+    order (every allocation and free by the ATen CPU allocator, temporaries inside an op included),
+    which also sees the compiled extension's ATen tensors; memory that oneDNN/MKL allocate outside
+    the ATen allocator is not seen.
     """
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -78,17 +79,31 @@ def peak_memory_bytes(fn: Callable[[], object], device) -> Optional[int]:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # Each event's own (self) allocations minus frees, replayed in start-time order; frees outside any
-    # op appear as "[memory]" events. Temporaries allocated and freed inside one leaf op are missed.
-    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
-                    if e.self_cpu_memory_usage)
-    if not deltas:
+    # Replay every allocation and free of the ATen CPU allocator in time order (kineto "[memory]"
+    # records, one per allocation/free, including temporaries inside fused or compiled ops).
+    records = _kineto_memory_records(prof)
+    if records is None:
+        # Older profilers: each event's own (self) allocations minus frees, replayed by start time;
+        # temporaries allocated and freed inside one leaf op are missed.
+        records = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()
+                         if e.self_cpu_memory_usage)
+    if not records:
         return None
     cur = peak = 0
-    for _, delta in deltas:
+    for _, delta in records:
         cur += delta
         peak = max(peak, cur)
     return peak
+
+
+def _kineto_memory_records(prof):
+    """[(time ns, +bytes allocated / -bytes freed)] sorted by time, or None if not exposed."""
+    try:
+        events = prof.profiler.kineto_results.events()
+        return sorted((e.start_ns(), e.nbytes()) for e in events
+                      if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    except AttributeError:
+        return None
 
 
 def environment(device) -> Dict[str, str]:

@@ -12,6 +12,7 @@ older checkout (op schemas changed) or against another torch counts as a failed 
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Optional
 
@@ -26,9 +27,9 @@ def _load() -> Optional[str]:
     try:
         import torch
 
-        from fastkd import _C  # noqa: F401  (registers torch.ops.fastkd_C.*)
+        importlib.import_module("fastkd._C")  # registers torch.ops.fastkd_C.*
     except ImportError as exc:
-        if "No module named" in str(exc) and "_C" in str(exc):
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("fastkd._C", "fastkd"):
             return f"fastkd._C is not built ({exc}); {REBUILD_HINT}"
         return f"fastkd._C failed to load, probably built against another torch ({exc}); {REBUILD_HINT}"
     except Exception as exc:  # a broken .so must not break import fastkd

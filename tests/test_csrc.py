@@ -1,0 +1,260 @@
+"""The compiled CPU kernels (fastkd._C, backend "csrc") against the reference and the mask contract.
+
+Without the extension these tests skip, giving the load error, unless FASTKD_REQUIRE_EXT=1 (CI,
+``make test``): then they fail, so a build that silently failed cannot pass.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from fastkd import _ext
+from fastkd.ops import BackendUnavailableError, ct_loss, dispatch, explain, mgd_loss, reference
+from fastkd.ops.mask import mask_counters, mgd_keep_mask, philox_uniform
+from fastkd.testing import assert_close_scaled
+
+REQUIRE_EXT = os.environ.get("FASTKD_REQUIRE_EXT", "0") == "1"
+SEEDS = [0, 1, 123456789, 2**32 - 1, 2**32 + 5, 2**63 + 12345, 2**64 - 1]
+
+
+def csrc():
+    """The csrc backend object; fails (FASTKD_REQUIRE_EXT=1) or skips when fastkd._C cannot load."""
+    why = _ext.load_error()
+    if why is not None:
+        if REQUIRE_EXT:
+            pytest.fail(f"FASTKD_REQUIRE_EXT=1 but the extension is unusable: {why}")
+        pytest.skip(why)
+    backend = dispatch._load("csrc")
+    assert backend is not None and backend.unavailable() is None
+    return backend
+
+
+def test_extension_loads_when_required():
+    if not REQUIRE_EXT:
+        pytest.skip("FASTKD_REQUIRE_EXT is not set")
+    assert _ext.load_error() is None
+    assert _ext.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# The mask contract, bit for bit
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", SEEDS)
+def test_philox_uniform_bit_equal(seed):
+    b = csrc()
+    counter = torch.cat([torch.arange(0, 3000, dtype=torch.int64),
+                         torch.tensor([2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3, 2**62 + 9, -1])])
+    got, want = b.philox_uniform(seed, counter), philox_uniform(seed, counter)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("offset", [0, 7, 2**33 + 1])
+def test_keep_mask_bit_equal(mode, seed, offset):
+    b = csrc()
+    n, c, h, w = 3, 24, 5, 9
+    got = b.keep_mask(mode, n, c, h, w, ratio=0.65, seed=seed, sample_offset=offset)
+    want = mgd_keep_mask(mode, n, c, h, w, ratio=0.65, seed=seed, sample_offset=offset)
+    assert torch.equal(got, want)
+
+
+def test_keep_mask_ratio_on_a_drawn_value():
+    """A ratio equal to a drawn u: u < ratio is decided in float32, like the reference."""
+    b = csrc()
+    u = philox_uniform(77, mask_counters("spatial", 2, 1, 5, 9, 0))
+    for ratio in (float(u.flatten()[3]), float(u.flatten()[17])):
+        got = b.keep_mask("spatial", 2, 1, 5, 9, ratio=ratio, seed=77, sample_offset=0)
+        assert torch.equal(got, mgd_keep_mask("spatial", 2, 1, 5, 9, ratio=ratio, seed=77))
+
+
+# ---------------------------------------------------------------------------------------------
+# MGD and CT against the reference: loss and every gradient
+# ---------------------------------------------------------------------------------------------
+def _mgd_inputs(n, cs, ct, h, w, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
+    s, t = rnd(n, cs, h, w), rnd(n, ct, h, w)
+    if channels_last:
+        s, t = s.contiguous(memory_format=torch.channels_last), t.contiguous(memory_format=torch.channels_last)
+    params = dict(gen_w1=rnd(ct, ct, 3, 3, scale=0.1), gen_b1=rnd(ct, scale=0.1),
+                  gen_w2=rnd(ct, ct, 3, 3, scale=0.1), gen_b2=rnd(ct, scale=0.1))
+    if cs != ct:
+        params.update(align_w=rnd(ct, cs, 1, 1, scale=0.2), align_b=rnd(ct, scale=0.1))
+    return s.requires_grad_(), t, {k: v.requires_grad_() for k, v in params.items()}
+
+
+def _loss_and_grads(fn, wrt, grad_out):
+    loss = fn()
+    return loss, torch.autograd.grad(loss, wrt, grad_outputs=torch.tensor(grad_out))
+
+
+def _compare(got, want, names):
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    assert_close_scaled(got[0], want[0], torch.float32, name="loss")
+    for name, a, e in zip(names, got[1], want[1]):
+        assert a.shape == e.shape, name
+        assert_close_scaled(a, e, torch.float32, name=f"d{name}")
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+@pytest.mark.parametrize("shape", [(3, 24, 24, 5, 9), (2, 16, 24, 7, 7), (4, 8, 8, 13, 17)],
+                         ids=["5x9-C24", "align-16to24-7x7", "13x17-C8"])
+def test_mgd_matches_reference(mode, shape):
+    b = csrc()
+    s, t, params = _mgd_inputs(*shape)
+    kw = dict(align_w=params.get("align_w"), align_b=params.get("align_b"), mask=mode, ratio=0.5,
+              alpha=3e-2, seed=2**40 + 11, sample_offset=5)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    names = ["student"] + list(params)
+    wrt = [s] + list(params.values())
+    got = _loss_and_grads(lambda: mgd_loss(s, t, *p, backend="csrc", **kw), wrt, 1.7)
+    want = _loss_and_grads(lambda: reference.mgd_loss(s, t, *p, **kw), wrt, 1.7)
+    _compare(got, want, names)
+    assert b.name == "csrc"
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_mgd_channels_last_and_partial_grads(align):
+    csrc()
+    s, t, params = _mgd_inputs(2, 12 if align else 16, 16, 6, 10, channels_last=True, seed=3)
+    params["gen_w2"].requires_grad_(False)  # a frozen parameter: no gradient asked for
+    kw = dict(align_w=params.get("align_w"), align_b=params.get("align_b"), mask="spatial", ratio=0.3,
+              alpha=0.1, seed=99)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    wrt = [s] + [v for v in params.values() if v.requires_grad]
+    names = ["student"] + [k for k, v in params.items() if v.requires_grad]
+    got = _loss_and_grads(lambda: mgd_loss(s, t, *p, backend="csrc", **kw), wrt, -0.4)
+    want = _loss_and_grads(lambda: reference.mgd_loss(s, t, *p, **kw), wrt, -0.4)
+    _compare(got, want, names)
+    with torch.no_grad():
+        assert_close_scaled(mgd_loss(s, t, *p, backend="csrc", **kw), want[0], torch.float32, name="no_grad")
+
+
+def test_mgd_sample_offset_splits_the_batch():
+    """Two halves with sample_offset draw the same masks as the whole batch (data-parallel split)."""
+    csrc()
+    s, t, params = _mgd_inputs(4, 8, 8, 5, 5, seed=5)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    kw = dict(mask="spatial", ratio=0.5, alpha=1.0, backend="csrc")
+    whole = mgd_loss(s, t, *p, seed=8, **kw) * 4
+    halves = mgd_loss(s[:2], t[:2], *p, seed=8, **kw) * 2 + mgd_loss(s[2:], t[2:], *p, seed=8, sample_offset=2,
+                                                                       **kw) * 2
+    assert_close_scaled(halves, whole, torch.float32, name="split")
+
+
+def _ct_inputs(n, cs, ch, ct, h, w, weights_4d, channels_last=False):
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(n, cs, h, w, generator=g), torch.randn(n, ct, h, w, generator=g)
+    if channels_last:
+        s, t = s.contiguous(memory_format=torch.channels_last), t.contiguous(memory_format=torch.channels_last)
+    w1, w2 = torch.randn(ch, cs, generator=g) * 0.2, torch.randn(ct, ch, generator=g) * 0.2
+    if weights_4d:
+        w1, w2 = w1[:, :, None, None].contiguous(), w2[:, :, None, None].contiguous()
+    b1, b2 = torch.randn(ch, generator=g) * 0.1, torch.randn(ct, generator=g) * 0.1
+    return [x.requires_grad_() for x in (s, w1, b1, w2, b2)], t
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch", "mean"])
+@pytest.mark.parametrize("weights_4d", [False, True], ids=["2d", "4d"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_ct_matches_reference(reduction, weights_4d, channels_last):
+    csrc()
+    (s, w1, b1, w2, b2), t = _ct_inputs(3, 24, 20, 12, 5, 9, weights_4d, channels_last)
+    wrt = [s, w1, b1, w2, b2]
+    got = _loss_and_grads(lambda: ct_loss(s, t, w1, b1, w2, b2, alpha=0.3, reduction=reduction,
+                                          backend="csrc"), wrt, 2.5)
+    want = _loss_and_grads(lambda: reference.ct_loss(s, t, w1, b1, w2, b2, alpha=0.3, reduction=reduction),
+                           wrt, 2.5)
+    _compare(got, want, ["student", "w1", "b1", "w2", "b2"])
+
+
+def test_ct_student_without_grad():
+    csrc()
+    (s, w1, b1, w2, b2), t = _ct_inputs(2, 8, 8, 8, 7, 7, False)
+    s = s.detach()
+    got = _loss_and_grads(lambda: ct_loss(s, t, w1, b1, w2, b2, backend="csrc"), [w1, b2], 1.0)
+    want = _loss_and_grads(lambda: reference.ct_loss(s, t, w1, b1, w2, b2), [w1, b2], 1.0)
+    _compare(got, want, ["w1", "b2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism: the loss does not depend on the number of threads
+# ---------------------------------------------------------------------------------------------
+def test_loss_bit_equal_across_thread_counts():
+    csrc()
+    s, t, params = _mgd_inputs(8, 32, 32, 14, 14, seed=4)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    (cs_, w1, b1, w2, b2), ct_t = _ct_inputs(16, 64, 64, 64, 7, 7, False)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append((mgd_loss(s, t, *p, mask="spatial", seed=2**35, backend="csrc"),
+                            mgd_loss(s, t, *p, mask="channel", seed=2**35, backend="csrc"),
+                            ct_loss(cs_, ct_t, w1, b1, w2, b2, backend="csrc")))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert torch.equal(a, e), (a.item(), e.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops, dispatch and the loader
+# ---------------------------------------------------------------------------------------------
+def test_custom_ops_pass_opcheck():
+    csrc()
+    s, t, params = _mgd_inputs(2, 8, 8, 5, 6)
+    args = (s, t, params["gen_w1"], params["gen_b1"], params["gen_w2"], params["gen_b2"], None, None, True,
+            0.5, 0.1, 3, 0)
+    torch.library.opcheck(torch.ops.fastkd_C.mgd_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    (cs_, w1, b1, w2, b2), ct_t = _ct_inputs(2, 8, 6, 4, 3, 5, False)
+    torch.library.opcheck(torch.ops.fastkd_C.ct_forward.default, (cs_, ct_t, w1, b1, w2, b2, 0.5, False),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_auto_on_cpu_picks_csrc():
+    csrc()
+    s, t, params = _mgd_inputs(2, 8, 8, 5, 6)
+    inputs = dict(student=s, teacher=t, gen_w1=params["gen_w1"], align_w=None, mask="spatial")
+    assert dispatch.select("mgd_loss", "auto", "cpu", inputs).name == dispatch.AUTO_ORDER["cpu"][0]
+    assert dict(explain("mgd_loss", "cpu", **inputs))["csrc"] is None
+
+
+def test_refusals_name_the_reason():
+    b = csrc()
+    s = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    assert "float32 only" in b.refuse("ct_loss", student=s, teacher=s, w1=s, w2=s)
+    m = torch.empty(2, 8, 5, 6, device="meta")
+    assert "CPU only" in b.refuse("ct_loss", student=m, teacher=m, w1=m, w2=m)
+    assert "no csrc kernel" in b.refuse("kd_loss", student_logits=s, teacher_logits=s)
+    # float64 through auto falls back to the reference
+    w = torch.randn(8, 8, dtype=torch.float64)
+    bias = torch.zeros(8, dtype=torch.float64)
+    t = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    assert ct_loss(s, t, w, bias, w, bias).dtype == torch.float64
+
+
+def test_dispatcher_reason_when_extension_unavailable(monkeypatch):
+    why = "fastkd._C is not built (No module named 'fastkd._C'); build it with ..."
+    monkeypatch.setitem(_ext._state, "error", why)
+    s = torch.randn(2, 8, 5, 6)
+    w = torch.randn(8, 8)
+    bias = torch.zeros(8)
+    inputs = dict(student=s, teacher=s, w1=w, w2=w)
+    assert dict(explain("ct_loss", "cpu", **inputs))["csrc"] == why
+    with pytest.raises(BackendUnavailableError, match="not built"):
+        ct_loss(s, s, w, bias, w, bias, backend="csrc")
+    assert dispatch.select("ct_loss", "auto", "cpu", inputs).name == "reference"
+
+
+def test_loader_records_a_missing_extension(monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastkd._C", None)  # makes `from fastkd import _C` fail
+    why = _ext._load()
+    assert why is not None and "fastkd._C" in why and "pip install" in why
