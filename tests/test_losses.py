@@ -82,3 +82,46 @@ def test_training_reduces_mgd_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_modules_name_the_channels_they_were_built_for():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"MGD built for student 8 / teacher 8 channels got student \[2, 6, 3, 3\]"):
+        MGD(8, 8)(torch.randn(2, 6, 3, 3), torch.randn(2, 8, 3, 3))
+    with pytest.raises(ValueError, match=r"CT built for student 6 / teacher 8 channels got .*teacher \[2, 16, 3, 3\]"):
+        CT(6, 8)(torch.randn(2, 6, 3, 3), torch.randn(2, 16, 3, 3))
+
+
+def test_mgd_without_seed_inside_compile_says_what_to_do():
+    import pytest
+
+    m = MGD(4, 4)
+    s, t = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    with pytest.raises(Exception, match="next_seed"):
+        torch.compile(lambda a, b: m(a, b), fullgraph=True, backend="eager")(s, t)
+
+
+def test_first_call_inside_compile_needs_no_eager_warmup(tmp_path):
+    """A fresh process builds the modules and calls them first inside torch.compile(fullgraph=True)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(
+        "import torch\n"
+        "from fastkd.losses import CT, MGD, LogitKD\n"
+        "torch.manual_seed(0)\n"
+        "mgd, ct, kd = MGD(6, 8, mask='channel', seed=1), CT(6, 8), LogitKD()\n"
+        "s, t, zs, zt = torch.randn(2, 6, 5, 7), torch.randn(2, 8, 5, 7), torch.randn(2, 5), torch.randn(2, 5)\n"
+        "def f(s, t, zs, zt, seed):\n"
+        "    return mgd(s, t, seed=seed) + ct(s, t) + kd(zs, zt)\n"
+        "got = torch.compile(f, fullgraph=True, backend='eager')(s, t, zs, zt, 123)\n"
+        "want = f(s, t, zs, zt, 123)\n"
+        "torch.testing.assert_close(got, want)\n"
+        "print('ok')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

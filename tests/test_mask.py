@@ -6,7 +6,7 @@ import torch
 
 from fastkd.ops.mask import mask_counters, mgd_keep_mask, philox4x32, philox_uniform
 
-SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 + 7, 2**40 + 3, 2**63 - 5]
+SEEDS = [0, 1, 12345, 2**31 - 1, 2**32 + 7, 2**40 + 3, 2**63 - 5, 2**63 + 5, 2**64 - 1]
 BASES = [0, 1000, 2**32 - 10]
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fastkd.ops import BackendUnavailableError, ct_loss, explain, kd_loss, mgd_loss
+from fastkd.ops import BackendUnavailableError, ct_loss, dispatch, explain, kd_loss, mgd_loss
 from fastkd.ops import reference as ref
 from fastkd.ops.mask import mgd_keep_mask
 
@@ -50,7 +50,8 @@ def test_mgd_matches_formula(mask, align):
 
 def test_mgd_masks_follow_samples_across_splits():
     s, t, p = make_mgd(n=4)
-    kw = dict(align_w=p["align_w"], align_b=p["align_b"], mask="spatial", ratio=0.6, alpha=1e-2, seed=9)
+    kw = dict(align_w=p["align_w"], align_b=p["align_b"], mask="spatial", ratio=0.6, alpha=1e-2, seed=9,
+              backend="reference")
     args = (p["gen_w1"], p["gen_b1"], p["gen_w2"], p["gen_b2"])
     whole = mgd_loss(s, t, *args, **kw)
     # per-process losses are sums divided by the local batch: re-weight to the global batch
@@ -61,7 +62,7 @@ def test_mgd_masks_follow_samples_across_splits():
 def test_mgd_ratio_zero_is_unmasked_generation():
     s, t, p = make_mgd()
     got = mgd_loss(s, t, p["gen_w1"], p["gen_b1"], p["gen_w2"], p["gen_b2"], align_w=p["align_w"],
-                   align_b=p["align_b"], ratio=0.0, alpha=1.0, seed=5)
+                   align_b=p["align_b"], ratio=0.0, alpha=1.0, seed=5, backend="reference")
     a = torch.nn.functional.conv2d(s, p["align_w"], p["align_b"])
     g = conv_by_unfold(conv_by_unfold(a, p["gen_w1"], p["gen_b1"], 1).relu(), p["gen_w2"], p["gen_b2"], 1)
     torch.testing.assert_close(got, ((g - t) ** 2).sum() / 2)
@@ -82,7 +83,7 @@ def test_ct_matches_formula(reduction, weights_4d):
     sq = ((out - t.permute(0, 2, 3, 1).reshape(-1, ct)) ** 2).sum()
     want = 0.7 * (sq / out.numel() if reduction == "mean" else sq / n)
     args = (w1[:, :, None, None], b1, w2[:, :, None, None], b2) if weights_4d else (w1, b1, w2, b2)
-    got = ct_loss(s, t, *args, alpha=0.7, reduction=reduction)
+    got = ct_loss(s, t, *args, alpha=0.7, reduction=reduction, backend="reference")
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 
 
@@ -93,20 +94,21 @@ def test_kd_matches_formula():
     ps = torch.exp(zs / temp) / torch.exp(zs / temp).sum(1, keepdim=True)
     pt = torch.exp(zt / temp) / torch.exp(zt / temp).sum(1, keepdim=True)
     want = alpha * temp**2 * (pt * (pt.log() - ps.log())).sum(1).mean()
-    torch.testing.assert_close(kd_loss(zs, zt, temperature=temp, alpha=alpha), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(kd_loss(zs, zt, temperature=temp, alpha=alpha, backend="reference"), want,
+                               rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_dtypes_run_and_return_float32(dtype):
     s, t, p = make_mgd(dtype=dtype)
     loss = mgd_loss(s.requires_grad_(), t, *(p[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")),
-                    align_w=p["align_w"], align_b=p["align_b"], seed=1)
+                    align_w=p["align_w"], align_b=p["align_b"], seed=1, backend="reference")
     assert loss.dtype == torch.float32
     loss.backward()
     assert s.grad.dtype == dtype
     s64, t64, p64 = make_mgd(dtype=torch.float64)
     want = mgd_loss(s64, t64, *(p64[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")),
-                    align_w=p64["align_w"], align_b=p64["align_b"], seed=1)
+                    align_w=p64["align_w"], align_b=p64["align_b"], seed=1, backend="reference")
     tol = {torch.float32: 1e-5, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
     assert abs(loss.item() - want.item()) <= tol * abs(want.item())
     up = ref.mgd_loss(s, t, *(p[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")),
@@ -120,7 +122,8 @@ def test_gradcheck_mgd():
     leaves = [x.clone().requires_grad_() for x in leaves]
 
     def f(s, w1, b1, w2, b2, aw, ab):
-        return mgd_loss(s, t, w1, b1, w2, b2, align_w=aw, align_b=ab, mask="channel", ratio=0.3, alpha=0.1, seed=4)
+        return mgd_loss(s, t, w1, b1, w2, b2, align_w=aw, align_b=ab, mask="channel", ratio=0.3, alpha=0.1, seed=4,
+                        backend="reference")
 
     assert torch.autograd.gradcheck(f, leaves)
 
@@ -129,9 +132,10 @@ def test_gradcheck_ct_and_kd():
     g = torch.Generator().manual_seed(3)
     r = lambda *sh: torch.randn(*sh, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
     s, t = r(2, 3, 2, 3), torch.randn(2, 4, 2, 3, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda *a: ct_loss(*a, alpha=0.5), (s, t, r(5, 3), r(5), r(4, 5), r(4)))
+    assert torch.autograd.gradcheck(lambda *a: ct_loss(*a, alpha=0.5, backend="reference"),
+                                    (s, t, r(5, 3), r(5), r(4, 5), r(4)))
     zs, zt = r(3, 6), torch.randn(3, 6, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a: kd_loss(a, zt, temperature=2.0), (zs,))
+    assert torch.autograd.gradcheck(lambda a: kd_loss(a, zt, temperature=2.0, backend="reference"), (zs,))
 
 
 class TestBadInput:
@@ -200,9 +204,13 @@ def test_unknown_backend_says_why():
     assert reasons["triton"]  # triton has no KD kernel: refused with a reason
 
 
-def test_auto_resolves_to_an_available_backend():
+def test_auto_resolves_to_the_first_accepting_backend():
     s, t, p = make_mgd(dtype=torch.float32, align=False)
     args = (p["gen_w1"], p["gen_b1"], p["gen_w2"], p["gen_b2"])
+    inputs = dict(student=s, teacher=t, gen_w1=p["gen_w1"], align_w=None, mask="spatial")
+    chosen = dispatch.select("mgd_loss", "auto", "cpu", inputs)
+    first_ok = next(name for name, why in explain("mgd_loss", "cpu", **inputs) if why is None)
+    assert chosen.name == first_ok
     a = mgd_loss(s, t, *args, seed=3, backend="auto")
     b = mgd_loss(s, t, *args, seed=3, backend="reference")
     torch.testing.assert_close(a, b, rtol=1e-5, atol=0)

@@ -208,6 +208,6 @@ def build_loaders(cfg=None, **overrides):
     train_split, val_split = opts.pop("train_split", "train"), opts.pop("val_split", "val")
     train_loader = build_loader(train_split, **opts)
     val_opts = {**opts, "path": val_path, "batch_size": val_batch_size, "drop_last": False, "train": False,
-                "resolution_schedule": None}
+                "shuffle": False, "resolution_schedule": None}
     val_loader = build_loader(val_split, **val_opts)
     return train_loader, val_loader

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import ct_loss
+from ..ops import ct_loss, preload
 
 
 class CT(nn.Module):
@@ -30,8 +30,14 @@ class CT(nn.Module):
         self.transform = nn.Sequential(nn.Conv2d(cs, ch, kernel_size=1), nn.ReLU(inplace=True),
                                        nn.Conv2d(ch, ct, kernel_size=1))
         self.alpha, self.reduction, self.backend = float(alpha), reduction, backend
+        self.student_channels, self.teacher_channels = cs, ct
+        preload("ct_loss")  # imports done eagerly: a first call inside torch.compile must not import
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[1] != self.student_channels \
+                or teacher.shape[1] != self.teacher_channels:
+            raise ValueError(f"CT built for student {self.student_channels} / teacher {self.teacher_channels} "
+                             f"channels got student {list(student.shape)} and teacher {list(teacher.shape)}")
         l1, l2 = self.transform[0], self.transform[2]
         return ct_loss(student, teacher, l1.weight, l1.bias, l2.weight, l2.bias, alpha=self.alpha,
                        reduction=self.reduction, backend=self.backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import kd_loss
+from ..ops import kd_loss, preload
 
 
 class LogitKD(nn.Module):
@@ -20,6 +20,7 @@ class LogitKD(nn.Module):
     def __init__(self, *, temperature: float = 4.0, alpha: float = 1.0, backend: str = "auto"):
         super().__init__()
         self.temperature, self.alpha, self.backend = float(temperature), float(alpha), backend
+        preload("kd_loss")
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         return kd_loss(student_logits, teacher_logits, temperature=self.temperature, alpha=self.alpha,

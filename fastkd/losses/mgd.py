@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import mgd_loss
+from ..ops import mgd_loss, preload
 from .seeds import SeedStream
 
 
@@ -36,14 +36,25 @@ class MGD(nn.Module):
             nn.Conv2d(ct, ct, kernel_size=3, padding=1), nn.ReLU(inplace=True),
             nn.Conv2d(ct, ct, kernel_size=3, padding=1))
         self.mask, self.ratio, self.alpha, self.backend = mask, float(ratio), float(alpha), backend
+        self.student_channels, self.teacher_channels = cs, ct
         self.seeds = SeedStream(seed)
+        preload("mgd_loss")  # imports done eagerly: a first call inside torch.compile must not import
 
     def next_seed(self) -> int:
         return self.seeds.next()
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, seed: Optional[int] = None,
                 sample_offset: int = 0) -> torch.Tensor:
-        seed = self.seeds.next() if seed is None else seed
+        if student.dim() != 4 or teacher.dim() != 4 or student.shape[1] != self.student_channels \
+                or teacher.shape[1] != self.teacher_channels:
+            raise ValueError(f"MGD built for student {self.student_channels} / teacher {self.teacher_channels} "
+                             f"channels got student {list(student.shape)} and teacher {list(teacher.shape)}")
+        if seed is None:
+            if torch.compiler.is_compiling():
+                # The stream's counter would be traced as a constant: one recompilation per step.
+                raise RuntimeError("MGD called inside torch.compile without seed=: draw it outside the compiled "
+                                   "region with MGD.next_seed() and pass seed= (and sample_offset=)")
+            seed = self.seeds.next()
         g1, g2 = self.generation[0], self.generation[2]
         return mgd_loss(student, teacher, g1.weight, g1.bias, g2.weight, g2.bias,
                         align_w=None if self.align is None else self.align.weight,

@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 
 from . import checks, dispatch
-from .dispatch import BackendUnavailableError, explain
+from .dispatch import BackendUnavailableError, explain, preload
 from .mask import mgd_keep_mask, philox_uniform
 
-__all__ = ["mgd_loss", "ct_loss", "kd_loss", "explain", "BackendUnavailableError", "mgd_keep_mask",
+__all__ = ["mgd_loss", "ct_loss", "kd_loss", "explain", "preload", "BackendUnavailableError", "mgd_keep_mask",
            "philox_uniform"]
 
 

@@ -36,6 +36,16 @@ class _TritonBackend:
             module = self._loaded[op] = importlib.import_module(self._modules[op])
         return module
 
+    def preload(self, op):
+        """Import the kernel module of ``op`` now if it could run here (CUDA, or the interpreter)."""
+        import torch
+
+        if op in self._modules and self._triton_missing is None and (torch.cuda.is_available() or _interpreting()):
+            try:
+                self._module(op)
+            except Exception:  # recorded again, with its reason, by refuse()
+                pass
+
     def refuse(self, op, **inputs):
         if op not in self._modules:
             return f"no Triton kernel for {op}"

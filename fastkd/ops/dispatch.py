@@ -61,6 +61,23 @@ def _load(name: str):
     return obj
 
 
+def preload(op: Optional[str] = None) -> None:
+    """Import every registered backend (and the kernel module of ``op``) now, eagerly.
+
+    torch.compile cannot trace ``importlib``: the loss modules call this at construction so that the
+    first call of an op inside a compiled region finds everything already imported. Import failures
+    are recorded (and reported by ``explain``), never raised.
+    """
+    for name in _REGISTRY:
+        backend = _load(name)
+        if backend is None:
+            continue
+        backend.unavailable()  # backends load their compiled parts here (once, cached)
+        warm = getattr(backend, "preload", None)
+        if warm is not None and op is not None:
+            warm(op)
+
+
 def refusal(name: str, op: str, inputs: dict) -> Optional[str]:
     """Why backend ``name`` cannot run ``op`` on ``inputs`` (None if it can)."""
     if name not in _REGISTRY:
