@@ -85,6 +85,11 @@ at::Tensor rows_as_nchw(const at::Tensor& rows, int64_t n, int64_t h, int64_t w)
 // [N*H*W, C] rows of a [N, C, H, W] tensor: a view when it is channels_last, else a transposing copy.
 at::Tensor nchw_as_rows(const at::Tensor& t);
 
+// Convolution weights [O, I, kh, kw] between OIHW (contiguous) and OHWI (channels_last) memory:
+// a per-output-channel [I, kh*kw] transpose (ATen's generic strided copy takes ~10 ms for 128x128x3x3).
+at::Tensor weight_to_channels_last(const at::Tensor& w);
+at::Tensor weight_to_contiguous(const at::Tensor& w);
+
 constexpr int64_t kPixBlock = 64;  // pixels per reduction unit
 
 struct Units {

@@ -40,6 +40,38 @@ at::Tensor nchw_as_rows(const at::Tensor& t) {
   return t.permute({0, 2, 3, 1}).reshape({m, t.size(1)});
 }
 
+static at::Tensor relayout_weight(const at::Tensor& w, at::MemoryFormat to) {
+  TORCH_CHECK(w.dim() == 4 && w.scalar_type() == at::kFloat, "fastkd._C: expected a float32 4-D weight");
+  if (w.is_contiguous(to)) return w;
+  const at::Tensor src = w.is_contiguous() || w.is_contiguous(at::MemoryFormat::ChannelsLast) ? w : w.contiguous();
+  if (src.is_contiguous(to)) return src;
+  at::Tensor out = at::empty_like(src, to);
+  const int64_t O = w.size(0), I = w.size(1), K = w.size(2) * w.size(3);
+  const float* s = src.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  const bool src_cl = !src.is_contiguous();  // src is OHWI, dst is OIHW
+  at::parallel_for(0, O, 8, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const float* so = s + o * I * K;
+      float* dd = d + o * I * K;
+      for (int64_t i = 0; i < I; ++i)
+        for (int64_t k = 0; k < K; ++k) {
+          if (src_cl) dd[i * K + k] = so[k * I + i];
+          else dd[k * I + i] = so[i * K + k];
+        }
+    }
+  });
+  return out;
+}
+
+at::Tensor weight_to_channels_last(const at::Tensor& w) {
+  return relayout_weight(w, at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor weight_to_contiguous(const at::Tensor& w) {
+  return relayout_weight(w, at::MemoryFormat::Contiguous);
+}
+
 void ordered_colsum(const std::vector<double>& partial, int64_t units, int64_t c, double scale,
                     float* out) {
   at::parallel_for(0, c, 64, [&](int64_t b, int64_t e) {

@@ -65,9 +65,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forwa
     const at::Tensor ab = align ? align_b->contiguous() : at::Tensor();
     mask_to_rows(feat_of(a), align ? ab.data_ptr<float>() : nullptr, &mask, x.data_ptr<float>());
   }
-  at::Tensor h = as_rows(conv(rows_as_nchw(x, N, H, W), w1, 1));
+  at::Tensor h = as_rows(conv(rows_as_nchw(x, N, H, W), weight_to_channels_last(w1), 1));
   bias_relu_(h.data_ptr<float>(), b1c.data_ptr<float>(), M, C);
-  at::Tensor dg = as_rows(conv(rows_as_nchw(h, N, H, W), w2, 1));
+  at::Tensor dg = as_rows(conv(rows_as_nchw(h, N, H, W), weight_to_channels_last(w2), 1));
   at::Tensor db2 = at::empty({C}, t.options());
   const float scale = static_cast<float>(2.0 * alpha / static_cast<double>(N));
   const double sq = sq_error_grad_(dg.data_ptr<float>(), b2c.data_ptr<float>(), feat_of(t), scale,
@@ -100,9 +100,9 @@ mgd_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor
   if (!need_dh && !n_w2) return {dS, dW1, db1, dW2, db2, dWa, dba};
 
   const at::Tensor h4 = rows_as_nchw(h, N, H, W);
-  auto g2 = at::convolution_backward(rows_as_nchw(dg, N, H, W), h4, w2, c10::nullopt, {1, 1}, {1, 1},
+  auto g2 = at::convolution_backward(rows_as_nchw(dg, N, H, W), h4, weight_to_channels_last(w2), c10::nullopt, {1, 1}, {1, 1},
                                      {1, 1}, false, {0, 0}, 1, {need_dh, n_w2, false});
-  if (n_w2) dW2 = std::get<1>(g2).contiguous().mul_(go);
+  if (n_w2) dW2 = weight_to_contiguous(std::get<1>(g2)).mul_(go);
   if (!need_dh) return {dS, dW1, db1, dW2, db2, dWa, dba};
 
   at::Tensor dh = as_rows(std::get<0>(g2));
@@ -112,10 +112,11 @@ mgd_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor
   if (n_b1) db1 = db1_full;
   if (!need_dx && !n_w1) return {dS, dW1, db1, dW2, db2, dWa, dba};
 
-  auto g1 = at::convolution_backward(rows_as_nchw(dh, N, H, W), rows_as_nchw(x, N, H, W), w1,
+  auto g1 = at::convolution_backward(rows_as_nchw(dh, N, H, W), rows_as_nchw(x, N, H, W),
+                                     weight_to_channels_last(w1),
                                      c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
                                      {need_dx, n_w1, false});
-  if (n_w1) dW1 = std::get<1>(g1).contiguous();
+  if (n_w1) dW1 = weight_to_contiguous(std::get<1>(g1));
   if (!need_dx) return {dS, dW1, db1, dW2, db2, dWa, dba};
 
   const at::Tensor dx = as_rows(std::get<0>(g1));
@@ -132,7 +133,7 @@ mgd_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor
                                      {0, 0}, 1, {n_s, n_al, n_al});
   if (n_s) dS = std::get<0>(ga);
   if (n_al) {
-    dWa = std::get<1>(ga).contiguous();
+    dWa = weight_to_contiguous(std::get<1>(ga));
     dba = std::get<2>(ga);
   }
   return {dS, dW1, db1, dW2, db2, dWa, dba};

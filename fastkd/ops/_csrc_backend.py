@@ -55,6 +55,8 @@ def _mgd_backward_fake(grad, student, x, h, dg, db2, gen_w1, gen_w2, align_w, sp
 def _mgd_setup_context(ctx, inputs, output):
     student, _, gen_w1, _, gen_w2, _, align_w, _, spatial, ratio, _, seed, sample_offset = inputs
     _, x, h, dg, db2 = output
+    ctx.mark_non_differentiable(x, h, dg, db2)  # residuals: no zero gradients materialised for them
+    ctx.set_materialize_grads(False)
     # The student's values are read only by the align layer's weight gradient; without align, its
     # shape and layout say how to return dL/dS (saving it copies nothing).
     ctx.save_for_backward(student, x, h, dg, db2, gen_w1, gen_w2, align_w)
@@ -94,6 +96,8 @@ def _ct_backward_fake(grad, student, h, dp, db2, w1, w2, needs):
 def _ct_setup_context(ctx, inputs, output):
     student, _, w1, _, w2, _, _, _ = inputs
     _, h, dp, db2 = output
+    ctx.mark_non_differentiable(h, dp, db2)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(student, h, dp, db2, w1, w2)
 
 
