@@ -57,6 +57,8 @@ def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
     _quiet_deepspeed()
     ctx = setup(cfg.train.dist_timeout_s)
+    if args.teacher and cfg.teacher is None:
+        raise ConfigError(f"--teacher: {args.config} has no teacher")
     which = cfg.teacher if args.teacher else cfg.student
     model = build_model(which, "teacher" if args.teacher else "student")
     if args.teacher:

@@ -268,8 +268,9 @@ class TrainConfig:
 class Config:
     student: ModelConfig
     """The model being trained."""
-    teacher: ModelConfig
-    """The frozen model distilled from (checkpoint required)."""
+    teacher: Optional[ModelConfig] = None
+    """The frozen model distilled from (checkpoint required); null trains the student alone (baselines,
+    or the teacher itself)."""
     run_dir: str = "runs/default"
     """Checkpoints, metrics.jsonl, TensorBoard events and plots go here."""
     seed: int = 0
@@ -289,7 +290,12 @@ class Config:
 
     def __post_init__(self):
         _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        _check(self.teacher.checkpoint is not None, "teacher.checkpoint is required (a state_dict file of the teacher)")
+        if self.teacher is None:
+            _check(not self.distill.pairs and self.distill.kd is None,
+                   "distill.pairs / distill.kd need a teacher: set teacher (or remove them for a baseline)")
+        else:
+            _check(self.teacher.checkpoint is not None,
+                   "teacher.checkpoint is required (a state_dict file of the teacher)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -422,7 +428,8 @@ def format_validation_error(exc: ValidationError, root: Any = None, source: str 
         if kind == "missing" or kind == "missing_keyword_argument":
             lines[key] = f"{key}: required key is missing ({_type_name(_annotation_at(root, floc))})"
         elif kind == "value_error":
-            lines[key] = f"{key}: {err['msg'].removeprefix('Value error, ')}"
+            msg = err["msg"].removeprefix("Value error, ")
+            lines[key] = msg if not floc else f"{key}: {msg}"
         else:
             value = err.get("input")
             lines[key] = (f"{key}: got {value!r} ({type(value).__name__}), expected "

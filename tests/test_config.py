@@ -57,3 +57,12 @@ def test_post_init_validation_and_override_errors():
         load_config("/nonexistent/cfg.yaml")
     with pytest.raises(ConfigError, match="teacher.checkpoint is required"):
         load_config(TINY, ["teacher.checkpoint=null"])
+
+
+def test_teacher_optional_for_baselines():
+    cfg = load_config(TINY, ["teacher=null", "distill.pairs=[]", "distill.kd=null"])
+    assert cfg.teacher is None
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, ["teacher=null"])
+    assert str(err.value).endswith("\n  distill.pairs / distill.kd need a teacher: set teacher (or remove them for a "
+                                   "baseline)")

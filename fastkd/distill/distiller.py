@@ -88,7 +88,7 @@ def build_losses(specs: Sequence[PairSpec], *, seed: int, backend: str) -> nn.Mo
 class Distiller(nn.Module):
     """Student + distillation modules; ``forward`` returns the named losses and their ``total``."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, specs: Sequence[PairSpec], losses: nn.ModuleDict,
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], specs: Sequence[PairSpec], losses: nn.ModuleDict,
                  cfg: DistillConfig, *, compile: bool = False):
         super().__init__()
         self.student = student
@@ -102,13 +102,15 @@ class Distiller(nn.Module):
         self._fn = torch.compile(self._losses) if compile else self._losses
 
     @property
-    def teacher(self) -> nn.Module:
+    def teacher(self) -> Optional[nn.Module]:
         return self._teacher
 
     @torch.no_grad()
-    def teacher_forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def teacher_forward(self, images: torch.Tensor) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """Teacher logits and the features the pairs need, in the student's dtype, without grad."""
         t = self._teacher
+        if t is None:  # no teacher: plain supervised training (baselines)
+            return None, {}
         p = next(t.parameters())
         logits, feats = t(images.to(p.dtype), features=True)
         dtype = images.dtype

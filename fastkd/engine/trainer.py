@@ -57,6 +57,8 @@ def build_distiller(cfg: Config, ctx: DistContext, probe: torch.Tensor) -> Disti
             raise ConfigError("train.sync_bn needs GPUs (SyncBatchNorm does not run on the CPU); set it to false")
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student = student.to(ctx.device)
+    if cfg.teacher is None:
+        return Distiller(student, None, [], nn.ModuleDict(), cfg.distill, compile=cfg.train.compile)
     teacher = load_teacher(cfg.teacher, ctx.device)
     was = student.training
     student.eval()  # the probe must not touch BatchNorm running statistics
@@ -67,7 +69,7 @@ def build_distiller(cfg: Config, ctx: DistContext, probe: torch.Tensor) -> Disti
     specs = check_pairs(cfg.distill.pairs, s_feats, t_feats)
     losses = build_losses(specs, seed=cfg.seed, backend=cfg.distill.backend).to(ctx.device)
     distiller = Distiller(student, teacher, specs, losses, cfg.distill, compile=cfg.train.compile)
-    if cfg.train.compile and cfg.train.compile_teacher:
+    if cfg.train.compile and cfg.train.compile_teacher and teacher is not None:
         object.__setattr__(distiller, "_teacher", torch.compile(teacher))
     return distiller
 
@@ -197,7 +199,7 @@ class Trainer:
         for name, value in self.alphas.items():
             self._message(f"alpha: auto for {name} -> {value:.4g}")
             self.log.log(self.step, {f"alpha/{name}": value}, kind="calibration")
-        if cfg.train.eval_teacher:
+        if cfg.train.eval_teacher and self.distiller.teacher is not None:
             acc = self._eval(self.distiller.teacher)
             self._message(f"teacher val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% on {acc['count']} images")
             self.log.log(self.step, {f"teacher/{k}": v for k, v in acc.items()}, kind="teacher")
