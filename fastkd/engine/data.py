@@ -125,6 +125,9 @@ def restore_loader(loader, state: Optional[dict], epoch: int) -> int:
     if state is None:
         return 0
     if hasattr(loader, "load_state_dict"):
-        loader.load_state_dict(state)
+        try:
+            loader.load_state_dict(state)
+        except ValueError as exc:  # e.g. a different number of processes than when saved
+            raise ConfigError(f"cannot restore the data position: {exc}") from None
         return 0
     return int(state.get("position", 0))

@@ -57,6 +57,8 @@ def build_distiller(cfg: Config, ctx: DistContext, probe: torch.Tensor) -> Disti
             raise ConfigError("train.sync_bn needs GPUs (SyncBatchNorm does not run on the CPU); set it to false")
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
     student = student.to(ctx.device)
+    if cfg.train.channels_last and ctx.device.type == "cuda":
+        student = student.to(memory_format=torch.channels_last)
     if cfg.teacher is None:
         return Distiller(student, None, [], nn.ModuleDict(), cfg.distill, compile=cfg.train.compile)
     teacher = load_teacher(cfg.teacher, ctx.device)
@@ -121,9 +123,10 @@ class Trainer:
         self.micro = micro_batch(cfg, ctx.world_size)
         self.gas = cfg.train.grad_accum
         self.dtype = compute_dtype(cfg, ctx.device)
+        self.channels_last = cfg.train.channels_last and ctx.device.type == "cuda"
         self.train_loader, self.val_loader = build_loaders(
             cfg.data, micro=self.micro, grad_accum=self.gas, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed,
-            device=ctx.device)
+            device=ctx.device, dtype=self.dtype, channels_last=self.channels_last)
         self.steps_per_epoch = len(self.train_loader) // self.gas
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         probe, _ = next(iter(self.train_loader))
