@@ -38,11 +38,12 @@ def _mgd_forward_fake(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w,
                       ratio, alpha, seed, sample_offset):
     n, c, h, w = teacher.shape
     rows = lambda: teacher.new_empty((n * h * w, c))  # noqa: E731
-    return teacher.new_empty(()), rows(), rows(), rows(), teacher.new_empty((c,))
+    return teacher.new_empty(()), rows(), rows(), teacher.new_empty((c,))
 
 
-def _mgd_backward_fake(grad, student, x, h, dg, db2, gen_w1, gen_w2, align_w, spatial, ratio, seed,
+def _mgd_backward_fake(grad, student, h, dg, db2, gen_w1, gen_w2, align_w, align_b, spatial, ratio, seed,
                        sample_offset, needs):
+    x = h
     e = lambda: x.new_empty((0,))  # noqa: E731
     c = x.shape[1]
     ds = torch.empty_like(student, memory_format=_layout_like(student)) if needs[0] else e()
@@ -53,23 +54,22 @@ def _mgd_backward_fake(grad, student, x, h, dg, db2, gen_w1, gen_w2, align_w, sp
 
 
 def _mgd_setup_context(ctx, inputs, output):
-    student, _, gen_w1, _, gen_w2, _, align_w, _, spatial, ratio, _, seed, sample_offset = inputs
-    _, x, h, dg, db2 = output
-    ctx.mark_non_differentiable(x, h, dg, db2)  # residuals: no zero gradients materialised for them
+    student, _, gen_w1, _, gen_w2, _, align_w, align_b, spatial, ratio, _, seed, sample_offset = inputs
+    _, h, dg, db2 = output
+    ctx.mark_non_differentiable(h, dg, db2)  # residuals: no zero gradients materialised for them
     ctx.set_materialize_grads(False)
-    # The student's values are read only by the align layer's weight gradient; without align, its
-    # shape and layout say how to return dL/dS (saving it copies nothing).
-    ctx.save_for_backward(student, x, h, dg, db2, gen_w1, gen_w2, align_w)
+    # The student (saving it copies nothing) regenerates the masked input X in backward.
+    ctx.save_for_backward(student, h, dg, db2, gen_w1, gen_w2, align_w, align_b)
     ctx.args = (spatial, ratio, seed, sample_offset)
 
 
 def _mgd_backward(ctx, grad_loss, *unused):
-    student, x, h, dg, db2, gen_w1, gen_w2, align_w = ctx.saved_tensors
+    student, h, dg, db2, gen_w1, gen_w2, align_w, align_b = ctx.saved_tensors
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[2], ng[3], ng[4], ng[5], bool(ng[6] or ng[7])]
     if not any(needs):
         return (None,) * 13
-    g = torch.ops.fastkd_C.mgd_backward(grad_loss, student, x, h, dg, db2, gen_w1, gen_w2, align_w,
+    g = torch.ops.fastkd_C.mgd_backward(grad_loss, student, h, dg, db2, gen_w1, gen_w2, align_w, align_b,
                                         *ctx.args, needs)
     pick = lambda flag, t: t if flag else None  # noqa: E731
     return (pick(ng[0], g[0]), None, pick(ng[2], g[1]), pick(ng[3], g[2]), pick(ng[4], g[3]),
