@@ -92,6 +92,16 @@ def test_low_precision_error_within_plain_pytorch(dtype, channels_last, reductio
     assert all(g.dtype == dtype for g in fast[1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("alpha", [1e-5, 5e-7])
+@pytest.mark.parametrize("reduction", ["sum_over_batch", "mean"])
+def test_tiny_alpha_under_loss_scaling(dtype, alpha, reduction):
+    """Real alphas with a GradScaler-sized dL/dloss: 2 alpha/D (Y - T) underflows fp16, so the kernels must
+    keep that factor in fp32 and apply it together with g (not round dY = 2 alpha/D (Y - T) to the dtype)."""
+    s, t, weights = make_inputs(2, 12, 20, 24, 5, 7, dtype=dtype, seed=2)
+    check_against_reference(dtype, s, t, weights, alpha=alpha, reduction=reduction, grad_out=65536.0)
+
+
 def test_deterministic():
     s, t, weights = make_inputs(2, 12, 20, 24, 5, 7, dtype=torch.bfloat16)
     first = loss_and_grads(fused, s, t, weights)
@@ -133,8 +143,8 @@ def test_backward_twice_with_retained_graph():
 
 
 def test_memory_written_is_hidden_and_gradients_only():
-    """Forward allocates H [M, Ch] and dY [M, Ct]; backward dP [M, Ch] and dS; nothing else row-sized
-    (no Y, no Y - T, no fp32 copy, no permuted copy of S or T): only small per-tile partials."""
+    """Forward allocates H [M, Ch] and E = Y - T [M, Ct]; backward dP [M, Ch] and dS; nothing else row-sized
+    (no Y, no dY, no fp32 copy, no permuted copy of S or T): only small per-tile partials."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Allocations(TorchDispatchMode):
@@ -153,10 +163,10 @@ def test_memory_written_is_hidden_and_gradients_only():
 
     s, t, (w1, b1, w2, b2) = make_inputs(2, 12, 20, 24, 16, 16, channels_last=True)  # M = 512 rows
     with Allocations() as fwd:
-        loss, hidden, dy, db2 = ct_triton.ct_forward(s, t, w1, b1, w2, b2, 0.5, "mean", True)
+        loss, hidden, err, err_sum = ct_triton.ct_forward(s, t, w1, b1, w2, b2, 0.5, "mean", True)
     assert sorted(shape for _, shape in fwd.shapes) == [(512, 20), (512, 24)], fwd.shapes
     with Allocations() as bwd:
-        grads = ct_triton.ct_backward(torch.tensor(1.0), s, w1, w2, hidden, dy, db2, [True] * 5)
+        grads = ct_triton.ct_backward(torch.tensor(1.0), s, w1, w2, hidden, err, err_sum, 0.5, "mean", [True] * 5)
     assert sorted(shape for _, shape in bwd.shapes) == [(2, 12, 16, 16), (512, 20)], bwd.shapes
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
 
@@ -258,7 +268,7 @@ def build(jit, types, constexprs, cfg):
 
 for dt, epis in (("bf16", range(4)), ("fp16", (1,)), ("fp32", (1, 2))):  # fp32: TF32 (1), IEEE (2)
     ptrs = {n: "*" + dt for n in ("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "aux_ptr", "a_ptr", "b_ptr")}
-    types = {**ptrs, "part_ptr": "*fp32", "dbp_ptr": "*fp32", "g_ptr": "*fp32", "scale": "fp32"}
+    types = {**ptrs, "part_ptr": "*fp32", "dbp_ptr": "*fp32", "g_ptr": "*fp32"}
     for epi in epis:
         k = build(C._row_gemm_kernel.fn, types, dict(K=200, EPI=epi, STORE_OUT=True, IEEE=dt == "fp32" and epi == 2),
                   C._ROW_CONFIGS[-1])

@@ -6,11 +6,10 @@ contiguous and channels_last, several row tiles, channel counts that are not mul
 tile spanning several samples, a non-zero sample_offset and grad_output != 1. GPU tests at the issue's
 shapes are marked ``gpu``.
 
-Tolerances (fastkd.testing):
-    dtype     rule                                                        values
-    float32   elementwise, |fast - ref| <= atol * max|ref| + rtol * |ref|  TOLERANCES: atol 1e-4, rtol 1e-4
-    bfloat16  max|fast - ref32| <= k * max|plain - ref32| + floor * max|ref32|   MGD_TOLERANCES: k 2, floor 2e-3
-    float16   same rule                                                   MGD_TOLERANCES: k 2, floor 2.5e-4
+Tolerances: fastkd.testing.KERNEL_TOLERANCES[("mgd_loss", dtype)] through assert_kernel_close:
+    float32   elementwise, |fast - ref| <= atol * max|ref| + rtol * |ref|            atol 1e-4, rtol 1e-4
+    bfloat16  max|fast - ref32| <= k * max|plain - ref32| + floor * max|ref32|   k 2, floor 2e-3
+    float16   same rule                                                          k 2, floor 2.5e-4
 where ref is the reference in the same dtype (float32), ref32 the float32 reference on the same rounded
 inputs and plain the reference computed in the low dtype. The mask is compared bit for bit. float32 runs
 with TF32 off on both sides (a GPU's convolutions would otherwise use TF32).
@@ -22,7 +21,7 @@ import torch
 
 from fastkd.ops import explain, mgd_loss
 from fastkd.ops.mask import mgd_keep_mask
-from fastkd.testing import MGD_TOLERANCES, assert_close_scaled, assert_error_within
+from fastkd.testing import assert_kernel_close
 
 GRAD_NAMES = ("student", "gen_w1", "gen_b1", "gen_w2", "gen_b2", "align_w", "align_b")
 GRAD_OUT = 1.7  # dL_total/dloss != 1 checks that the backward scales every gradient
@@ -84,11 +83,11 @@ def test_float32_matches_reference(n, cs, ct, h, w, mask, channels_last, offset)
     loss, grads = run(student, teacher, params, backend="triton", **kw)
     ref_loss, ref_grads = run(student, teacher, params, backend="reference", **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert_close_scaled(loss, ref_loss, torch.float32, name="loss")
+    assert_kernel_close("mgd_loss", torch.float32, loss, ref_loss, name="loss")
     assert set(grads) == set(ref_grads)
     for name in grads:
         assert grads[name].shape == ref_grads[name].shape, name
-        assert_close_scaled(grads[name], ref_grads[name], torch.float32, name=f"d{name}")
+        assert_kernel_close("mgd_loss", torch.float32, grads[name], ref_grads[name], name=f"d{name}")
     if channels_last:  # the student's gradient keeps its layout
         assert grads["student"].is_contiguous(memory_format=torch.channels_last)
 
@@ -110,12 +109,12 @@ def test_partial_gradients_degenerate_shapes_and_large_seeds(n, cs, ct, h, w, ma
                         backend=backend, **kw)
         (loss * GRAD_OUT).backward()
         out[backend] = (loss.detach(), {k: v.grad for k, v in leaves.items()})
-    assert_close_scaled(out["triton"][0], out["reference"][0], torch.float32, name="loss")
+    assert_kernel_close("mgd_loss", torch.float32, out["triton"][0], out["reference"][0], name="loss")
     for name, g in out["triton"][1].items():
         if name in frozen:
             assert g is None, name
         else:
-            assert_close_scaled(g, out["reference"][1][name], torch.float32, name=f"d{name}")
+            assert_kernel_close("mgd_loss", torch.float32, g, out["reference"][1][name], name=f"d{name}")
 
 
 # (dtype, n, cs, ct, h, w, mask, channels_last)
@@ -135,12 +134,27 @@ def test_low_precision_error_within_plain_pytorch(dtype, n, cs, ct, h, w, mask, 
     fast_loss, fast = run(student, teacher, params, backend="triton", **kw)
     plain_loss, plain = run(student, teacher, params, backend="reference", **kw)
     ref_loss, ref = run(student, teacher, params, backend="reference", dtype=torch.float32, **kw)
-    k, floor = MGD_TOLERANCES[dtype]
-    assert_error_within(fast_loss, plain_loss, ref_loss, k=k, floor=floor * ref_loss.abs().item(), name="loss")
+    assert_kernel_close("mgd_loss", dtype, fast_loss, ref_loss, plain_loss, name="loss")
     for name in ref:
         assert fast[name].dtype == dtype, name
-        assert_error_within(fast[name], plain[name], ref[name], k=k,
-                            floor=floor * ref[name].abs().max().item(), name=f"d{name}")
+        assert_kernel_close("mgd_loss", dtype, fast[name], ref[name], plain[name], name=f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("alpha", [1e-5, 5e-7])
+def test_tiny_alpha_under_loss_scaling(dtype, alpha):
+    """Real alphas with a GradScaler-sized dL/dloss: 2 alpha/N (G - T) underflows fp16, so the kernels must
+    keep that factor in fp32 and apply it together with g (not round D = 2 alpha/N (G - T) to the dtype)."""
+    student, teacher, params = make_inputs(2, 16, 16, 5, 9, seed=3)
+    student, teacher = student.to(dtype), teacher.to(dtype)
+    params = {k: v.to(dtype) for k, v in params.items()}
+    kw = dict(mask="spatial", ratio=0.65, alpha=alpha, seed=7, sample_offset=0, grad_out=65536.0)
+    fast_loss, fast = run(student, teacher, params, backend="triton", **kw)
+    plain_loss, plain = run(student, teacher, params, backend="reference", **kw)
+    ref_loss, ref = run(student, teacher, params, backend="reference", dtype=torch.float32, **kw)
+    assert_kernel_close("mgd_loss", dtype, fast_loss, ref_loss, plain_loss, name="loss")
+    for name in ref:
+        assert_kernel_close("mgd_loss", dtype, fast[name], ref[name], plain[name], name=f"d{name}")
 
 
 @pytest.mark.parametrize("mode,shape", [("spatial", (3, 16, 7, 7)), ("channel", (3, 24, 5, 9)),
@@ -173,7 +187,7 @@ def test_student_gradient_is_zero_exactly_where_dropped():
 @pytest.mark.parametrize("cs", [16, 24])
 def test_feature_sized_buffers_are_only_the_designed_ones(cs):
     """Every feature-sized tensor (N*Ct*H*W or N*Cs*H*W elements) the host code allocates: forward A (align
-    only), H1 and D; backward dH1, dA (align only) and dS. So no mask, masked input, G or G - T (nor an
+    only), H1 and D = G - T; backward dH1, dA (align only) and dS. So no mask, masked input or G (nor an
     upcast or permuted copy of S or T) ever exists in memory."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -203,7 +217,7 @@ def test_feature_sized_buffers_are_only_the_designed_ones(cs):
                                                   1.0, 3, 0, True)
     with Allocations() as bwd:
         mgd_triton.mgd_backward(torch.tensor(1.0, device=DEVICE), student, params["gen_w1"], params["gen_w2"], aw, a,
-                                hidden, dg, "spatial", 0.5, 3, 0, [True] * 7)
+                                hidden, dg, "spatial", 0.5, 1.0, 3, 0, [True] * 7)
     align = aw is not None
     feature = lambda sizes: sorted(x for x in sizes if x in (big, n * cs * h * w))  # noqa: E731
     assert feature(fwd.sizes) == [big] * (2 + align)  # [A], H1, D
@@ -231,7 +245,7 @@ def test_no_grad_forward_and_module():
         fused = module(student, teacher, seed=3)
         module.backend = "reference"
         ref = module(student, teacher, seed=3)
-    assert_close_scaled(fused, ref, torch.float32, name="module loss")
+    assert_kernel_close("mgd_loss", torch.float32, fused, ref, name="module loss")
 
 
 def test_short_training_run_matches_reference():
@@ -256,7 +270,7 @@ def test_short_training_run_matches_reference():
             losses.append(loss.item())
         curves[backend] = torch.tensor(losses)
     assert curves["reference"][-1] < curves["reference"][0]
-    assert_close_scaled(curves["triton"], curves["reference"], torch.float32, name="loss curve")
+    assert_kernel_close("mgd_loss", torch.float32, curves["triton"], curves["reference"], name="loss curve")
 
 
 def test_refusals_say_why():
@@ -302,16 +316,17 @@ def test_opcheck_fake_and_autograd_registration():
     student, teacher, params = make_inputs(1, 16, 16, 3, 3)
     args = (student.requires_grad_(), teacher, params["gen_w1"].requires_grad_(), params["gen_b1"],
             params["gen_w2"], params["gen_b2"], None, None, "channel", 0.5, 1.0, 3, 0, True)
-    torch.library.opcheck(mgd_triton._mgd_fwd_op, args,
+    torch.library.opcheck(mgd_triton._mgd_op.forward_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     student, teacher, params = make_inputs(1, 24, 16, 3, 3, channels_last=True)
     aw, w1, w2 = params["align_w"], params["gen_w1"], params["gen_w2"]
-    _, a, hidden, dg = mgd_triton._mgd_fwd_op(student, teacher, w1, params["gen_b1"], w2, params["gen_b2"], aw,
-                                              params["align_b"], "spatial", 0.5, 1.0, 3, 0, True)
+    _, a, hidden, dg = mgd_triton._mgd_op.forward_op(student, teacher, w1, params["gen_b1"], w2, params["gen_b2"],
+                                                     aw, params["align_b"], "spatial", 0.5, 1.0, 3, 0, True)
     for needs in ([True] * 7, [False, True, False, True, False, False, True]):
         grad = torch.tensor(0.5, device=DEVICE)
-        torch.library.opcheck(mgd_triton._mgd_bwd_op, (grad, student, w1, w2, aw, a, hidden, dg, "spatial", 0.5, 3, 0,
-                                                       needs), test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(mgd_triton._mgd_op.backward_op, (grad, student, w1, w2, aw, a, hidden, dg, "spatial",
+                                                               0.5, 1.0, 3, 0, needs),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------------ GPU
@@ -334,10 +349,9 @@ def test_gpu_real_shapes_bf16(name, n, cs, ct, h, w, mask, ratio):
     fast_loss, fast = run(student, teacher, params, backend="triton", **kw)
     plain_loss, plain = run(student, teacher, params, backend="reference", **kw)
     ref_loss, ref = run(student, teacher, params, backend="reference", dtype=torch.float32, **kw)  # IEEE fp32
-    k, floor = MGD_TOLERANCES[torch.bfloat16]
-    assert_error_within(fast_loss, plain_loss, ref_loss, k=k, floor=floor * ref_loss.abs().item(), name="loss")
+    assert_kernel_close("mgd_loss", torch.bfloat16, fast_loss, ref_loss, plain_loss, name="loss")
     for g in ref:
-        assert_error_within(fast[g], plain[g], ref[g], k=k, floor=floor * ref[g].abs().max().item(), name=f"d{g}")
+        assert_kernel_close("mgd_loss", torch.bfloat16, fast[g], ref[g], plain[g], name=f"d{g}")
     again, _ = run(student, teacher, params, backend="triton", **kw)
     assert torch.equal(again, fast_loss)  # deterministic on the device
 
@@ -349,9 +363,9 @@ def test_gpu_float32_exact_dots(mask):
     kw = dict(mask=mask, ratio=0.5, alpha=0.3, seed=11, sample_offset=2)
     loss, grads = run(student, teacher, params, backend="triton", **kw)
     ref_loss, ref_grads = run(student, teacher, params, backend="reference", **kw)
-    assert_close_scaled(loss, ref_loss, torch.float32, name="loss")
+    assert_kernel_close("mgd_loss", torch.float32, loss, ref_loss, name="loss")
     for g in grads:
-        assert_close_scaled(grads[g], ref_grads[g], torch.float32, name=f"d{g}")
+        assert_kernel_close("mgd_loss", torch.float32, grads[g], ref_grads[g], name=f"d{g}")
 
 
 @pytest.mark.gpu

@@ -5,17 +5,22 @@ The maths, per pixel, over the M = N*H*W rows of the features read as [M, C] mat
     H    = relu(S W1^T + b1)                     S [M, Cs], W1 [Ch, Cs]        (kernel 1)
     Y    = H W2^T + b2                           W2 [Ct, Ch]                   (kernel 2 ...)
     loss = alpha/D * sum((Y - T)^2)              D = N ("sum_over_batch") or M*Ct ("mean")
-    dY   = 2 alpha/D (Y - T)                     (... kernel 2's epilogue, with per-tile loss and
-                                                  per-tile column sums of dY, i.e. db2 / g)
-  backward, g = dL/dloss:
-    dW2  = g dY^T H,   db2 = g sum_rows dY                                     (weight-grad kernel)
-    dP   = g (dY W2) * [H > 0],   db1 = sum_rows dP                            (kernel 3)
+    E    = Y - T                                 (... kernel 2's epilogue, with per-tile loss and
+                                                  per-tile column sums of E)
+  backward, g = dL/dloss, c = g * 2 alpha/D (an fp32 scalar):
+    dY   = c E
+    dW2  = c E^T H,   db2 = c sum_rows E                                       (weight-grad kernel)
+    dP   = c (E W2) * [H > 0],   db1 = sum_rows dP                             (kernel 3)
     dW1  = dP^T S                                                              (weight-grad kernel)
     dS   = dP W1                                                               (kernel 4 = kernel 1's GEMM)
 
-What is written to memory: H [M, Ch] and dY [M, Ct] once in the forward (dY only when a gradient is
+E, not dY, is stored: in fp16 2 alpha/D (Y - T) underflows at real alphas (1e-5 and below) before a loss
+scaler's g could lift it, while E has the features' magnitude; the factor stays in fp32 and reaches the
+kernels folded into c.
+
+What is written to memory: H [M, Ch] and E [M, Ct] once in the forward (E only when a gradient is
 wanted), dP [M, Ch] and dS [M, Cs] in the backward, plus small fp32 partials (one loss value per tile,
-one column-sum row per row tile, one [Ct, Ch] / [Ch, Cs] block per row split). No Y, Y - T, fp32
+one column-sum row per row tile, one [Ct, Ch] / [Ch, Cs] block per row split). No Y, fp32
 upcast or permuted copy of S or T is ever made: S, T and dS are addressed through their strides
 (NCHW-contiguous and channels_last both work: row m = (n, p = h*W + w) sits at n*sN + p*sP).
 Speed by layout (from the sm_90 code Triton 3.6 generates): channels_last features, and NCHW ones
@@ -109,7 +114,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
                      aux_ptr, sa_n, sa_p, sa_c,          # T (EPI_MSE) or H (EPI_DHIDDEN)
                      part_ptr,                           # fp32 loss partial per tile (EPI_MSE)
                      dbp_ptr,                            # fp32 column sums per row tile [tiles_m, N_OUT]
-                     g_ptr, scale,                       # dL/dloss (EPI_DHIDDEN); 2 alpha / D (EPI_MSE)
+                     g_ptr,                              # c = dL/dloss * 2 alpha / D (EPI_DHIDDEN)
                      M, HW, N_OUT, K: tl.constexpr,
                      EPI: tl.constexpr, STORE_OUT: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -142,16 +147,16 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
     if EPI == 0:  # hidden = relu(S W1^T + b1)
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc = tl.maximum(acc, 0.0)
-    if EPI == 1:  # squared error against T, per-tile loss, dY and its column sums
+    if EPI == 1:  # squared error against T, per-tile loss, E = Y - T and its column sums
         acc += tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         a_off = _row_offsets(rows, HW, sa_n, sa_p)[:, None] + cols[None, :] * sa_c
         t = tl.load(aux_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
         d = tl.where(mask, acc - t, 0.0)
         tl.store(part_ptr + pid, tl.sum(tl.sum(d * d, axis=1), axis=0))
-        acc = d * scale
+        acc = d
         if STORE_OUT:
             tl.store(dbp_ptr + pid_m * N_OUT + cols, tl.sum(acc, axis=0), mask=mask_n)
-    if EPI == 2:  # dP = g (dY W2) gated by relu'(.) = [H > 0], and its column sums (db1)
+    if EPI == 2:  # dP = c (E W2) gated by relu'(.) = [H > 0], and its column sums (db1)
         a_off = _row_offsets(rows, HW, sa_n, sa_p)[:, None] + cols[None, :] * sa_c
         h = tl.load(aux_ptr + a_off, mask=mask, other=0.0)
         acc = tl.where(h > 0, acc * tl.load(g_ptr).to(tl.float32), 0.0)
@@ -213,8 +218,12 @@ def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
     return x, strides
 
 
-def _flat_rows(m: int, c: int, hw: int) -> Tuple[int, int, int]:
+def _flat_rows(c: int, hw: int) -> Tuple[int, int, int]:
     return hw * c, c, 1  # a row-major [M, C] buffer seen as a feature
+
+
+def _denominator(reduction: str, n: int, numel: int) -> float:
+    return float(n) if reduction == "sum_over_batch" else float(numel)
 
 
 def _matrix(w: torch.Tensor) -> torch.Tensor:
@@ -225,7 +234,7 @@ def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
-def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, scale, m, hw, epi, store_out):
+def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, m, hw, epi, store_out):
     k, n_out = w_kn.shape
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)  # noqa: E731
     # Unused pointer arguments get a fresh empty tensor, never an input: the autotuner zeroes
@@ -234,7 +243,7 @@ def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, scale, m, hw,
     pick = lambda t: unused if t is None else t  # noqa: E731
     _row_gemm_kernel[grid](x, *xs, w_kn, w_kn.stride(0), w_kn.stride(1), pick(bias), pick(out), *os_,
                            pick(aux), *as_, pick(part), pick(dbp),
-                           pick(g), scale, m, hw, n_out, K=k,
+                           pick(g), m, hw, n_out, K=k,
                            EPI=epi, STORE_OUT=store_out, IEEE=_ieee(x))
 
 
@@ -263,63 +272,64 @@ def _weight_grad(a, as_, b, bs_, m, hw, n_a, n_b) -> torch.Tensor:
 def ct_forward(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                w2: torch.Tensor, b2: torch.Tensor, alpha: float, reduction: str,
                needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss, H [M, Ch], dY [M, Ct] for dL/dloss = 1, db2 / g [Ct] fp32); the last two empty
-    when no gradient is wanted."""
+    """-> (loss, H [M, Ch], E = Y - T [M, Ct], column sums of E [Ct] fp32); the last two empty when no
+    gradient is wanted (the backward scales both by g * 2 alpha / D)."""
     n, cs, h, w = student.shape
     ct, ch, hw = teacher.shape[1], w1.shape[0], h * w
     m = n * hw
     s, ss = _rows(student)
     t, ts = _rows(teacher.detach())
-    denom = float(n) if reduction == "sum_over_batch" else float(m * ct)
     dev, dt = student.device, student.dtype
 
     hidden = torch.empty((m, ch), device=dev, dtype=dt)
-    _row_gemm(s, ss, _matrix(w1).t(), b1, hidden, _flat_rows(m, ch, hw), None, (0, 0, 0), None, None, None,
-              0.0, m, hw, EPI_HIDDEN, True)
+    _row_gemm(s, ss, _matrix(w1).t(), b1, hidden, _flat_rows(ch, hw), None, (0, 0, 0), None, None, None,
+              m, hw, EPI_HIDDEN, True)
 
     tiles_m = triton.cdiv(m, _MIN_BLOCK_M)
     part = torch.zeros((tiles_m * triton.cdiv(ct, 16),), device=dev, dtype=torch.float32)
-    dy = torch.empty((m, ct) if needs_grad else (0,), device=dev, dtype=dt)
-    dbp = torch.zeros((tiles_m, ct) if needs_grad else (0,), device=dev, dtype=torch.float32)
-    _row_gemm(hidden, _flat_rows(m, ch, hw), _matrix(w2).t(), b2, dy, _flat_rows(m, ct, hw), t, ts, part, dbp,
-              None, 2.0 * alpha / denom, m, hw, EPI_MSE, needs_grad)
-    loss = part.sum() * (alpha / denom)
-    db2 = dbp.sum(0) if needs_grad else dbp
+    err = torch.empty((m, ct) if needs_grad else (0,), device=dev, dtype=dt)
+    ebp = torch.zeros((tiles_m, ct) if needs_grad else (0,), device=dev, dtype=torch.float32)
+    _row_gemm(hidden, _flat_rows(ch, hw), _matrix(w2).t(), b2, err, _flat_rows(ct, hw), t, ts, part, ebp,
+              None, m, hw, EPI_MSE, needs_grad)
+    loss = part.sum() * (alpha / _denominator(reduction, n, m * ct))
+    err_sum = ebp.sum(0) if needs_grad else ebp
     if not needs_grad:
         hidden = hidden.new_empty((0,))
-    return loss, hidden, dy, db2
+    return loss, hidden, err, err_sum
 
 
 def ct_backward(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                hidden: torch.Tensor, dy: torch.Tensor, db2: torch.Tensor,
+                hidden: torch.Tensor, err: torch.Tensor, err_sum: torch.Tensor, alpha: float, reduction: str,
                 needs: List[bool]) -> List[torch.Tensor]:
     """-> [dS, dW1, db1, dW2, db2] (an empty tensor where ``needs`` says no gradient is wanted)."""
     n, cs, h, w = student.shape
     ch, ct, hw = w1.shape[0], w2.shape[0], h * w
     m = n * hw
     need_s, need_w1, need_b1, need_w2, need_b2 = needs
-    g = grad.to(device=student.device, dtype=torch.float32).reshape(())
+    # c = g * 2 alpha / D in fp32: the only place the (possibly tiny) factor meets the (possibly huge) g
+    c = grad.to(device=student.device, dtype=torch.float32).reshape(()) * (2.0 * alpha / _denominator(
+        reduction, n, m * ct))
     grads = [student.new_empty((0,)) for _ in range(5)]
     if need_w2:
-        dw2 = _weight_grad(dy, _flat_rows(m, ct, hw), hidden, _flat_rows(m, ch, hw), m, hw, ct, ch)
-        grads[3] = (dw2 * g).to(w2.dtype).reshape(w2.shape)
+        dw2 = _weight_grad(err, _flat_rows(ct, hw), hidden, _flat_rows(ch, hw), m, hw, ct, ch)
+        grads[3] = (dw2 * c).to(w2.dtype).reshape(w2.shape)
     if need_b2:
-        grads[4] = (db2 * g).to(w2.dtype)
+        grads[4] = (err_sum * c).to(w2.dtype)
     if not (need_s or need_w1 or need_b1):
         return grads
     s, ss = _rows(student)
     dp = torch.empty((m, ch), device=student.device, dtype=student.dtype)
     dbp = torch.zeros((triton.cdiv(m, _MIN_BLOCK_M), ch), device=student.device, dtype=torch.float32)
-    _row_gemm(dy, _flat_rows(m, ct, hw), _matrix(w2), None, dp, _flat_rows(m, ch, hw), hidden,
-              _flat_rows(m, ch, hw), None, dbp, g, 1.0, m, hw, EPI_DHIDDEN, True)
+    _row_gemm(err, _flat_rows(ct, hw), _matrix(w2), None, dp, _flat_rows(ch, hw), hidden,
+              _flat_rows(ch, hw), None, dbp, c, m, hw, EPI_DHIDDEN, True)
     if need_b1:
         grads[2] = dbp.sum(0).to(w1.dtype)
     if need_w1:
-        grads[1] = _weight_grad(dp, _flat_rows(m, ch, hw), s, ss, m, hw, ch, cs).to(w1.dtype).reshape(w1.shape)
+        grads[1] = _weight_grad(dp, _flat_rows(ch, hw), s, ss, m, hw, ch, cs).to(w1.dtype).reshape(w1.shape)
     if need_s:
         ds = torch.empty_like(s)  # same memory format as the student (NCHW or channels_last)
-        _row_gemm(dp, _flat_rows(m, ch, hw), _matrix(w1), None, ds, _rows(ds)[1], None, (0, 0, 0), None, None,
-                  None, 1.0, m, hw, EPI_PLAIN, True)
+        _row_gemm(dp, _flat_rows(ch, hw), _matrix(w1), None, ds, _rows(ds)[1], None, (0, 0, 0), None, None,
+                  None, m, hw, EPI_PLAIN, True)
         grads[0] = ds
     return grads
 
@@ -350,13 +360,13 @@ def _forward_fake(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad
 
 
 def _backward_op(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                 hidden: torch.Tensor, dy: torch.Tensor, db2: torch.Tensor,
+                 hidden: torch.Tensor, err: torch.Tensor, err_sum: torch.Tensor, alpha: float, reduction: str,
                  needs: List[bool]) -> List[torch.Tensor]:
     with _on_device(student):
-        return ct_backward(grad, student, w1, w2, hidden, dy, db2, needs)
+        return ct_backward(grad, student, w1, w2, hidden, err, err_sum, alpha, reduction, needs)
 
 
-def _backward_fake(grad, student, w1, w2, hidden, dy, db2, needs):
+def _backward_fake(grad, student, w1, w2, hidden, err, err_sum, alpha, reduction, needs):
     shapes = [student, w1, w1.new_empty((w1.shape[0],)), w2, w2.new_empty((w2.shape[0],))]
     out = [torch.empty_like(x) if need else student.new_empty((0,)) for x, need in zip(shapes, needs)]
     return out
@@ -364,7 +374,8 @@ def _backward_fake(grad, student, w1, w2, hidden, dy, db2, needs):
 
 _ct_op = fused_loss_op("ct_loss", forward=_forward_op, forward_fake=_forward_fake, backward=_backward_op,
                        backward_fake=_backward_fake, grad_inputs=("student", "w1", "b1", "w2", "b2"),
-                       save=lambda inp, out: (inp["student"], inp["w1"], inp["w2"], out[1], out[2], out[3]))
+                       save=lambda inp, out: ((inp["student"], inp["w1"], inp["w2"], *out[1:]),
+                                              {"alpha": inp["alpha"], "reduction": inp["reduction"]}))
 
 
 def refuse(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,

@@ -9,13 +9,16 @@ Maths (METHODS.md section 1; rows p = (n, h, w) run over the N*H*W pixels, chann
     H1     = relu(Z1)
     G[p]   = b2 + sum_{tap, ci} H1[p + off(tap), ci] W2[:, ci, tap]
     loss   = alpha / N * sum (G - T)^2
-    D      = dL/dG = 2 alpha / N * (G - T)                       (computed in the forward, as Liger does)
-  backward, with g = dL_total/dloss:
-    dW2[co, ci, tap] = g sum_p H1[p + off(tap), ci] D[p, co]          db2 = g sum_p D[p]
-    dH1[p]  = g [H1[p] > 0] sum_tap D[p - off(tap)] W2[:, :, tap]^T   (a 3x3 conv of D with flipped taps)
+    D      = G - T                           (computed in the forward's epilogue, as Liger computes dX)
+  backward, with g = dL_total/dloss and c = g * 2 alpha / N (an fp32 scalar), dL/dG = c D:
+    dW2[co, ci, tap] = c sum_p H1[p + off(tap), ci] D[p, co]          db2 = c sum_p D[p]
+    dH1[p]  = c [H1[p] > 0] sum_tap D[p - off(tap)] W2[:, :, tap]^T   (a 3x3 conv of D with flipped taps)
     dW1, db1 as dW2, db2 with (A * keep, dH1)
     dA[p]   = keep[p] sum_tap dH1[p - off(tap)] W1[:, :, tap]^T
     dS = dA @ Wa, dWa = dA^T S, dba = sum_p dA                        (or dS = dA without align)
+
+D is stored unscaled: in fp16, 2 alpha / N (G - T) underflows at real alphas (1e-5 and below) before a loss
+scaler's g could lift it, while G - T has the features' magnitude; 2 alpha / N stays in fp32, folded into c.
 
 Two kernels do all the matrix work, as implicit GEMMs on tl.dot (bf16/fp16 on tensor cores, fp32 accumulation;
 float32 inputs use TF32 when torch.backends.cudnn.allow_tf32 allows it, as PyTorch's own convolutions do,
@@ -24,7 +27,7 @@ IEEE fp32 otherwise):
                       (tap, channel-block) loop per output tile. KEEP_IN regenerates the mask while loading X
                       (dropped pixels/channels are not even read). Epilogues: +bias (align) / +bias, ReLU (conv1) /
                       +bias, squared error against T, the tile's loss partial and D (conv2) / ReLU gate by H1
-                      times g (input gradient of conv2) / mask gate (input gradient of conv1). Flipped taps and
+                      times c (input gradient of conv2) / mask gate (input gradient of conv1). Flipped taps and
                       transposed weight strides make it the input gradient of a convolution (also dS = dA Wa).
   _conv_wgrad_kernel  dW[co, ci, tap] over a split of the pixels (KEEP_IN for conv1's masked input), the bias
                       gradient from the centre tap; per-split fp32 partials, or dW itself with one split.
@@ -34,7 +37,7 @@ Launches: forward = [align] + conv1 + conv2 + loss sum; backward = wgrad2, dgrad
 wgrad_align] (+ partial sums where a weight gradient is split over pixels).
 Written to memory: forward A (only with align), H1 and D ([N*H*W, Ct] each, channels-last, saved for the
 backward; D only when a gradient is wanted); backward dH1 and dA (with align) and the gradients. Nothing is
-written for the mask, the masked input, G or G - T. S, T and dS are addressed through their strides
+written for the mask, the masked input, G or a scaled dL/dG. S, T and dS are addressed through their strides
 (NCHW-contiguous or channels_last, no copies); weights are permuted once per call to [3, 3, Cin, Cout].
 """
 from __future__ import annotations
@@ -47,6 +50,8 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._custom_op import fused_loss_op
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -153,7 +158,7 @@ def _store(ptr, value, mask):
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
     P, H, W, P_KEY, sxn, sxp, sxc, swt, swk, swn, syn, syp, syc, san, sap, sac,
-    seed, sample_offset, ratio, scale,
+    seed, sample_offset, ratio,
     CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr,
     KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -206,13 +211,13 @@ def _conv_fwd_kernel(
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if EPILOGUE == 1:
         acc = tl.maximum(acc, 0.0)
-    if EPILOGUE == 2:  # squared error against the teacher, this tile's share of the loss, and dL/dG
+    if EPILOGUE == 2:  # squared error against the teacher, this tile's share of the loss, and D = G - T
         t = tl.load(aux_ptr + n.to(tl.int64)[:, None] * san + pix.to(tl.int64)[:, None] * sap
                     + cols[None, :] * sac, mask=out_mask, other=0.0)
         diff = tl.where(out_mask, acc - t.to(tl.float32), 0.0)
         tl.store(part_ptr + pid_m * grid_n + pid_n, tl.sum(tl.sum(diff * diff, axis=1), axis=0))
-        acc = diff * scale
-    if EPILOGUE == 3:  # gradient through ReLU: gate by the stored activation, times dL_total/dloss
+        acc = diff
+    if EPILOGUE == 3:  # gradient through ReLU: gate by the stored activation, times c = g * 2 alpha / N
         hid = tl.load(aux_ptr + n.to(tl.int64)[:, None] * san + pix.to(tl.int64)[:, None] * sap
                       + cols[None, :] * sac, mask=out_mask, other=0.0)
         acc = tl.where(hid > 0, acc * tl.load(g_ptr).to(tl.float32), 0.0)
@@ -344,7 +349,7 @@ def _parallel_target(device_index: Optional[int]) -> int:
 
 def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, flip=False, keep_in=KEEP_NONE,
           keep_out=KEEP_NONE, epilogue=EPI_BIAS, aux=None, aux_str=(0, 0, 0), part=None, g=None,
-          seed=0, sample_offset=0, ratio=0.0, scale=1.0, write_y=True):
+          seed=0, sample_offset=0, ratio=0.0, write_y=True):
     P = N * H * W
     dummy = x
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)  # noqa: E731
@@ -352,7 +357,7 @@ def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, fli
         x, wt, bias if bias is not None else dummy, y if y is not None else dummy,
         aux if aux is not None else dummy, part if part is not None else torch.empty(1, device=x.device),
         g if g is not None else dummy, P, H, W, triton.next_power_of_2(P), *x_str, *w_str, *y_str, *aux_str,
-        seed, sample_offset, ratio, scale, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_M, H * W), KSIZE=ksize,
+        seed, sample_offset, ratio, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_M, H * W), KSIZE=ksize,
         FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, WRITE_Y=write_y and y is not None,
         DOT_PREC=_dot_precision(x))
@@ -435,7 +440,7 @@ def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align
     part = torch.zeros(triton.next_power_of_2(triton.cdiv(P, _MIN_BLOCK_M) * triton.cdiv(C, _MIN_BLOCK_N)),
                        device=dev, dtype=torch.float32)
     _conv(hidden, nhwc, w2t, w2_str, gen_b2, dg if need_grad else None, nhwc, cin=C, cout=C, ksize=3,
-          epilogue=EPI_MSE, aux=teacher, aux_str=t_str, part=part, scale=2.0 * alpha / N, **geo)
+          epilogue=EPI_MSE, aux=teacher, aux_str=t_str, part=part, **geo)
     loss = torch.empty((), device=dev, dtype=torch.float32)
     _sum_all_kernel[(1,)](part, loss, alpha / N, R=part.numel(), BLOCK=1024)
     return loss, a, hidden, dg
@@ -446,8 +451,8 @@ def _only_needed(grads: List[torch.Tensor], needs: List[bool]) -> List[torch.Ten
     return [g if need else g.new_empty(0) for g, need in zip(grads, needs)]
 
 
-def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask: str, ratio: float, seed: int,
-                 sample_offset: int, needs: List[bool]):
+def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask: str, ratio: float,
+                 alpha: float, seed: int, sample_offset: int, needs: List[bool]):
     """Gradients [dS, dWa, dba, dW1, db1, dW2, db2] (unwanted ones as empty tensors)."""
     if dg.numel() == 0:
         raise RuntimeError("mgd_loss (triton): backward called on a forward run without gradients")
@@ -461,7 +466,8 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
     geo = dict(N=N, H=H, W=W)
     rng = dict(seed=seed, sample_offset=sample_offset, ratio=ratio)
     mode = _KEEP_MODE[mask]
-    g = grad_loss.detach().to(torch.float32).reshape(())
+    # c = g * 2 alpha / N in fp32: the only place the (possibly tiny) factor meets the (possibly huge) g
+    g = grad_loss.detach().to(torch.float32).reshape(()) * (2.0 * alpha / N)
     x, x_str = (a, nhwc) if align_w is not None else (student, s_str)
     if needs[5] or needs[6]:
         grads[5], grads[6] = _wgrad(hidden, nhwc, dg, nhwc, g, cin=C, cout=C, ksize=3, dtype=dtype, **geo)
@@ -515,8 +521,7 @@ def applied_keep_mask(mode: str, n: int, c: int, h: int, w: int, *, ratio: float
 _U64 = 2**64
 
 
-@torch.library.custom_op("fastkd::mgd_loss_fwd", mutates_args=())
-def _mgd_fwd_op(student: torch.Tensor, teacher: torch.Tensor, gen_w1: torch.Tensor, gen_b1: torch.Tensor,
+def _forward_op(student: torch.Tensor, teacher: torch.Tensor, gen_w1: torch.Tensor, gen_b1: torch.Tensor,
                 gen_w2: torch.Tensor, gen_b2: torch.Tensor, align_w: Optional[torch.Tensor],
                 align_b: Optional[torch.Tensor], mask: str, ratio: float, alpha: float, seed: int,
                 sample_offset: int, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -525,8 +530,7 @@ def _mgd_fwd_op(student: torch.Tensor, teacher: torch.Tensor, gen_w1: torch.Tens
                                 alpha, seed % _U64, sample_offset, need_grad))
 
 
-@_mgd_fwd_op.register_fake
-def _mgd_fwd_fake(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask, ratio, alpha, seed,
+def _forward_fake(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask, ratio, alpha, seed,
                   sample_offset, need_grad):
     N, _, H, W = student.shape
     pc = (N * H * W, teacher.shape[1])
@@ -534,18 +538,17 @@ def _mgd_fwd_fake(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, ali
             student.new_empty(pc), student.new_empty(pc if need_grad else (0,)))
 
 
-@torch.library.custom_op("fastkd::mgd_loss_bwd", mutates_args=())
-def _mgd_bwd_op(grad_loss: torch.Tensor, student: torch.Tensor, gen_w1: torch.Tensor, gen_w2: torch.Tensor,
-                align_w: Optional[torch.Tensor], a: torch.Tensor, hidden: torch.Tensor, dg: torch.Tensor,
-                mask: str, ratio: float, seed: int, sample_offset: int, needs: List[bool]) -> List[torch.Tensor]:
+def _backward_op(grad_loss: torch.Tensor, student: torch.Tensor, gen_w1: torch.Tensor, gen_w2: torch.Tensor,
+                 align_w: Optional[torch.Tensor], a: torch.Tensor, hidden: torch.Tensor, dg: torch.Tensor,
+                 mask: str, ratio: float, alpha: float, seed: int, sample_offset: int,
+                 needs: List[bool]) -> List[torch.Tensor]:
     with _device_guard(student):
-        return mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio,
+        return mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio, alpha,
                             seed % _U64, sample_offset, needs)
 
 
-@_mgd_bwd_op.register_fake
-def _mgd_bwd_fake(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio, seed, sample_offset,
-                  needs):
+def _backward_fake(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio, alpha, seed,
+                   sample_offset, needs):
     C = gen_w1.shape[0]
     like = [student, align_w, None if align_w is None else student.new_empty(C), gen_w1, student.new_empty(C),
             gen_w2, student.new_empty(C)]
@@ -556,27 +559,14 @@ def _mgd_bwd_fake(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, ma
     return grads
 
 
-_GRAD_POS = (0, 6, 7, 2, 3, 4, 5)  # op argument index of dS, dWa, dba, dW1, db1, dW2, db2
+def _save(inp: dict, out: tuple):
+    tensors = (inp["student"], inp["gen_w1"], inp["gen_w2"], inp["align_w"], *out[1:])  # out: loss, A, H1, D
+    return tensors, {k: inp[k] for k in ("mask", "ratio", "alpha", "seed", "sample_offset")}
 
 
-def _setup_context(ctx, inputs, output):
-    student, _, gen_w1, _, gen_w2, _, align_w, _, mask, ratio, _, seed, sample_offset, _ = inputs
-    _, a, hidden, dg = output
-    ctx.save_for_backward(student, gen_w1, gen_w2, align_w, a, hidden, dg)
-    ctx.rng = (mask, ratio, seed, sample_offset)
-
-
-def _backward(ctx, grad_loss, *unused):
-    needs = [bool(ctx.needs_input_grad[i]) for i in _GRAD_POS]
-    grads = [None] * 14
-    if any(needs):
-        computed = _mgd_bwd_op(grad_loss, *ctx.saved_tensors, *ctx.rng, needs)
-        for pos, need, gr in zip(_GRAD_POS, needs, computed):
-            grads[pos] = gr if need else None
-    return tuple(grads)
-
-
-_mgd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_mgd_op = fused_loss_op("mgd_loss", forward=_forward_op, forward_fake=_forward_fake, backward=_backward_op,
+                        backward_fake=_backward_fake, save=_save,
+                        grad_inputs=("student", "align_w", "align_b", "gen_w1", "gen_b1", "gen_w2", "gen_b2"))
 
 
 def refuse(student, teacher, gen_w1, align_w=None, mask="spatial", **_) -> Optional[str]:
@@ -598,6 +588,5 @@ def mgd_loss(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, *, align_w=None, 
     params = (student, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     seed = seed - _U64 if seed >= 2**63 else seed
-    out = _mgd_fwd_op(student, teacher.detach(), gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask,
-                      float(ratio), float(alpha), seed, int(sample_offset), need_grad)
-    return out[0]
+    return _mgd_op(student, teacher.detach(), gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask,
+                   float(ratio), float(alpha), seed, int(sample_offset), need_grad)
