@@ -398,6 +398,7 @@ def build(kernel, dtypes, consts):
         if name in consts: sig[name] = "constexpr"
         elif name.endswith("_ptr"): sig[name] = "*" + dtypes.get(name, "fp32")
         elif name == "seed": sig[name] = "u64"
+        elif name == "sample_offset": sig[name] = "i64"
         elif name in ("ratio", "scale"): sig[name] = "fp32"
         else: sig[name] = "i32"
     aligned = [n for n in fn.arg_names if n.endswith("_ptr") or (n.startswith("s") and n not in consts
@@ -415,9 +416,13 @@ for name, consts in (("conv1", dict(conv, KEEP_IN=1, EPILOGUE=1)), ("conv2", dic
                      ("dgrad1", dict(dgrad, swk=1, FLIP=True, EPILOGUE=4, KEEP_OUT=2, SPAN=4, HAS_BIAS=False))):
     ir = build(M._conv_fwd_kernel, bf, consts)
     assert "warp_group_dot" in ir and "async_copy_global_to_local" in ir, name
-wg = dict(sxc=1, sdc=1, CIN=256, COUT=256, SPAN=2, P_CHUNK=4096, KSIZE=3, KEEP_IN=1, BIAS_GRAD=True,
-          DOT_PREC="tf32", **tile)
+wg = dict(sxc=1, sdc=1, CIN=256, COUT=256, SPAN=2, P_CHUNK=4096, KSIZE=3, KEEP_IN=1, DOT_PREC="tf32", **tile)
 assert "warp_group_dot" in build(M._conv_wgrad_kernel, bf, wg)
+# seed / sample_offset: one type whatever the value, never value-specialised (no recompiles for new seeds)
+for kernel in (M._conv_fwd_kernel, M._conv_wgrad_kernel):
+    params = {p.name: p for p in kernel.fn.params}
+    for name, ty in (("seed", "u64"), ("sample_offset", "i64")):
+        assert params[name].do_not_specialize and params[name].annotation_type == ty, (name, ty)
 print("ok")
 '''
 

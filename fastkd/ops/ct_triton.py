@@ -104,8 +104,9 @@ def _store(ptr, value, mask):
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
+# cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
 @triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "N_OUT", "EPI"],
-                 reset_to_zero=["part_ptr", "dbp_ptr"])
+                 reset_to_zero=["part_ptr", "dbp_ptr"], cache_results=True)
 @triton.jit
 def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K]
                      w_ptr, sw_k, sw_n,                  # B [K, N_OUT] (a weight, through strides)
@@ -165,7 +166,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
         _store(out_ptr + o_off, acc, mask)
 
 
-@triton.autotune(configs=_WG_CONFIGS, key=["M", "A", "B"])
+@triton.autotune(configs=_WG_CONFIGS, key=["M", "A", "B"], cache_results=True)
 @triton.jit
 def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A]
                         b_ptr, sb_n, sb_p, sb_c,         # B: feature rows [M, B]

@@ -104,6 +104,13 @@ def _span(block_rows: int, hw: int) -> int:
     return min((block_rows - 1) // hw + 2, 9)
 
 
+# Per-step kernel arguments: typed (u64 / i64 whatever their value) and never value-specialised (== 1,
+# divisible by 16), so a new seed or sample offset reuses the compiled kernel instead of recompiling mid-run.
+# A seed is any uint64: the custom op carries seeds >= 2**63 as their two's complement and the host takes
+# them back modulo 2**64 before the launch.
+_PER_STEP = ["seed", "sample_offset"]
+
+
 @triton.jit
 def _spatial_keep(n, pix, HW, seed, sample_offset, ratio):
     """keep of pixel ``pix`` (= h*W + w) of sample ``n``: Philox counter g*H*W + h*W + w."""
@@ -154,11 +161,11 @@ def _store(ptr, value, mask):
 @triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], prune_configs_by=_prune("P", "COUT"),
                  cache_results=True,
                  key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
     P, H, W, P_KEY, sxn, sxp, sxc, swt, swk, swn, syn, syp, syc, san, sap, sac,
-    seed, sample_offset, ratio,
+    seed: tl.uint64, sample_offset: tl.int64, ratio,
     CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, KSIZE: tl.constexpr, FLIP: tl.constexpr,
     KEEP_IN: tl.constexpr, KEEP_OUT: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, WRITE_Y: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -233,12 +240,12 @@ def _conv_fwd_kernel(
 
 @triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
                  prune_configs_by=_prune("COUT", "CIN"), cache_results=True)
-@triton.jit
+@triton.jit(do_not_specialize=_PER_STEP)
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, bpart_ptr, g_ptr,
-    P, H, W, P_KEY, sxn, sxp, sxc, sdn, sdp, sdc, seed, sample_offset, ratio,
+    P, H, W, P_KEY, sxn, sxp, sxc, sdn, sdp, sdc, seed: tl.uint64, sample_offset: tl.int64, ratio,
     CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, P_CHUNK: tl.constexpr,
-    KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, BIAS_GRAD: tl.constexpr, HAS_G: tl.constexpr,
+    KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, HAS_G: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """part[split, co, ci, tap] = sum_{p in split} dY[p, co] (X * keep)[p + off(tap), ci];
@@ -280,9 +287,8 @@ def _conv_wgrad_kernel(
         dyt = tl.load(dy_ptr + (n.to(tl.int64) * sdn + pix.to(tl.int64) * sdp)[None, :] + co[:, None] * sdc,
                       mask=p_ok[None, :] & co_ok[:, None], other=0.0)
         acc = _dot(dyt, x, acc, DOT_PREC)
-        if BIAS_GRAD:
-            if do_bias:
-                bacc += tl.sum(dyt.to(tl.float32), axis=1)
+        if do_bias:
+            bacc += tl.sum(dyt.to(tl.float32), axis=1)
     if HAS_G:  # a single split writes the gradient itself: scaled by dL_total/dloss, in the weights' dtype
         g = tl.load(g_ptr).to(tl.float32)
         acc = acc * g
@@ -290,8 +296,7 @@ def _conv_wgrad_kernel(
     n_w = COUT * CIN * KSIZE * KSIZE
     part = part_ptr + split.to(tl.int64) * n_w + (co[:, None] * CIN + ci[None, :]) * (KSIZE * KSIZE) + tap
     _store(part, acc, co_ok[:, None] & ci_ok[None, :])
-    if BIAS_GRAD:
-        _store(bpart_ptr + split * COUT + co, bacc, co_ok & do_bias)
+    _store(bpart_ptr + split * COUT + co, bacc, co_ok & do_bias)
 
 
 @triton.jit
@@ -300,8 +305,10 @@ def _sum_rows_kernel(x_ptr, out_ptr, g_ptr, M, R: tl.constexpr, HAS_G: tl.conste
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < M
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    ptrs = x_ptr + cols.to(tl.int64)
     for r in range(0, R):
-        acc += tl.load(x_ptr + r * M + cols.to(tl.int64), mask=ok, other=0.0)
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += M  # 64-bit pointer arithmetic: r * M may exceed 2**31
     if HAS_G:
         acc = acc * tl.load(g_ptr).to(tl.float32)
     _store(out_ptr + cols, acc, ok)
@@ -364,7 +371,7 @@ def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, fli
 
 
 def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in=KEEP_NONE, seed=0,
-           sample_offset=0, ratio=0.0, bias_grad=True):
+           sample_offset=0, ratio=0.0):
     """(dW [cout, cin, k, k], db [cout]) = g * (sum over pixel splits of the wgrad partials)."""
     P = N * H * W
     tiles = ksize * ksize * triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
@@ -376,20 +383,19 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     p_chunk = max(triton.next_power_of_2(triton.cdiv(P, split)), _MAX_BLOCK_K)
     split = triton.cdiv(P, p_chunk)
     dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
-    db = torch.empty(cout, device=x.device, dtype=dtype) if bias_grad else None
+    db = torch.empty(cout, device=x.device, dtype=dtype)
     direct = split == 1  # no partials: the kernel writes g * dW and g * db directly
     part = dw if direct else torch.empty(split, dw.numel(), device=x.device, dtype=torch.float32)
-    bpart = db if direct and bias_grad else torch.empty(split, cout, device=x.device, dtype=torch.float32)
+    bpart = db if direct else torch.empty(split, cout, device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),  # noqa: E731
                          ksize * ksize, split)
     _conv_wgrad_kernel[grid](x, dy, part, bpart, g if g is not None else part, P, H, W, triton.next_power_of_2(P),
                              *x_str, *dy_str, seed, sample_offset, ratio, CIN=cin, COUT=cout,
                              SPAN=_span(_MAX_BLOCK_K, H * W), P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in,
-                             BIAS_GRAD=bias_grad, HAS_G=direct and g is not None, DOT_PREC=_dot_precision(x))
+                             HAS_G=direct and g is not None, DOT_PREC=_dot_precision(x))
     if not direct:
         _sum_rows(part, dw, g)
-        if bias_grad:
-            _sum_rows(bpart, db, g)
+        _sum_rows(bpart, db, g)
     return dw, db
 
 
