@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -240,10 +240,11 @@ class Trainer:
                 losses = engine(images, labels, t_logits, t_feats, seeds,
                                 sample_offset(m, ctx.rank, ctx.world_size, self.micro), labels.shape[0] / self.micro)
                 engine.backward(losses["total"])
-                step_losses = torch.stack([losses[k].detach().double() for k in names])
+                micro_losses = torch.stack([losses[k].detach().double() for k in names])
+                step_losses = micro_losses if m == 0 else step_losses + micro_losses
                 if m == self.gas - 1:
                     self._check_step(step_losses, names)  # sync + dist: once per optimizer step
-                acc += step_losses
+                    acc += step_losses
                 engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary only
                 if m != self.gas - 1:
                     continue
