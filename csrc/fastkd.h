@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -103,10 +104,13 @@ struct Units {
   inline int64_t p1(int64_t u) const { return std::min(hw, p0(u) + kPixBlock); }
 };
 
-// Run f(unit) for every unit, each unit on one thread (at::parallel_for follows torch's threads).
+// Run f(unit) for every unit, each unit on one thread (at::parallel_for follows torch's threads);
+// like ATen's own kernels, work below ~32k elements stays on the calling thread.
+constexpr int64_t kGrainElems = 32768;
 template <class F>
-inline void for_units(const Units& units, F f) {
-  at::parallel_for(0, units.count, 1, [&](int64_t b, int64_t e) {
+inline void for_units(const Units& units, int64_t c, F f) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, kPixBlock * c));
+  at::parallel_for(0, units.count, grain, [&](int64_t b, int64_t e) {
     for (int64_t u = b; u < e; ++u) f(u);
   });
 }

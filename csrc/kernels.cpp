@@ -50,7 +50,7 @@ static at::Tensor relayout_weight(const at::Tensor& w, at::MemoryFormat to) {
   const float* s = src.data_ptr<float>();
   float* d = out.data_ptr<float>();
   const bool src_cl = !src.is_contiguous();  // src is OHWI, dst is OIHW
-  at::parallel_for(0, O, 8, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, O, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, I * K)), [&](int64_t b, int64_t e) {
     for (int64_t o = b; o < e; ++o) {
       const float* so = s + o * I * K;
       float* dd = d + o * I * K;
@@ -74,13 +74,12 @@ at::Tensor weight_to_contiguous(const at::Tensor& w) {
 
 void ordered_colsum(const std::vector<double>& partial, int64_t units, int64_t c, double scale,
                     float* out) {
-  at::parallel_for(0, c, 64, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      double s = 0.0;
-      for (int64_t u = 0; u < units; ++u) s += partial[u * c + j];
-      out[j] = static_cast<float>(s * scale);
-    }
-  });
+  std::vector<double> acc(c, 0.0);  // units x C adds: serial, in unit order
+  for (int64_t u = 0; u < units; ++u) {
+    const double* row = partial.data() + u * c;
+    for (int64_t j = 0; j < c; ++j) acc[j] += row[j];
+  }
+  for (int64_t j = 0; j < c; ++j) out[j] = static_cast<float>(acc[j] * scale);
 }
 
 namespace {
@@ -113,7 +112,7 @@ static void mask_to_rows_impl(const Feat& src, const float* bias, const MaskSpec
   const int64_t C = src.c, HW = src.p;
   const Units units(src.n, HW);
   const bool pixel_inner = src.sp == 1;  // NCHW source: walk pixels innermost
-  for_units(units, [&](int64_t u) {
+  for_units(units, C, [&](int64_t u) {
     const int64_t n = units.sample(u), p0 = units.p0(u), p1 = units.p1(u);
     UnitKeep keep;
     keep.fill(mask, n, p0, p1, HW, C);
@@ -152,7 +151,7 @@ void rows_to_masked(const float* rows, const MaskSpec& mask, const Feat& dst) {
   const int64_t C = dst.c, HW = dst.p;
   const Units units(dst.n, HW);
   const bool pixel_inner = dst.sp == 1;
-  for_units(units, [&](int64_t u) {
+  for_units(units, C, [&](int64_t u) {
     const int64_t n = units.sample(u), p0 = units.p0(u), p1 = units.p1(u);
     UnitKeep keep;
     keep.fill(&mask, n, p0, p1, HW, C);
@@ -191,7 +190,7 @@ double sq_error_grad_(float* rows, const float* bias, const Feat& target, float 
   std::vector<double> loss_part(units.count, 0.0);
   std::vector<double> col_part(bias_grad ? units.count * C : 0, 0.0);
   const bool t_pixel_inner = target.sp == 1;
-  for_units(units, [&](int64_t u) {
+  for_units(units, C, [&](int64_t u) {
     const int64_t n = units.sample(u), p0 = units.p0(u), p1 = units.p1(u);
     double* col = bias_grad ? col_part.data() + u * C : nullptr;
     double acc = 0.0;
@@ -239,7 +238,7 @@ void relu_gate_(float* grad_rows, const float* act, int64_t n, int64_t hw, int64
                 float* bias_grad) {
   const Units units(n, hw);
   std::vector<double> col_part(bias_grad ? units.count * c : 0, 0.0);
-  for_units(units, [&](int64_t u) {
+  for_units(units, c, [&](int64_t u) {
     const int64_t s = units.sample(u), p0 = units.p0(u), p1 = units.p1(u);
     double* col = bias_grad ? col_part.data() + u * c : nullptr;
     for (int64_t p = p0; p < p1; ++p) {
