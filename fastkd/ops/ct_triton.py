@@ -37,8 +37,6 @@ counts need not be multiples of 16 (masked loads).
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -46,9 +44,10 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
+from ._triton_common import (INTERPRET, device_guard, dot, dot_precision, nhwc_strides, parallel_target, pixel_rows,
+                             split_rows, store)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 EPI_HIDDEN, EPI_MSE, EPI_DHIDDEN, EPI_PLAIN = 0, 1, 2, 3
 
@@ -65,9 +64,8 @@ else:
         triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for ba, bb, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
                                  (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]]
-INTERPRETING = tl.constexpr(INTERPRET)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _ROW_CONFIGS)
-# Rows per split of the weight-gradient kernel: a power of two >= every BLOCK_K.
+# Rows per split of the weight-gradient kernel: a multiple of this, itself a multiple of every BLOCK_K.
 _WG_ROW_ALIGN = 32 if INTERPRET else 128
 
 
@@ -75,33 +73,6 @@ _WG_ROW_ALIGN = 32 if INTERPRET else 128
 def _row_offsets(rows, HW, s_n, s_p):
     """Memory offset of feature row m = n*HW + p (p = h*W + w), for any NCHW/NHWC-style strides."""
     return (rows // HW).to(tl.int64) * s_n + (rows % HW).to(tl.int64) * s_p
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation; IEEE: float32 without TF32. Triton 3.6's
-    interpreter multiplies bf16/fp16 bit patterns as integers, so there the operands go through fp32
-    (exact products, same fp32 accumulation as the tensor cores)."""
-    if INTERPRETING:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif IEEE:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc)
-    return acc
-
-
-@triton.jit
-def _store(ptr, value, mask):
-    """Store in the destination's dtype, rounding to nearest even as the GPU does. Triton 3.6's
-    interpreter truncates float32 -> bfloat16 (a downward bias), so there the rounding is done on
-    the bits."""
-    if INTERPRETING:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            value = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 # cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
@@ -117,7 +88,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
                      dbp_ptr,                            # fp32 column sums per row tile [tiles_m, N_OUT]
                      g_ptr,                              # c = dL/dloss * 2 alpha / D (EPI_DHIDDEN)
                      M, HW, N_OUT, K: tl.constexpr,
-                     EPI: tl.constexpr, STORE_OUT: tl.constexpr, IEEE: tl.constexpr,
+                     EPI: tl.constexpr, STORE_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = epilogue(X @ B) for one [BLOCK_M, BLOCK_N] tile; the column tiles of a row tile are
     neighbours in launch order, so X's rows are re-read from L2, not HBM. K (a channel count) is a
@@ -141,7 +112,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
                     other=0.0)
         w = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_n, mask=mask_k[:, None] & mask_n[None, :],
                     other=0.0)
-        acc = _dot(x, w, acc, IEEE)
+        acc = dot(x, w, acc, DOT_PREC)
 
     mask = mask_m[:, None] & mask_n[None, :]
     o_off = _row_offsets(rows, HW, so_n, so_p)[:, None] + cols[None, :] * so_c
@@ -163,7 +134,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
         acc = tl.where(h > 0, acc * tl.load(g_ptr).to(tl.float32), 0.0)
         tl.store(dbp_ptr + pid_m * N_OUT + cols, tl.sum(acc, axis=0), mask=mask_n)
     if STORE_OUT:
-        _store(out_ptr + o_off, acc, mask)
+        store(out_ptr + o_off, acc, mask)
 
 
 @triton.autotune(configs=_WG_CONFIGS, key=["M", "A", "B"], cache_results=True)
@@ -172,10 +143,11 @@ def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A
                         b_ptr, sb_n, sb_p, sb_c,         # B: feature rows [M, B]
                         out_ptr,                         # fp32 [splits, A, B]
                         M, HW, A, B,
-                        ROWS_PER_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+                        ROWS_PER_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[split] = A[rows of split]^T @ B[rows of split]: a split-K GEMM over the rows.
-    ROWS_PER_SPLIT is a power of two (few compilations; static loop bound, see _row_gemm_kernel)."""
+    """out[split] = A[rows of split]^T @ B[rows of split]: a split-K GEMM over the rows. ROWS_PER_SPLIT, a
+    multiple of every BLOCK_K, is a static loop bound (see _row_gemm_kernel); split_rows keeps the last
+    split more than half full, so few of its iterations are fully masked."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -192,36 +164,12 @@ def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A
                      mask=mask_a[:, None] & mask_r[None, :], other=0.0)
         bt = tl.load(b_ptr + _row_offsets(rows, HW, sb_n, sb_p)[:, None] + offs_b[None, :] * sb_c,
                      mask=mask_r[:, None] & mask_b[None, :], other=0.0)
-        acc = _dot(at, bt, acc, IEEE)
+        acc = dot(at, bt, acc, DOT_PREC)
     out = out_ptr + split.to(tl.int64) * A * B + offs_a[:, None] * B + offs_b[None, :]
     tl.store(out, acc, mask=mask_a[:, None] & mask_b[None, :])
 
 
 # ----------------------------------------------------------------------------------------- host side
-
-def _row_strides(x: torch.Tensor) -> Optional[Tuple[int, int, int]]:
-    """(s_n, s_p, s_c) such that element (n, c, p = h*W + w) is at n*s_n + c*s_c + p*s_p, or None."""
-    _, _, h, w = x.shape
-    s_n, s_c, s_h, s_w = x.stride()
-    if w == 1:
-        return s_n, s_h, s_c
-    if h == 1 or s_h == w * s_w:
-        return s_n, s_w, s_c
-    return None
-
-
-def _rows(x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-    """The feature and its row strides; a feature whose H, W cannot be flattened is made contiguous."""
-    strides = _row_strides(x)
-    if strides is None:
-        x = x.contiguous()
-        strides = _row_strides(x)
-    return x, strides
-
-
-def _flat_rows(c: int, hw: int) -> Tuple[int, int, int]:
-    return hw * c, c, 1  # a row-major [M, C] buffer seen as a feature
-
 
 def _denominator(reduction: str, n: int, numel: int) -> float:
     return float(n) if reduction == "sum_over_batch" else float(numel)
@@ -229,10 +177,6 @@ def _denominator(reduction: str, n: int, numel: int) -> float:
 
 def _matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1])
-
-
-def _ieee(x: torch.Tensor) -> bool:
-    return x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32
 
 
 def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, m, hw, epi, store_out):
@@ -245,28 +189,25 @@ def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, m, hw, epi, s
     _row_gemm_kernel[grid](x, *xs, w_kn, w_kn.stride(0), w_kn.stride(1), pick(bias), pick(out), *os_,
                            pick(aux), *as_, pick(part), pick(dbp),
                            pick(g), m, hw, n_out, K=k,
-                           EPI=epi, STORE_OUT=store_out, IEEE=_ieee(x))
+                           EPI=epi, STORE_OUT=store_out, DOT_PREC=dot_precision(x))
 
 
 def _splits(m: int, a: int, b: int, device: torch.device) -> int:
-    """Row splits of a weight gradient: about two programs per SM, >= 2048 rows each (the fp32
+    """Row splits wanted for a weight gradient: about two programs per SM, >= 2048 rows each (the fp32
     partials, splits x a x b, are written and summed once more: keep them small next to the rows)."""
     if INTERPRET:
-        return min(2, triton.cdiv(m, _WG_ROW_ALIGN))
+        return 2  # exercises the partial sums at test shapes
     tiles = triton.cdiv(a, 128) * triton.cdiv(b, 128)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(triton.cdiv(2 * sms, tiles), m // 2048))
+    return max(1, min(triton.cdiv(parallel_target(device), tiles), m // 2048))
 
 
 def _weight_grad(a, as_, b, bs_, m, hw, n_a, n_b) -> torch.Tensor:
     """sum over rows of a[m, :]^T b[m, :] -> fp32 [n_a, n_b], via fixed-order sum of split partials."""
-    splits = _splits(m, n_a, n_b, a.device)
-    rows_per_split = max(_WG_ROW_ALIGN, triton.next_power_of_2(triton.cdiv(m, splits)))
-    splits = triton.cdiv(m, rows_per_split)
+    splits, rows_per_split = split_rows(m, _splits(m, n_a, n_b, a.device), _WG_ROW_ALIGN)
     part = torch.empty((splits, n_a, n_b), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]) * triton.cdiv(n_b, meta["BLOCK_B"]), splits)  # noqa: E731
     _weight_grad_kernel[grid](a, *as_, b, *bs_, part, m, hw, n_a, n_b, ROWS_PER_SPLIT=rows_per_split,
-                              IEEE=_ieee(a))
+                              DOT_PREC=dot_precision(a))
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -278,19 +219,19 @@ def ct_forward(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b
     n, cs, h, w = student.shape
     ct, ch, hw = teacher.shape[1], w1.shape[0], h * w
     m = n * hw
-    s, ss = _rows(student)
-    t, ts = _rows(teacher.detach())
+    s, ss = pixel_rows(student)
+    t, ts = pixel_rows(teacher.detach())
     dev, dt = student.device, student.dtype
 
     hidden = torch.empty((m, ch), device=dev, dtype=dt)
-    _row_gemm(s, ss, _matrix(w1).t(), b1, hidden, _flat_rows(ch, hw), None, (0, 0, 0), None, None, None,
+    _row_gemm(s, ss, _matrix(w1).t(), b1, hidden, nhwc_strides(hw, ch), None, (0, 0, 0), None, None, None,
               m, hw, EPI_HIDDEN, True)
 
     tiles_m = triton.cdiv(m, _MIN_BLOCK_M)
     part = torch.zeros((tiles_m * triton.cdiv(ct, 16),), device=dev, dtype=torch.float32)
     err = torch.empty((m, ct) if needs_grad else (0,), device=dev, dtype=dt)
     ebp = torch.zeros((tiles_m, ct) if needs_grad else (0,), device=dev, dtype=torch.float32)
-    _row_gemm(hidden, _flat_rows(ch, hw), _matrix(w2).t(), b2, err, _flat_rows(ct, hw), t, ts, part, ebp,
+    _row_gemm(hidden, nhwc_strides(hw, ch), _matrix(w2).t(), b2, err, nhwc_strides(hw, ct), t, ts, part, ebp,
               None, m, hw, EPI_MSE, needs_grad)
     loss = part.sum() * (alpha / _denominator(reduction, n, m * ct))
     err_sum = ebp.sum(0) if needs_grad else ebp
@@ -312,24 +253,24 @@ def ct_backward(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2:
         reduction, n, m * ct))
     grads = [student.new_empty((0,)) for _ in range(5)]
     if need_w2:
-        dw2 = _weight_grad(err, _flat_rows(ct, hw), hidden, _flat_rows(ch, hw), m, hw, ct, ch)
+        dw2 = _weight_grad(err, nhwc_strides(hw, ct), hidden, nhwc_strides(hw, ch), m, hw, ct, ch)
         grads[3] = (dw2 * c).to(w2.dtype).reshape(w2.shape)
     if need_b2:
         grads[4] = (err_sum * c).to(w2.dtype)
     if not (need_s or need_w1 or need_b1):
         return grads
-    s, ss = _rows(student)
+    s, ss = pixel_rows(student)
     dp = torch.empty((m, ch), device=student.device, dtype=student.dtype)
     dbp = torch.zeros((triton.cdiv(m, _MIN_BLOCK_M), ch), device=student.device, dtype=torch.float32)
-    _row_gemm(err, _flat_rows(ct, hw), _matrix(w2), None, dp, _flat_rows(ch, hw), hidden,
-              _flat_rows(ch, hw), None, dbp, c, m, hw, EPI_DHIDDEN, True)
+    _row_gemm(err, nhwc_strides(hw, ct), _matrix(w2), None, dp, nhwc_strides(hw, ch), hidden,
+              nhwc_strides(hw, ch), None, dbp, c, m, hw, EPI_DHIDDEN, True)
     if need_b1:
         grads[2] = dbp.sum(0).to(w1.dtype)
     if need_w1:
-        grads[1] = _weight_grad(dp, _flat_rows(ch, hw), s, ss, m, hw, ch, cs).to(w1.dtype).reshape(w1.shape)
+        grads[1] = _weight_grad(dp, nhwc_strides(hw, ch), s, ss, m, hw, ch, cs).to(w1.dtype).reshape(w1.shape)
     if need_s:
         ds = torch.empty_like(s)  # same memory format as the student (NCHW or channels_last)
-        _row_gemm(dp, _flat_rows(ch, hw), _matrix(w1), None, ds, _rows(ds)[1], None, (0, 0, 0), None, None,
+        _row_gemm(dp, nhwc_strides(hw, ch), _matrix(w1), None, ds, pixel_rows(ds)[1], None, (0, 0, 0), None, None,
                   None, m, hw, EPI_PLAIN, True)
         grads[0] = ds
     return grads
@@ -337,15 +278,10 @@ def ct_backward(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2:
 
 # ------------------------------------------------------------------------- custom op and entry point
 
-def _on_device(x: torch.Tensor):
-    """Launch on the inputs' GPU even when another one is current (Triton uses the current device)."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
 def _forward_op(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
                 w2: torch.Tensor, b2: torch.Tensor, alpha: float, reduction: str,
                 needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(student):
+    with device_guard(student):
         return ct_forward(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad)
 
 
@@ -363,7 +299,7 @@ def _forward_fake(student, teacher, w1, b1, w2, b2, alpha, reduction, needs_grad
 def _backward_op(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                  hidden: torch.Tensor, err: torch.Tensor, err_sum: torch.Tensor, alpha: float, reduction: str,
                  needs: List[bool]) -> List[torch.Tensor]:
-    with _on_device(student):
+    with device_guard(student):
         return ct_backward(grad, student, w1, w2, hidden, err, err_sum, alpha, reduction, needs)
 
 

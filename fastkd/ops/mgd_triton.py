@@ -42,9 +42,6 @@ written for the mask, the masked input, G or a scaled dL/dG. S, T and dS are add
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -52,8 +49,8 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._triton_common import (INTERPRET, device_guard, dot, dot_precision, nhwc_strides, parallel_target, pixel_rows,
+                             split_rows, store)
 
 KEEP_NONE, KEEP_SPATIAL, KEEP_CHANNEL = 0, 1, 2
 EPI_BIAS, EPI_BIAS_RELU, EPI_MSE, EPI_RELU_GRAD, EPI_KEEP_GRAD = 0, 1, 2, 3, 4
@@ -62,7 +59,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _conv_configs():
-    if _INTERPRET:  # the interpreter is slow: one small tile, no tuning
+    if INTERPRET:  # the interpreter is slow: one small tile, no tuning
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
     shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
               (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
@@ -71,7 +68,7 @@ def _conv_configs():
 
 
 def _wgrad_configs():
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
     shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
               (64, 64, 64, 4, 3)]
@@ -91,7 +88,6 @@ def _prune(rows: str, cols: str):
     return {"early_config_prune": prune}
 
 
-INTERPRET_DOT = tl.constexpr(_INTERPRET)
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _conv_configs())
 _MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _conv_configs())
@@ -132,29 +128,6 @@ def _channel_keep(n, cs, n_lo, C, seed, sample_offset, ratio, SPAN: tl.constexpr
             g = tl.zeros_like(cs).to(tl.int64) + (n_lo + j) + sample_offset
             keep = tl.where((n == n_lo + j)[:, None], (tl.rand(seed, g * C + cs) >= ratio)[None, :], keep)
     return keep
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b, fp32 accumulation. Triton 3.6's interpreter multiplies bf16/fp16 bit patterns as
-    integers, so there the operands go through fp32 (exact products, same fp32 accumulation)."""
-    if INTERPRET_DOT:
-        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-    return acc
-
-
-@triton.jit
-def _store(ptr, value, mask):
-    """Store fp32 ``value`` in ``ptr``'s dtype, rounding to nearest even (Triton 3.6's interpreter truncates
-    fp32 -> bf16, so there the rounding is done on the bits first; compiled code uses the native cvt)."""
-    if INTERPRET_DOT:
-        if ptr.dtype.element_ty == tl.bfloat16:
-            bits = value.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            value = bits.to(tl.float32, bitcast=True)
-    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
 # cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
@@ -211,7 +184,7 @@ def _conv_fwd_kernel(
         w_tap = (KSIZE * KSIZE - 1 - tap) if FLIP else tap
         wt = tl.load(w_ptr + w_tap * swt + ks[:, None] * swk + cols[None, :] * swn,
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = _dot(x, wt, acc, DOT_PREC)
+        acc = dot(x, wt, acc, DOT_PREC)
 
     out_mask = row_ok[:, None] & col_ok[None, :]
     if HAS_BIAS:
@@ -235,7 +208,7 @@ def _conv_fwd_kernel(
             acc = tl.where(_channel_keep(n, cols, n_lo, COUT, seed, sample_offset, ratio, SPAN), acc, 0.0)
     if WRITE_Y:
         y = y_ptr + n.to(tl.int64)[:, None] * syn + pix.to(tl.int64)[:, None] * syp + cols[None, :] * syc
-        _store(y, acc, out_mask)
+        store(y, acc, out_mask)
 
 
 @triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
@@ -286,7 +259,7 @@ def _conv_wgrad_kernel(
                     + ci[None, :] * sxc, mask=x_mask, other=0.0)
         dyt = tl.load(dy_ptr + (n.to(tl.int64) * sdn + pix.to(tl.int64) * sdp)[None, :] + co[:, None] * sdc,
                       mask=p_ok[None, :] & co_ok[:, None], other=0.0)
-        acc = _dot(dyt, x, acc, DOT_PREC)
+        acc = dot(dyt, x, acc, DOT_PREC)
         if do_bias:
             bacc += tl.sum(dyt.to(tl.float32), axis=1)
     if HAS_G:  # a single split writes the gradient itself: scaled by dL_total/dloss, in the weights' dtype
@@ -295,8 +268,8 @@ def _conv_wgrad_kernel(
         bacc = bacc * g
     n_w = COUT * CIN * KSIZE * KSIZE
     part = part_ptr + split.to(tl.int64) * n_w + (co[:, None] * CIN + ci[None, :]) * (KSIZE * KSIZE) + tap
-    _store(part, acc, co_ok[:, None] & ci_ok[None, :])
-    _store(bpart_ptr + split * COUT + co, bacc, co_ok & do_bias)
+    store(part, acc, co_ok[:, None] & ci_ok[None, :])
+    store(bpart_ptr + split * COUT + co, bacc, co_ok & do_bias)
 
 
 @triton.jit
@@ -311,7 +284,7 @@ def _sum_rows_kernel(x_ptr, out_ptr, g_ptr, M, R: tl.constexpr, HAS_G: tl.conste
         ptrs += M  # 64-bit pointer arithmetic: r * M may exceed 2**31
     if HAS_G:
         acc = acc * tl.load(g_ptr).to(tl.float32)
-    _store(out_ptr + cols, acc, ok)
+    store(out_ptr + cols, acc, ok)
 
 
 @triton.jit
@@ -327,33 +300,6 @@ def _sum_all_kernel(x_ptr, out_ptr, scale, R: tl.constexpr, BLOCK: tl.constexpr)
 # ----------------------------------------------------------------------------------------------- host
 
 
-def _pixel_strides(t: torch.Tensor):
-    """(sample, pixel, channel) strides of a 4-D [N, C, H, W] tensor whose (h, w) index folds into one
-    pixel index h*W + w (contiguous and channels_last both do); other layouts are made contiguous."""
-    n, c, h, w = t.shape
-    if h > 1 and w > 1 and t.stride(2) != w * t.stride(3):
-        t = t.contiguous()
-    return t, (t.stride(0), t.stride(3) if w > 1 else t.stride(2), t.stride(1))
-
-
-def _nhwc_strides(hw: int, c: int):
-    return (hw * c, c, 1)
-
-
-def _dot_precision(t: torch.Tensor) -> str:
-    # fp32 follows PyTorch's convolution setting (TF32 on tensor cores unless disabled); exact otherwise.
-    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cudnn.allow_tf32:
-        return "tf32"
-    return "ieee" if t.dtype == torch.float32 else "tf32"
-
-
-@functools.lru_cache(maxsize=None)
-def _parallel_target(device_index: Optional[int]) -> int:
-    if device_index is None:
-        return 16
-    return 2 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, flip=False, keep_in=KEEP_NONE,
           keep_out=KEEP_NONE, epilogue=EPI_BIAS, aux=None, aux_str=(0, 0, 0), part=None, g=None,
           seed=0, sample_offset=0, ratio=0.0, write_y=True):
@@ -367,7 +313,7 @@ def _conv(x, x_str, wt, w_str, bias, y, y_str, *, N, H, W, cin, cout, ksize, fli
         seed, sample_offset, ratio, CIN=cin, COUT=cout, SPAN=_span(_MAX_BLOCK_M, H * W), KSIZE=ksize,
         FLIP=flip, KEEP_IN=keep_in, KEEP_OUT=keep_out,
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, WRITE_Y=write_y and y is not None,
-        DOT_PREC=_dot_precision(x))
+        DOT_PREC=dot_precision(x))
 
 
 def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in=KEEP_NONE, seed=0,
@@ -375,13 +321,9 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     """(dW [cout, cin, k, k], db [cout]) = g * (sum over pixel splits of the wgrad partials)."""
     P = N * H * W
     tiles = ksize * ksize * triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
-    dev_index = x.device.index if x.is_cuda else None
-    if x.is_cuda and dev_index is None:
-        dev_index = torch.cuda.current_device()
-    split = max(1, min(triton.cdiv(_parallel_target(dev_index), tiles), triton.cdiv(P, 512 if x.is_cuda else 64)))
-    # pixels per split: a power of two (few compiled variants) and a multiple of every BLOCK_K
-    p_chunk = max(triton.next_power_of_2(triton.cdiv(P, split)), _MAX_BLOCK_K)
-    split = triton.cdiv(P, p_chunk)
+    want = max(1, min(triton.cdiv(parallel_target(x.device), tiles), triton.cdiv(P, 512 if x.is_cuda else 64)))
+    # pixels per split: a multiple of every BLOCK_K (static loop bound), the last split more than half full
+    split, p_chunk = split_rows(P, want, _MAX_BLOCK_K)
     dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
     db = torch.empty(cout, device=x.device, dtype=dtype)
     direct = split == 1  # no partials: the kernel writes g * dW and g * db directly
@@ -392,7 +334,7 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     _conv_wgrad_kernel[grid](x, dy, part, bpart, g if g is not None else part, P, H, W, triton.next_power_of_2(P),
                              *x_str, *dy_str, seed, sample_offset, ratio, CIN=cin, COUT=cout,
                              SPAN=_span(_MAX_BLOCK_K, H * W), P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in,
-                             HAS_G=direct and g is not None, DOT_PREC=_dot_precision(x))
+                             HAS_G=direct and g is not None, DOT_PREC=dot_precision(x))
     if not direct:
         _sum_rows(part, dw, g)
         _sum_rows(bpart, db, g)
@@ -413,19 +355,15 @@ def _gen_weights(w: torch.Tensor):
     return wt, (c_in * c_out, c_out, 1), (c_in * c_out, 1, c_out)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask: str, ratio: float,
                 alpha: float, seed: int, sample_offset: int, need_grad: bool):
     """-> (loss, A or empty, H1, D or empty): three fused launches (align, conv1, conv2+MSE) and a sum."""
     N, cs, H, W = student.shape
     C, P = teacher.shape[1], N * H * W
     dtype, dev = student.dtype, student.device
-    student, s_str = _pixel_strides(student)
-    teacher, t_str = _pixel_strides(teacher)
-    nhwc = _nhwc_strides(H * W, C)
+    student, s_str = pixel_rows(student)
+    teacher, t_str = pixel_rows(teacher)
+    nhwc = nhwc_strides(H * W, C)
     geo = dict(N=N, H=H, W=W)
     rng = dict(seed=seed, sample_offset=sample_offset, ratio=ratio)
     gen_b1, gen_b2 = gen_b1.contiguous(), gen_b2.contiguous()  # the kernels read biases with unit stride
@@ -467,8 +405,8 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
     dtype, dev = student.dtype, student.device
     grads = [student.new_empty(0) for _ in range(7)]  # distinct: outputs of a custom op may not alias
     ds = torch.empty_like(student) if needs[0] else None  # the student's own layout
-    student, s_str = _pixel_strides(student)
-    nhwc = _nhwc_strides(H * W, C)
+    student, s_str = pixel_rows(student)
+    nhwc = nhwc_strides(H * W, C)
     geo = dict(N=N, H=H, W=W)
     rng = dict(seed=seed, sample_offset=sample_offset, ratio=ratio)
     mode = _KEEP_MODE[mask]
@@ -490,7 +428,7 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
         return _only_needed(grads, needs)
     w1t, _, w1_str_t = _gen_weights(gen_w1)
     if align_w is None:  # dS = keep * (conv1 input gradient), written in the student's layout
-        ds, ds_str = _pixel_strides(ds)
+        ds, ds_str = pixel_rows(ds)
         _conv(dh, nhwc, w1t, w1_str_t, None, ds, ds_str, cin=C, cout=C, ksize=3, flip=True,
               epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
         grads[0] = ds
@@ -499,7 +437,7 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
     _conv(dh, nhwc, w1t, w1_str_t, None, da, nhwc, cin=C, cout=C, ksize=3, flip=True,
           epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
     if needs[0]:
-        ds, ds_str = _pixel_strides(ds)
+        ds, ds_str = pixel_rows(ds)
         _conv(da, nhwc, align_w, (0, align_w.stride(0), align_w.stride(1)), None, ds, ds_str, cin=C, cout=cs,
               ksize=1, **geo)
         grads[0] = ds
@@ -516,7 +454,7 @@ def applied_keep_mask(mode: str, n: int, c: int, h: int, w: int, *, ratio: float
     ones = torch.ones(P, c, device=device)
     eye = torch.eye(c, device=device)
     out = torch.empty(P, c, device=device)
-    nhwc = _nhwc_strides(hw, c)
+    nhwc = nhwc_strides(hw, c)
     _conv(ones, nhwc, eye, (0, c, 1), None, out, nhwc, N=n, H=h, W=w, cin=c, cout=c, ksize=1,
           keep_in=_KEEP_MODE[mode], seed=seed, sample_offset=sample_offset, ratio=ratio)
     return out.view(n, h, w, c).permute(0, 3, 1, 2)
@@ -531,7 +469,7 @@ def _forward_op(student: torch.Tensor, teacher: torch.Tensor, gen_w1: torch.Tens
                 gen_w2: torch.Tensor, gen_b2: torch.Tensor, align_w: Optional[torch.Tensor],
                 align_b: Optional[torch.Tensor], mask: str, ratio: float, alpha: float, seed: int,
                 sample_offset: int, need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(student):
+    with device_guard(student):
         return tuple(mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask, ratio,
                                 alpha, seed % _U64, sample_offset, need_grad))
 
@@ -548,7 +486,7 @@ def _backward_op(grad_loss: torch.Tensor, student: torch.Tensor, gen_w1: torch.T
                  align_w: Optional[torch.Tensor], a: torch.Tensor, hidden: torch.Tensor, dg: torch.Tensor,
                  mask: str, ratio: float, alpha: float, seed: int, sample_offset: int,
                  needs: List[bool]) -> List[torch.Tensor]:
-    with _device_guard(student):
+    with device_guard(student):
         return mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mask, ratio, alpha,
                             seed % _U64, sample_offset, needs)
 
