@@ -219,6 +219,24 @@ def test_custom_ops_pass_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_compiles_fullgraph():
+    """The csrc ops are custom ops with fake implementations: torch.compile keeps them in one graph."""
+    csrc()
+    (s, w1, b1, w2, b2), t = _ct_inputs(2, 8, 6, 4, 3, 5, False)
+    ms, mt, params = _mgd_inputs(2, 8, 8, 5, 6)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+
+    def both(s, t, ms, mt):
+        return (ct_loss(s, t, w1, b1, w2, b2, backend="csrc")
+                + mgd_loss(ms, mt, *p, mask="channel", ratio=0.5, seed=2**50, backend="csrc"))
+
+    wrt = [s, w1, b2, ms] + p
+    compiled = torch.compile(both, fullgraph=True, dynamic=False)
+    got = _loss_and_grads(lambda: compiled(s, t, ms, mt), wrt, 1.5)
+    want = _loss_and_grads(lambda: both(s, t, ms, mt), wrt, 1.5)
+    _compare(got, want, ["s", "w1", "b2", "ms", "gen_w1", "gen_b1", "gen_w2", "gen_b2"])
+
+
 def test_auto_on_cpu_picks_csrc():
     csrc()
     s, t, params = _mgd_inputs(2, 8, 8, 5, 6)
