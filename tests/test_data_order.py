@@ -49,3 +49,17 @@ def test_start_batch_is_the_suffix():
 def test_bad_rank_is_an_error():
     with pytest.raises(ValueError, match="rank 2"):
         epoch_order(10, seed=0, epoch=0, shuffle=True, rank=2, world_size=2)
+
+
+def test_global_batch_is_independent_of_the_split_and_follows_sample_offset():
+    """Rank r's batch is chunk r of the global batch: masks keyed on r*batch + i follow the samples."""
+    n, seed, epoch = 103, 5, 2
+    whole = epoch_order(n, seed=seed, epoch=epoch, shuffle=True, world_size=1, batch_size=12, drop_last=True)
+    for world, micro in ((2, 6), (3, 4), (4, 3)):
+        shards = [epoch_order(n, seed=seed, epoch=epoch, shuffle=True, rank=r, world_size=world, batch_size=micro,
+                              drop_last=True) for r in range(world)]
+        steps = len(shards[0]) // micro
+        assert all(len(s) == steps * micro for s in shards)
+        for k in range(steps):
+            rebuilt = np.concatenate([s[k * micro:(k + 1) * micro] for s in shards])
+            np.testing.assert_array_equal(rebuilt, whole[k * 12:(k + 1) * 12])

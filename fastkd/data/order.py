@@ -4,11 +4,15 @@ The order is a pure function of (num_samples, seed, epoch, rank, world_size, bat
 drop_last): same inputs -> same order, on every backend, so that a run resumes exactly.
 
 - shuffle: one permutation of the whole set per epoch, drawn from ``SeedSequence([seed, epoch])``;
-  every rank draws the same permutation and takes a strided slice of it.
-- drop_last (train): every rank gets ``num_samples // world_size`` samples truncated to whole
-  batches, so all ranks run the same number of steps (data-parallel collectives never hang);
-  the up-to ``world_size * batch_size - 1`` samples left over change from epoch to epoch.
-- no drop_last (eval): the shards are disjoint and cover the set exactly once; their sizes differ by
+  every rank draws the same permutation.
+- drop_last (train): the permutation is cut into global batches of ``world_size * batch_size``
+  samples and rank r reads the r-th contiguous chunk of each. A global batch is therefore the same
+  set of samples in the same order however it is split over processes, and the sample at position i
+  of rank r's batch sits at ``r * batch_size + i`` of it: exactly what the engine passes as MGD's
+  ``sample_offset``, so masks follow the samples. All ranks run the same number of steps
+  (data-parallel collectives never hang); the up-to ``world_size * batch_size - 1`` samples left
+  over change from epoch to epoch.
+- no drop_last (eval): each rank takes a strided slice; the shards are disjoint and cover the set exactly once; their sizes differ by
   at most one sample, so reduce metrics once after the loop, not per batch.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ def shard_size(num_samples: int, *, rank: int = 0, world_size: int = 1, batch_si
     """Samples rank ``rank`` reads per epoch."""
     _check(num_samples, rank, world_size, batch_size)
     if drop_last:
-        return (num_samples // world_size) // batch_size * batch_size
+        return num_samples // (world_size * batch_size) * batch_size
     return len(range(rank, num_samples, world_size))
 
 
@@ -54,5 +58,9 @@ def epoch_order(num_samples: int, *, seed: int, epoch: int, shuffle: bool, rank:
         perm = np.arange(num_samples)
     n = shard_size(num_samples, rank=rank, world_size=world_size, batch_size=batch_size,
                    drop_last=drop_last)
-    shard = perm[rank::world_size][:n]
+    if drop_last:
+        groups = n // batch_size
+        shard = perm[:groups * world_size * batch_size].reshape(groups, world_size, batch_size)[:, rank].reshape(-1)
+    else:
+        shard = perm[rank::world_size]
     return np.ascontiguousarray(shard[start_batch * batch_size:], dtype=np.uint64)
