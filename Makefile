@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup sysdeps venv test demo bench clean
 
@@ -36,6 +37,11 @@ setup: sysdeps $(VENV)/.built
 
 test: setup
 	FASTKD_REQUIRE_EXT=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The main job: Fashion-MNIST teacher, then one student distilled four ways, one table (fastkd/demo.py).
+# More: make demo DEMO_ARGS="--device cuda --students train.max_steps=null train.epochs=10"
+demo: setup
+	$(BIN)/python -m fastkd.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastkd/_C*.so $(VENV)

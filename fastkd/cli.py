@@ -5,6 +5,7 @@
     fastkd eval cfg.yaml --weights runs/x/student.pt
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
+    fastkd demo [--device cuda] [KEY=VALUE ...]     (the Fashion-MNIST demo, fastkd/demo.py)
 
 A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
 and a nonzero exit status, without a traceback.
@@ -109,6 +110,11 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, script, *args.rest])
 
 
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+    return demo_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastkd", description="fast feature knowledge distillation")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
@@ -141,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("name")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    dm = sub.add_parser("demo", add_help=False, prefix_chars="+",  # every option goes to fastkd.demo
+                        help="Fashion-MNIST: a teacher, then one student distilled four ways (fastkd demo --help)")
+    dm.add_argument("rest", nargs=argparse.REMAINDER)
+    dm.set_defaults(func=cmd_demo)
 
     try:
         from .data import cli as data_cli
