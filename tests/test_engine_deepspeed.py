@@ -157,6 +157,16 @@ def test_compile_matches_eager(work, one_proc):
             assert ra[key] == pytest.approx(rb[key], rel=1e-4), (key, ra["step"])  # inductor reorders float ops
 
 
+def test_cpu_offload_preset_trains_the_same_model(work, one_proc):
+    # ZeRO-3 with optimizer and parameter offload to host memory: same losses as the plain run.
+    train(work, "offload", "train.grad_accum=2", "deepspeed.config=configs/deepspeed/zero3_offload.json",
+          "train.session_steps=3")
+    a, b = metrics(work / "offload"), metrics(one_proc)[:3]
+    assert len(a) == 3
+    for ra, rb in zip(a, b):
+        assert ra["loss/total"] == pytest.approx(rb["loss/total"], rel=1e-5), ra["step"]
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(work):
     res = train(work, "nan", "optim.lr=1e30", "train.ckpt_every=1", check=False)
     assert res.returncode == 3
