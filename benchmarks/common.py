@@ -10,6 +10,7 @@ import datetime
 import gc
 import os
 import platform
+import re
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -132,6 +133,24 @@ def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     out += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+# Appended to a results file's notes when the run was on the CPU.
+CPU_NOTE = (" CPU: Triton kernels run under TRITON_INTERPRET=1 (a functional smoke test, not a speed "
+            "measurement); eager/compiled are the CPU reference.")
+
+
+def results_path(name: str, device: torch.device | str, out: str) -> str:
+    """Where a benchmark writes its table: ``out`` itself, or for ``out == "auto"``
+    results/<name>_<device>.md beside this file (device: h100, h200, cpu, or the GPU's name as a slug)."""
+    if out != "auto":
+        return out
+    if torch.device(device).type != "cuda":
+        slug = "cpu"
+    else:
+        gpu = torch.cuda.get_device_name(device)
+        slug = next((k.lower() for k in PEAKS if k in gpu), re.sub(r"\W+", "_", gpu).lower())
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{name}_{slug}.md")
 
 
 def write_results(path: str, title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
