@@ -418,6 +418,8 @@ for name, consts in (("conv1", dict(conv, KEEP_IN=1, EPILOGUE=1)), ("conv2", dic
     assert "warp_group_dot" in ir and "async_copy_global_to_local" in ir, name
 wg = dict(sxc=1, sdc=1, CIN=256, COUT=256, SPAN=2, P_CHUNK=4096, KSIZE=3, KEEP_IN=1, DOT_PREC="tf32", **tile)
 assert "warp_group_dot" in build(M._conv_wgrad_kernel, bf, wg)
+sum_rows = type("Plain", (), {"fn": M._sum_rows_kernel})  # build() takes an autotuner's .fn
+build(sum_rows, {"out_ptr": "bf16"}, dict(R=7, HAS_G=True, BLOCK=1024))  # rows walked by 64-bit pointers
 # seed / sample_offset: one type whatever the value, never value-specialised (no recompiles for new seeds)
 for kernel in (M._conv_fwd_kernel, M._conv_wgrad_kernel):
     params = {p.name: p for p in kernel.fn.params}
