@@ -189,44 +189,36 @@ double sq_error_grad_(float* rows, const float* bias, const Feat& target, float 
   const Units units(target.n, HW);
   std::vector<double> loss_part(units.count, 0.0);
   std::vector<double> col_part(bias_grad ? units.count * C : 0, 0.0);
-  const bool t_pixel_inner = target.sp == 1;
   for_units(units, C, [&](int64_t u) {
     const int64_t n = units.sample(u), p0 = units.p0(u), p1 = units.p1(u);
-    double* col = bias_grad ? col_part.data() + u * C : nullptr;
-    double acc = 0.0;
     const float* t = target.ptr + n * target.sn;
-    float* g = rows + (n * HW) * C;
-    if (t_pixel_inner) {
-      // target NCHW: channel-major within the unit (the unit's rows stay in L1/L2).
+    // Teacher not channels-innermost (NCHW): gather the unit's tile as rows first (it stays in L1),
+    // so that the main loop runs over contiguous channels and vectorises.
+    std::vector<float> tile;
+    if (target.sc != 1) {
+      tile.resize((p1 - p0) * C);
+      for (int64_t j = 0; j < C; ++j)
+        for (int64_t p = p0; p < p1; ++p) tile[(p - p0) * C + j] = t[j * target.sc + p * target.sp];
+    }
+    // Per-channel partials in float over the unit's <= kPixBlock pixels, then double, fixed order.
+    std::vector<float> sq(C, 0.f), colf(C, 0.f);
+    float* __restrict sqp = sq.data();
+    float* __restrict cp = colf.data();
+    for (int64_t p = p0; p < p1; ++p) {
+      float* __restrict r = rows + (n * HW + p) * C;
+      const float* __restrict tp = tile.empty() ? t + p * target.sp : tile.data() + (p - p0) * C;
       for (int64_t j = 0; j < C; ++j) {
-        const float* tj = t + j * target.sc;
-        const float b = bias[j];
-        double cj = 0.0;
-        float part = 0.f;
-        for (int64_t p = p0; p < p1; ++p) {
-          const float d = (g[p * C + j] + b) - tj[p];
-          part += d * d;
-          cj += d;
-          g[p * C + j] = scale * d;
-        }
-        acc += part;
-        if (col) col[j] = cj;
-      }
-    } else {
-      for (int64_t p = p0; p < p1; ++p) {
-        const float* tp = t + p * target.sp;
-        float* r = g + p * C;
-        float part = 0.f;
-        for (int64_t j = 0; j < C; ++j) {
-          const float d = (r[j] + bias[j]) - tp[j * target.sc];
-          part += d * d;
-          if (col) col[j] += d;
-          r[j] = scale * d;
-        }
-        acc += part;
+        const float d = (r[j] + bias[j]) - tp[j];
+        sqp[j] += d * d;
+        cp[j] += d;
+        r[j] = scale * d;
       }
     }
+    double acc = 0.0;
+    for (int64_t j = 0; j < C; ++j) acc += sqp[j];
     loss_part[u] = acc;
+    if (bias_grad)
+      for (int64_t j = 0; j < C; ++j) col_part[u * C + j] = cp[j];
   });
   if (bias_grad) ordered_colsum(col_part, units.count, C, scale, bias_grad);
   double total = 0.0;
@@ -240,17 +232,21 @@ void relu_gate_(float* grad_rows, const float* act, int64_t n, int64_t hw, int64
   std::vector<double> col_part(bias_grad ? units.count * c : 0, 0.0);
   for_units(units, c, [&](int64_t u) {
     const int64_t s = units.sample(u), p0 = units.p0(u), p1 = units.p1(u);
-    double* col = bias_grad ? col_part.data() + u * c : nullptr;
+    std::vector<float> colf(c, 0.f);
+    float* __restrict cp = colf.data();
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t m = s * hw + p;
-      float* gr = grad_rows + m * c;
-      const float* a = act + m * c;
+      float* __restrict gr = grad_rows + m * c;
+      const float* __restrict a = act + m * c;
       for (int64_t j = 0; j < c; ++j) {
-        const float v = a[j] > 0.f ? go * gr[j] : 0.f;
+        const float scaled = go * gr[j];  // computed unconditionally: a select, not a branch
+        const float v = a[j] > 0.f ? scaled : 0.f;
         gr[j] = v;
-        if (col) col[j] += v;
+        cp[j] += v;
       }
     }
+    if (bias_grad)
+      for (int64_t j = 0; j < c; ++j) col_part[u * c + j] = cp[j];
   });
   if (bias_grad) ordered_colsum(col_part, units.count, c, 1.0, bias_grad);
 }
