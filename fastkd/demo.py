@@ -185,8 +185,22 @@ def report(results: List[Dict[str, object]], command: str, total_s: float) -> st
     ])
 
 
+def _hide_numba_finalizer_noise(unraisable) -> None:
+    """Each FFCV loader compiles its pipeline with numba; when a finished run's loaders are freed, numba's
+    dispatcher finalizer can raise a harmless KeyError that Python prints as "Exception ignored in ...".
+    Hide exactly that one (innermost frame in numba/core/dispatcher.py); report everything else."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    if isinstance(unraisable.exc_value, KeyError) and where.endswith(os.path.join("numba", "core", "dispatcher.py")):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    sys.unraisablehook = _hide_numba_finalizer_noise
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
