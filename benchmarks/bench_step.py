@@ -151,7 +151,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="append the table to this results file (markdown)")
     args = p.parse_args()
     if args.tiny:
-        args.batch, args.size, args.warmup, args.rep = 4, 64, 1, 2
+        args.batch, args.size, args.warmup, args.rep = 4, 64, 2, 3
+        print("bench_step --tiny: a smoke test of the script; its timings and targets mean nothing", flush=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_step: no CUDA device; use --device cpu --tiny for a smoke test", file=sys.stderr)
