@@ -108,7 +108,8 @@ def measure(recipe: str, args, device, dtype) -> List[Dict[str, object]]:
             teacher_step()
             tf = bench(teacher_step, device, **kw)
             times[f"teacher-{name}"] = tf["ms"]
-            rows.append({"name": f"teacher fwd of {name} ({'compiled' if compile else 'eager'})", "ms": tf, "mem": None})
+            mode = "compiled" if compile else "eager"
+            rows.append({"name": f"teacher fwd of {name} ({mode})", "ms": tf, "mem": None})
         del distiller, opt
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -130,7 +131,8 @@ def measure(recipe: str, args, device, dtype) -> List[Dict[str, object]]:
             share = times[f"teacher-{r['name']}"] / base
             speed_ok = ref / ms >= 1.2
             over_ok = overhead <= share + 0.15
-            print(f"{recipe}: {r['name']} vs kd-ref {ref / ms:.2f}x (target >= 1.2x: {'met' if speed_ok else 'NOT met'}); "
+            print(f"{recipe}: {r['name']} vs kd-ref {ref / ms:.2f}x "
+                  f"(target >= 1.2x: {'met' if speed_ok else 'NOT met'}); "
                   f"overhead {100 * overhead:.0f} % vs teacher share {100 * share:.0f} % + 15 % "
                   f"({'met' if over_ok else 'NOT met'})", flush=True)
     return out
@@ -157,8 +159,8 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench_step: no CUDA device; use --device cpu --tiny for a smoke test", file=sys.stderr)
         return 2
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype,
-                                                                   torch.bfloat16 if device.type == "cuda" else torch.float32)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, auto)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     rows = []
