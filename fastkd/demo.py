@@ -58,7 +58,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
     p.add_argument("--only", nargs="+", choices=("teacher",) + STUDENTS, default=None,
-                   help="run only these (the others' results are read from their run directories)")
+                   help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
     return p.parse_args(argv)
 
@@ -115,7 +115,7 @@ def summarize(name: str, run_dir: str, wall: Optional[float] = None, plot: Optio
     from .engine.metrics import read_metrics
 
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        raise ConfigError(f"no finished {name} run in {run_dir}: run it first (leave out --only)")
+        raise ConfigError(f"no finished {name} run in {run_dir}")
     rows = read_metrics(run_dir)
     evals = [r for r in rows if r.get("kind") == "eval"]
     train_rows = [r for r in rows if r.get("kind") == "train"]
@@ -225,7 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cfg = run_config(name, args, extra)
             if name in todo:
                 results.append(train_one(name, cfg))
-            else:
+            elif os.path.isfile(os.path.join(cfg.run_dir, "metrics.jsonl")):  # an earlier run: into the table
                 results.append(summarize(name, cfg.run_dir))
             if name == "teacher" and name in todo:
                 export_student(cfg.run_dir, teacher_pt)

@@ -74,7 +74,26 @@ def test_demo_end_to_end(tiny_fashion, tmp_path, capsys):
             assert a["top1"] == b["top1"]
 
 
-def test_demo_missing_runs_are_a_clear_error(tiny_fashion, tmp_path, capsys):
-    rc = demo.main(args(tiny_fashion, tmp_path / "none", "train.max_steps=1", "--only", "baseline"))
+def test_demo_student_without_teacher_is_a_clear_error(tiny_fashion, tmp_path, capsys):
+    rc = demo.main(args(tiny_fashion, tmp_path / "none", "train.max_steps=1", "--only", "mgd"))
     assert rc == 2
-    assert "teacher" in capsys.readouterr().err
+    assert "teacher checkpoint not found" in capsys.readouterr().err
+
+
+def test_demo_ffcv_path(tiny_fashion, tmp_path, capsys):
+    """make demo's own path: .beton files (written once, then found), FFCV loaders; the teacher alone."""
+    from fastkd.data.writers import ArraySource, write_beton
+
+    data = tmp_path / "beton"
+    data.mkdir()
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images, labels = fashion_mnist.load(split, str(tiny_fashion))
+        write_beton(ArraySource(images, labels, name=split, classes=fashion_mnist.CLASSES),
+                    str(data / f"{split}.beton"), write_mode="raw", num_workers=1, progress=False)
+    rc = demo.main(["--device", "cpu", "--data-dir", str(data), "--out", str(tmp_path / "runs"),
+                    "train.max_steps=2", "train.batch_size=32", "train.progress=false", "--only", "teacher"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert f".beton files present in {data}" in out and "| teacher | convnet_small |" in out
+    results = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert [r["name"] for r in results] == ["teacher"] and results[0]["val_images"] == 160
