@@ -83,12 +83,14 @@ def prepare_data(cfg) -> str:
     return f"wrote {', '.join(files)} from {source} in {time.time() - t0:.0f} s"
 
 
-def run_config(name: str, args: argparse.Namespace, extra: Sequence[str]):
+def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
+    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
     from .config import load_config
 
     side = args.teacher if name == "teacher" else args.students
-    overrides = [f"run_dir={os.path.join(args.out, name)}", f"data.path={args.data_dir}", *extra,
-                 *args.overrides, *side]
+    uses_teacher = name not in ("teacher", "baseline")
+    overrides = [f"run_dir={os.path.join(args.out, name)}", f"data.path={args.data_dir}",
+                 *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
     return load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
 
 
@@ -215,21 +217,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .engine.export import export_student
 
     t_start = time.time()
-    todo = args.only or ("teacher",) + STUDENTS
     teacher_pt = os.path.join(args.out, "teacher.pt")
+    names = [n for n in ("teacher",) + STUDENTS if args.only is None or n in args.only]
     try:
-        print(prepare_data(run_config("teacher", args, [])), flush=True)
+        configs = {n: run_config(n, args, teacher_pt) for n in names}  # all validated before anything runs
+        print(prepare_data(configs[names[0]]), flush=True)
         results = []
         for name in ("teacher",) + STUDENTS:
-            extra = [] if name in ("teacher", "baseline") else [f"teacher.checkpoint={teacher_pt}"]
-            cfg = run_config(name, args, extra)
-            if name in todo:
-                results.append(train_one(name, cfg))
-            elif os.path.isfile(os.path.join(cfg.run_dir, "metrics.jsonl")):  # an earlier run: into the table
-                results.append(summarize(name, cfg.run_dir))
-            if name == "teacher" and name in todo:
-                export_student(cfg.run_dir, teacher_pt)
-                print(f"exported the teacher to {teacher_pt}", flush=True)
+            if name in configs:
+                results.append(train_one(name, configs[name]))
+                if name == "teacher":
+                    export_student(configs[name].run_dir, teacher_pt)
+                    print(f"exported the teacher to {teacher_pt}", flush=True)
+            elif os.path.isfile(os.path.join(args.out, name, "metrics.jsonl")):  # an earlier run: into the table
+                results.append(summarize(name, os.path.join(args.out, name)))
     except ConfigError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
         return 2
