@@ -142,18 +142,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=["r34_r18_mgd", "r50_mbv1_mgd"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=None, help="default 256 (--tiny: 4)")
+    p.add_argument("--size", type=int, default=None, help="image side, default 224 (--tiny: 64)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: batch 4, 64 px, 2 repetitions")
     p.add_argument("--no-compile", action="store_true", help="time the fused losses eagerly instead of compiled")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rep", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=None, help="CPU warm-up runs, default 3 (--tiny: 2)")
+    p.add_argument("--rep", type=int, default=None, help="CPU timed runs, default 10 (--tiny: 3)")
     p.add_argument("--out", default=None, help="append the table to this results file (markdown)")
     args = p.parse_args()
+    for key, full, tiny in (("batch", 256, 4), ("size", 224, 64), ("warmup", 3, 2), ("rep", 10, 3)):
+        if getattr(args, key) is None:
+            setattr(args, key, tiny if args.tiny else full)
     if args.tiny:
-        args.batch, args.size, args.warmup, args.rep = 4, 64, 2, 3
         print("bench_step --tiny: a smoke test of the script; its timings and targets mean nothing", flush=True)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
