@@ -17,6 +17,16 @@ NO_TEACHER = ["teacher=null", "distill.pairs=[]", "distill.kd=null"]
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The engine runs in this process (a one-process group, kept alive for the next run) and writes
+    RANK/WORLD_SIZE/MASTER_* and, for --device cpu, CUDA_VISIBLE_DEVICES: leave the environment as found."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def test_train_without_teacher(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from fastkd.distill import distiller as distiller_mod

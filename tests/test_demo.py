@@ -16,6 +16,16 @@ from fastkd.data.idx import write_idx
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The engine runs in this process (a one-process group, kept alive for the next run) and writes
+    RANK/WORLD_SIZE/MASTER_* and, for --device cpu, CUDA_VISIBLE_DEVICES: leave the environment as found."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def tiny_fashion(tmp_path_factory):
     """The four IDX files with 320 train / 160 test images cut from the real Fashion-MNIST."""
