@@ -1,7 +1,7 @@
 """``fastkd train | eval | export | plot | data | bench``.
 
     fastkd train configs/demo/mgd.yaml optim.lr=0.2 distill.pairs.0.alpha=1e-5
-    deepspeed --num_gpus 8 -m fastkd.cli train cfg.yaml          (or: deepspeed $(which fastkd) train ...)
+    deepspeed --num_gpus 8 --module fastkd.cli train cfg.yaml          (or: deepspeed $(which fastkd) train ...)
     fastkd eval cfg.yaml --weights runs/x/student.pt
     fastkd export runs/x --out student.pt
     fastkd plot runs/x

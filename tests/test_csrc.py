@@ -241,7 +241,7 @@ def test_auto_on_cpu_picks_csrc():
     csrc()
     s, t, params = _mgd_inputs(2, 8, 8, 5, 6)
     inputs = dict(student=s, teacher=t, gen_w1=params["gen_w1"], align_w=None, mask="spatial")
-    assert dispatch.select("mgd_loss", "auto", "cpu", inputs).name == dispatch.AUTO_ORDER["cpu"][0]
+    assert dispatch.select("mgd_loss", "auto", "cpu", inputs).name == dispatch.auto_order("mgd_loss", "cpu")[0]
     assert dict(explain("mgd_loss", "cpu", **inputs))["csrc"] is None
 
 

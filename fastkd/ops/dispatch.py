@@ -22,11 +22,20 @@ _REGISTRY: Dict[str, str] = {
     "triton": "fastkd.ops._triton_backend:BACKEND",
     "csrc": "fastkd.ops._csrc_backend:BACKEND",
 }
-# Preference order of ``auto`` per device type (first acceptable wins; "reference" always accepts).
+# Preference order of ``auto`` per device type (first acceptable wins; "reference" always accepts),
+# with per-op exceptions keyed "device:op". Chosen by measurement (benchmarks/results/cpu.md, idle
+# 2-core run): the csrc MGD is 1.2-1.4x eager at every shape; the csrc CT is 1.3x eager at 128
+# channels but 0.86-0.96x at 64 and 256, so on the CPU CT keeps the reference.
 AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "reference"],
     "cpu": ["csrc", "reference"],
+    "cpu:ct_loss": ["reference", "csrc"],
 }
+
+
+def auto_order(op: str, dev_type: str) -> List[str]:
+    """Backends ``auto`` tries for ``op`` on a device type, in order."""
+    return AUTO_ORDER.get(f"{dev_type}:{op}") or AUTO_ORDER.get(dev_type, ["reference"])
 _LOADED: Dict[str, object] = {}
 _LOAD_ERRORS: Dict[str, str] = {}
 
@@ -96,7 +105,7 @@ def refusal(name: str, op: str, inputs: dict) -> Optional[str]:
 def explain(op: str, device: torch.device | str, **inputs) -> List[Tuple[str, Optional[str]]]:
     """[(backend, reason or None)] in ``auto`` order for this device, then the remaining backends."""
     dev_type = torch.device(device).type
-    order = [b for b in AUTO_ORDER.get(dev_type, ["reference"]) if b in _REGISTRY]
+    order = [b for b in auto_order(op, dev_type) if b in _REGISTRY]
     order += [b for b in _REGISTRY if b not in order]
     return [(b, refusal(b, op, inputs)) for b in order]
 
@@ -110,7 +119,7 @@ def select(op: str, backend: str, device: torch.device | str, inputs: dict):
         return _LOADED[backend]
     dev_type = torch.device(device).type
     reasons = []
-    for name in AUTO_ORDER.get(dev_type, ["reference"]):
+    for name in auto_order(op, dev_type):
         if name not in _REGISTRY:
             continue
         why = refusal(name, op, inputs)
