@@ -30,6 +30,17 @@ def _cfg(cls):
     return dataclass(config=_PYD, kw_only=True)(cls)
 
 
+def import_factory(spec: str, what: str):
+    """The callable named by ``package.module:attribute`` (user-supplied models and data sources)."""
+    import importlib
+
+    module_name, attr = spec.split(":", 1)
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{what} {spec!r}: cannot import {attr} from {module_name}: {exc}") from None
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)

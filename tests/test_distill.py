@@ -86,3 +86,13 @@ def test_alpha_auto_calibration_and_checkpointed(tmp_path):
     d2, _ = _distiller(tmp_path, alpha="auto")
     d2.load_state_dict(d.state_dict())  # the chosen alpha travels in the module's extra state
     assert d2.losses["mgd_layer2"].alpha == pytest.approx(chosen["mgd.layer2"])
+
+
+def test_unknown_model_name_is_a_config_error_with_a_suggestion():
+    from fastkd.config import ConfigError, ModelConfig
+    from fastkd.distill import build_model
+
+    with pytest.raises(ConfigError, match=r"student.name: unknown model 'resnet19'; did you mean 'resnet18'"):
+        build_model(ModelConfig(name="resnet19", num_classes=10), "student")
+    with pytest.raises(ConfigError, match=r"teacher.name 'no_such_pkg:factory': cannot import factory"):
+        build_model(ModelConfig(name="no_such_pkg:factory", num_classes=10), "teacher")

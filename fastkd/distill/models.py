@@ -1,14 +1,13 @@
 """Building the student and teacher, loading checkpoints with a strict key check, freezing the teacher."""
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Dict, Optional
 
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, import_factory
 
 # Containers a state dict may be wrapped in (fastkd export, DeepSpeed "module", common trainers).
 _WRAPPER_KEYS = ("student", "state_dict", "model", "module")
@@ -18,12 +17,7 @@ def build_model(cfg: ModelConfig, role: str) -> nn.Module:
     """``fastkd.models.build(name, ...)``, or a ``package.module:factory`` callable with the same signature."""
     kwargs = dict(num_classes=cfg.num_classes, in_channels=cfg.in_channels, **cfg.kwargs)
     if ":" in cfg.name:
-        module_name, attr = cfg.name.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{role}.name {cfg.name!r}: cannot import {attr} from {module_name}: {exc}") from None
-        model = factory(**kwargs)
+        model = import_factory(cfg.name, f"{role}.name")(**kwargs)
     else:
         try:
             from .. import models
@@ -31,7 +25,7 @@ def build_model(cfg: ModelConfig, role: str) -> nn.Module:
             raise ConfigError(f"{role}.name {cfg.name!r}: fastkd.models is not importable ({exc})") from None
         try:
             model = models.build(cfg.name, **kwargs)
-        except KeyError as exc:
+        except (KeyError, ValueError, ImportError) as exc:  # unknown name (with a suggestion), missing tv/timm
             raise ConfigError(f"{role}.name: {exc.args[0] if exc.args else cfg.name}") from None
     if cfg.feature_layers:
         from ..models import adapt

@@ -8,12 +8,11 @@ whatever the split between processes and accumulation.
 """
 from __future__ import annotations
 
-import importlib
 from typing import Iterator, Optional, Tuple
 
 import torch
 
-from ..config import ConfigError, DataConfig
+from ..config import ConfigError, DataConfig, import_factory
 
 
 def sample_offset(micro_step: int, rank: int, world: int, micro: int) -> int:
@@ -94,11 +93,7 @@ def build_loaders(cfg: DataConfig, *, micro: int, grad_accum: int, rank: int, wo
         return (TrainLoader(train, micro=micro, grad_accum=grad_accum, rank=rank, world=world, seed=seed, device=device),
                 ValLoader(val, batch=micro, rank=rank, world=world, device=device))
     if ":" in cfg.source:
-        module_name, attr = cfg.source.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"data.source {cfg.source!r}: {exc}") from None
+        factory = import_factory(cfg.source, "data.source")
     else:
         try:
             from ..data import build_loader as factory
