@@ -96,3 +96,17 @@ def test_unknown_model_name_is_a_config_error_with_a_suggestion():
         build_model(ModelConfig(name="resnet19", num_classes=10), "student")
     with pytest.raises(ConfigError, match=r"teacher.name 'no_such_pkg:factory': cannot import factory"):
         build_model(ModelConfig(name="no_such_pkg:factory", num_classes=10), "teacher")
+
+
+def test_explicit_alphas_of_the_config_win_after_a_resume():
+    cfg = DistillConfig(pairs=[PairConfig(student="layer2", teacher="layer2", loss="mgd", alpha=1e-3),
+                               PairConfig(student="layer1", teacher="layer1", loss="ct", alpha="auto")],
+                        kd=KDConfig(alpha=0.5))
+    s_feats = {"layer1": torch.randn(2, 4, 4, 4), "layer2": torch.randn(2, 8, 2, 2)}
+    specs = check_pairs(cfg.pairs, s_feats, s_feats)
+    distiller = Distiller(tiny(width=4), tiny(width=4), specs, build_losses(specs, seed=0, backend="reference"), cfg)
+    mgd, ct = (distiller.losses[sp.key] for sp in specs)
+    mgd.alpha, ct.alpha, distiller.kd.alpha = 7.0, 3.0, 9.0  # as restored from a checkpoint
+    changed = distiller.apply_explicit_alphas(cfg)
+    assert sorted(name for name, _, _ in changed) == ["kd", "mgd.layer2"]
+    assert (mgd.alpha, ct.alpha, distiller.kd.alpha) == (1e-3, 3.0, 0.5)  # the calibrated 'auto' one is kept

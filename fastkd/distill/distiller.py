@@ -191,6 +191,21 @@ class Distiller(nn.Module):
             chosen[name] = mod.alpha
         return chosen
 
+    def apply_explicit_alphas(self, cfg: DistillConfig) -> List[Tuple[str, float, float]]:
+        """After a resume: numeric alphas of the config win over the checkpoint's (``auto`` ones are kept).
+
+        Returns (loss name, checkpoint alpha, config alpha) for every value that changed.
+        """
+        explicit = {sp.name: (self.losses[sp.key], sp.cfg.alpha) for sp in self.specs if sp.cfg.alpha != "auto"}
+        if self.kd is not None and cfg.kd is not None and cfg.kd.alpha != "auto":
+            explicit["kd"] = (self.kd, cfg.kd.alpha)
+        changed = []
+        for name, (mod, alpha) in explicit.items():
+            if mod.alpha != float(alpha):
+                changed.append((name, mod.alpha, float(alpha)))
+                mod.alpha = float(alpha)
+        return changed
+
     def alphas(self) -> Dict[str, float]:
         out = {sp.name: self.losses[sp.key].alpha for sp in self.specs}
         if self.kd is not None:

@@ -166,6 +166,8 @@ class Trainer:
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at the end of an epoch
             self.epoch, self.step_in_epoch, self.loader_resume = self.epoch + 1, 0, None
         self._message(f"resumed from {os.path.join(root, tag)} at step {self.step} (epoch {self.epoch})")
+        for name, old, new in self.distiller.apply_explicit_alphas(self.cfg.distill):
+            self._message(f"alpha of {name}: the config's {new:.4g} replaces the checkpoint's {old:.4g}")
 
     def _message(self, text: str) -> None:
         if getattr(self, "log", None) is not None:
