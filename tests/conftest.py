@@ -16,3 +16,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def restore_environ():
+    """For tests that run the engine in this process (a one-process group, kept alive for the next run),
+    which writes RANK/WORLD_SIZE/MASTER_* and, for --device cpu, CUDA_VISIBLE_DEVICES: leave the
+    environment as found."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

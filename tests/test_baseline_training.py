@@ -14,17 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tests", "tiny.yaml")
 NO_TEACHER = ["teacher=null", "distill.pairs=[]", "distill.kd=null"]
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """The engine runs in this process (a one-process group, kept alive for the next run) and writes
-    RANK/WORLD_SIZE/MASTER_* and, for --device cpu, CUDA_VISIBLE_DEVICES: leave the environment as found."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 
 
 def test_train_without_teacher(tmp_path, monkeypatch):

@@ -13,17 +13,7 @@ from fastkd import demo
 from fastkd.data import fashion_mnist
 from fastkd.data.idx import write_idx
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """The engine runs in this process (a one-process group, kept alive for the next run) and writes
-    RANK/WORLD_SIZE/MASTER_* and, for --device cpu, CUDA_VISIBLE_DEVICES: leave the environment as found."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 
 
 @pytest.fixture(scope="module")
