@@ -10,6 +10,7 @@ A fully consumed epoch advances ``epoch`` by itself; ``set_epoch`` sets it expli
 """
 from __future__ import annotations
 
+import abc
 import os
 from typing import Callable, Iterator, Optional, Tuple
 
@@ -26,7 +27,7 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-class EpochLoader:
+class EpochLoader(abc.ABC):
     """Base class: subclasses implement ``_iterate(order, epoch, resolution)``."""
 
     backend = "base"
@@ -101,5 +102,6 @@ class EpochLoader:
         # Reached only when the epoch was consumed to its end.
         self.set_epoch(epoch + 1)
 
+    @abc.abstractmethod
     def _iterate(self, order: np.ndarray, epoch: int, resolution: int):
-        raise NotImplementedError
+        """Yield this epoch's batches for the sample indices ``order`` (each loader's own pipeline)."""
