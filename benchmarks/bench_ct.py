@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():  # kernels run in the interpreter; must be set before triton loads them
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import (CPU_NOTE, bench, device_peaks, environment, peak_memory_bytes,  # noqa: E402
-                               results_path, write_results)
+from benchmarks.common import (bench, device_peaks, environment, peak_memory_bytes,  # noqa: E402
+                               report_kernel_run)
 from fastkd.ops import ct_loss, reference  # noqa: E402
 
 # name -> (N, Cs, Ch, Ct, H, W); Ch = Ct (METHODS.md default).
@@ -167,17 +167,12 @@ def main():
             torch.cuda.empty_cache()
 
     if args.out:
-        path = results_path("ct", device, args.out)
         notes = ("Forward = training forward (inputs require grad); backward = backward alone (graph retained); "
                  "full = both. GB/s = bytes the fused design moves / time (same bytes for every impl). "
                  "min ms = unavoidable traffic (read S, T; write dS) at the HBM peak. Peak extra memory of one "
                  "forward+backward beyond the inputs. torch.compile runs without donated buffers (so that "
                  "its backward can be re-run for the backward-alone timing).")
-        if device.type == "cpu":
-            notes += CPU_NOTE
-        title = f"CT loss, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}{', tiny' if args.tiny else ''}"
-        cmd = "python benchmarks/bench_ct.py " + " ".join(sys.argv[1:])
-        print(write_results(path, title, columns, rows, env, cmd, notes))
+        print(report_kernel_run("ct", "CT", device, args.out, args, columns, rows, env, notes))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():  # kernels run in the interpreter; must be set before triton loads them
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import (CPU_NOTE, bench, device_peaks, environment, peak_memory_bytes,  # noqa: E402
-                               results_path, write_results)
+from benchmarks.common import (bench, device_peaks, environment, peak_memory_bytes,  # noqa: E402
+                               report_kernel_run)
 from fastkd.ops import mgd_loss, reference  # noqa: E402
 
 # name -> (N, Cs, Ct, H, W, mask, ratio, alpha)   (METHODS.md: official MGD settings per task)
@@ -196,16 +196,11 @@ def main():
             torch.cuda.empty_cache()
 
     if args.out:
-        path = results_path("mgd", device, args.out)
         notes = ("Forward = training forward (inputs require grad); backward = backward alone (graph retained); "
                  "full = both. TFLOP/s = dense FLOPs of align + both 3x3 convolutions (backward = 2x forward) / time. "
                  "Peak extra memory of one forward+backward beyond the inputs. 'conv kernels only' = the same FLOPs "
                  "over the CUDA time of the fused convolution kernels (profiler), the rest listed as other kernels.")
-        if device.type == "cpu":
-            notes += CPU_NOTE
-        title = f"MGD loss, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}{', tiny' if args.tiny else ''}"
-        cmd = "python benchmarks/bench_mgd.py " + " ".join(sys.argv[1:])
-        print(write_results(path, title, columns, rows, env, cmd, notes))
+        print(report_kernel_run("mgd", "MGD", device, args.out, args, columns, rows, env, notes))
 
 
 if __name__ == "__main__":

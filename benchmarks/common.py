@@ -164,3 +164,16 @@ def write_results(path: str, title: str, columns: Sequence[str], rows: Sequence[
     with open(path, "a") as f:
         f.write(text)
     return text
+
+
+def report_kernel_run(name: str, label: str, device, out: str, args, columns: Sequence[str],
+                      rows: Sequence[Sequence[object]], env: Dict[str, str], notes: str) -> str:
+    """Write a fused-loss benchmark's table (bench_ct / bench_mgd): file from ``results_path``, title from the
+    dtype / layout / size flags in ``args``, the command as run, and the CPU note when on the CPU."""
+    import sys
+
+    if torch.device(device).type == "cpu":
+        notes += CPU_NOTE
+    title = f"{label} loss, {args.dtype}, {'NCHW' if args.nchw else 'channels_last'}{', tiny' if args.tiny else ''}"
+    cmd = f"python benchmarks/bench_{name}.py " + " ".join(sys.argv[1:])
+    return write_results(results_path(name, device, out), title, columns, rows, env, cmd, notes)
