@@ -6,9 +6,12 @@ float32 NCHW, with the same number of workers.  FFCV reads .beton files
 written from that folder with each of --ffcv-modes ('raw': decoded pixels, FFCV's choice for
 small images; 'jpg': JPEG q90, as `fastkd data write imagefolder --write-mode jpg`); the fallback
 decodes the JPEG files with PIL in DataLoader worker processes.  Reported: images/s over whole epochs after one
-warm-up epoch (FFCV's JIT compile and page cache), median of --epochs.
+warm-up epoch (FFCV's JIT compile and page cache), median of --epochs, and the time from the start
+of an epoch to its first batch (the pipeline fill every epoch pays).  Use epochs of at least ~16
+batches (the default 1024 images): with a handful of batches per epoch the fill, not the loader's
+throughput, dominates the figure (an ImageNet epoch is 20,000 batches).
 
-  python benchmarks/bench_data.py --images 512 --workers 2 --epochs 3 --out benchmarks/results/data_cpu.md
+  python benchmarks/bench_data.py --images 1024 --workers 2 --epochs 3 --out benchmarks/results/data_cpu.md
 """
 from __future__ import annotations
 
@@ -42,21 +45,25 @@ def make_folder(root: str, n: int, classes: int = 10, side: int = 400) -> None:
         Image.fromarray(img).save(os.path.join(d, f"{k}.jpg"), quality=90)
 
 
-def run_epochs(loader, epochs: int) -> list:
-    rates = []
+def run_epochs(loader, epochs: int) -> tuple:
+    """images/s of whole epochs, and the time from the start of each epoch to its first batch (ms)."""
+    rates, firsts = [], []
     for epoch in range(epochs + 1):  # epoch 0 warms up (JIT compile, worker start, page cache)
         loader.set_epoch(epoch)
-        n, t0 = 0, time.perf_counter()
+        n, t0, first = 0, time.perf_counter(), None
         for images, _ in loader:
+            if first is None:
+                first = time.perf_counter() - t0
             n += images.shape[0]
         if epoch:
             rates.append(n / (time.perf_counter() - t0))
-    return rates
+            firsts.append(1e3 * first)
+    return rates, firsts
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--images", type=int, default=1024)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -89,9 +96,10 @@ def main() -> None:
     results = {}
     for name, source, path in runs:
         loader = build_loader("train", source=source, **{**common, "path": path})
-        rates = run_epochs(loader, args.epochs)
-        results[name] = (statistics.median(rates), min(rates), max(rates))
-        print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f})")
+        rates, firsts = run_epochs(loader, args.epochs)
+        results[name] = (statistics.median(rates), min(rates), max(rates), statistics.median(firsts))
+        print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f}), "
+              f"first batch after {results[name][3]:.0f} ms")
         del loader
     base = results[runs[-1][0]][0]
     for name, _, _ in runs[:-1]:
@@ -109,13 +117,12 @@ def main() -> None:
                 f"output {args.size}x{args.size} RandomResizedCrop(0.08-1) + flip + normalise, float32{' channels_last' if args.channels_last else ''}, "
                 f"batch {args.batch_size}, {args.workers} workers each, median of {args.epochs} epochs after 1 warm-up",
                 f"- load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-                "(shared machine: other jobs were running, numbers are noisy)", "",
-                "| loader | images/s (median) | min | max |", "|---|---|---|---|"]
-        rows += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} |" for k, v in results.items()]
-        rows = [r.replace("| max |", "| max | vs torch |").replace("|---|---|---|---|", "|---|---|---|---|---|")
-                for r in rows]
-        rows[-len(results):] = [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[0] / base:.2f}x |"
-                                for k, v in results.items()]
+                + ("(other jobs were running: absolute numbers are noisy, compare the ratios)"
+                   if load[0] > 1.5 else f"(about idle for {cpu_count()} cores)"), "",
+                "| loader | images/s (median) | min | max | vs torch | first batch (ms) |",
+                "|---|---|---|---|---|---|"]
+        rows += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[0] / base:.2f}x | {v[3]:.0f} |"
+                 for k, v in results.items()]
         rows += ["", ""]
         with open(args.out, "a") as f:
             f.write("\n".join(rows))

@@ -88,12 +88,15 @@ class NormalizeImageCPU(Operation):
         def normalize(images, dst):
             n, h, w = images.shape[0], images.shape[1], images.shape[2]
             for i in my_range(n):
-                for y in range(h):
-                    for x in range(w):
-                        for c in range(3):
-                            if channels_last:
+                if channels_last:
+                    for y in range(h):
+                        for x in range(w):
+                            for c in range(3):
                                 dst[i, y, x, c] = table[images[i, y, x, c], c]
-                            else:
+                else:  # plane by plane: contiguous writes, stride-3 reads
+                    for c in range(3):
+                        for y in range(h):
+                            for x in range(w):
                                 dst[i, c, y, x] = table[images[i, y, x, c], c]
             return dst[:n]
 
