@@ -136,4 +136,40 @@ double sq_error_grad_(float* rows, const float* bias, const Feat& target, float 
 void relu_gate_(float* grad_rows, const float* act, int64_t n, int64_t hw, int64_t c, float go,
                 float* bias_grad);
 
+// ---------------------------------------------------------------------------------------------
+// Winograd F(4x4, 3x3) for MGD's 3x3 convolutions (winograd.cpp, used by mgd_wino.cpp)
+// ---------------------------------------------------------------------------------------------
+namespace wino {
+
+// One sample's geometry: 4x4 output tiles over H x W, and the zero-padded image the 6x6 input
+// tiles are read from: pixel (y, x) of the image sits at (y + 1, x + 1) of the padded [ph, pw, C].
+struct Geom {
+  int64_t H, W, th, tw, tiles, ph, pw;
+  Geom(int64_t h, int64_t w) : H(h), W(w), th((h + 3) / 4), tw((w + 3) / 4) {
+    tiles = th * tw;
+    ph = 4 * th + 2;
+    pw = 4 * tw + 2;
+  }
+  int64_t padded_elems(int64_t c) const { return ph * pw * c; }
+};
+
+// Transformed features are [36, T, C] (component k = 6a + b, tile t, channel), tile t of sample n
+// of a chunk at t0 + ty * tw + tx; `tmp` is 36*C floats of scratch, out16 16*C.
+// V = B^T d B of every tile of one sample, from its padded image.
+void input_tiles(const float* pad, const Geom& g, int64_t C, float* V, int64_t T, int64_t t0, float* tmp);
+// pad = overlap-add of B dV B^T over the sample's tiles (pad is zeroed first): the adjoint of input_tiles.
+void adjoint_input_tiles(const float* dV, const Geom& g, int64_t C, int64_t T, int64_t t0, float* pad,
+                         float* tmp);
+// out16 = A^T Y A of tile t: [16, C], row-major 4x4 pixels.
+void output_tile(const float* Y, int64_t T, int64_t t, int64_t C, float* out16, float* tmp);
+// V = A dY A^T of every tile of one sample, dY read from its padded image: the adjoint of output_tile.
+void adjoint_output_tiles(const float* pad, const Geom& g, int64_t C, float* V, int64_t T, int64_t t0,
+                          float* tmp);
+// G w G^T of a [O, I, 3, 3] weight: [36, O, I], or [36, I, O] when transposed.
+at::Tensor weight(const at::Tensor& w, bool transposed);
+// scale * G^T dU G: the [O, I, 3, 3] gradient of `weight(w, true)` from dU [36, I, O].
+at::Tensor weight_grad(const at::Tensor& dut, int64_t O, int64_t I, double scale);
+
+}  // namespace wino
+
 }  // namespace fastkd

@@ -58,14 +58,30 @@ at::Tensor masked_input(const at::Tensor& s, const c10::optional<at::Tensor>& al
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward_wino(
+    const at::Tensor& s, const at::Tensor& t, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& b2, const c10::optional<at::Tensor>& align_w, const c10::optional<at::Tensor>& align_b,
+    const MaskSpec& mask, double alpha);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mgd_backward_wino(float go, const at::Tensor& student, const at::Tensor& h, const at::Tensor& dg,
+                  const at::Tensor& db2_saved, const at::Tensor& w1, const at::Tensor& w2,
+                  const c10::optional<at::Tensor>& align_w, const c10::optional<at::Tensor>& align_b,
+                  const MaskSpec& mask, std::array<bool, 6> needs);
+
+// algo: 0 = direct convolutions (oneDNN, this file), 1 = Winograd F(4x4, 3x3) (mgd_wino.cpp).
 // -> (loss, H rows, dL/dG rows, dL/db2). X is not kept: the backward regenerates it from the seed.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& w1, const at::Tensor& b1,
     const at::Tensor& w2, const at::Tensor& b2, const c10::optional<at::Tensor>& align_w,
     const c10::optional<at::Tensor>& align_b, bool spatial, double ratio, double alpha, int64_t seed,
-    int64_t sample_offset) {
+    int64_t sample_offset, int64_t algo) {
+  TORCH_CHECK(algo == 0 || algo == 1, "fastkd._C: mgd algo must be 0 (direct) or 1 (winograd), got ", algo);
   const at::Tensor s = mergeable(student);
   const at::Tensor t = mergeable(teacher);
+  if (algo == 1) {
+    return mgd_forward_wino(s, t, w1, b1, w2, b2, align_w, align_b, mask_spec(spatial, ratio, seed, sample_offset),
+                            alpha);
+  }
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3), M = N * H * W;
   const at::Tensor b1c = b1.contiguous(), b2c = b2.contiguous();
   const MaskSpec mask = mask_spec(spatial, ratio, seed, sample_offset);
@@ -89,8 +105,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 mgd_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor& h, const at::Tensor& dg,
              const at::Tensor& db2_saved, const at::Tensor& w1, const at::Tensor& w2,
              const c10::optional<at::Tensor>& align_w, const c10::optional<at::Tensor>& align_b, bool spatial,
-             double ratio, int64_t seed, int64_t sample_offset, std::array<bool, 6> needs) {
-  
+             double ratio, int64_t seed, int64_t sample_offset, std::array<bool, 6> needs, int64_t algo) {
+  TORCH_CHECK(algo == 0 || algo == 1, "fastkd._C: mgd algo must be 0 (direct) or 1 (winograd), got ", algo);
+  if (algo == 1) {
+    return mgd_backward_wino(grad.item<float>(), student, h, dg, db2_saved, w1, w2, align_w, align_b,
+                             mask_spec(spatial, ratio, seed, sample_offset), needs);
+  }
   const bool n_s = needs[0], n_w1 = needs[1], n_b1 = needs[2], n_w2 = needs[3], n_b2 = needs[4];
   const bool align = align_w.has_value() && align_w->defined();
   const bool n_al = align && needs[5];

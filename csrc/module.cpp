@@ -11,16 +11,16 @@
 namespace fastkd {
 
 // Bumped whenever an op schema or a saved-tensor convention changes: the loader refuses a stale build.
-constexpr int64_t kAbiVersion = 2;
+constexpr int64_t kAbiVersion = 3;
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double,
-    double, int64_t, int64_t);
+    double, int64_t, int64_t, int64_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 mgd_backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
              const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-             const c10::optional<at::Tensor>&, bool, double, int64_t, int64_t, std::array<bool, 6>);
+             const c10::optional<at::Tensor>&, bool, double, int64_t, int64_t, std::array<bool, 6>, int64_t);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_forward(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, double, bool);
@@ -66,10 +66,10 @@ TORCH_LIBRARY(fastkd_C, m) {
   m.def("philox_uniform(Tensor counter, int seed) -> Tensor");
   m.def("mgd_forward(Tensor student, Tensor teacher, Tensor gen_w1, Tensor gen_b1, Tensor gen_w2, "
         "Tensor gen_b2, Tensor? align_w, Tensor? align_b, bool spatial, float ratio, float alpha, int seed, "
-        "int sample_offset) -> (Tensor, Tensor, Tensor, Tensor)");
+        "int sample_offset, int algo=1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("mgd_backward(Tensor grad, Tensor student, Tensor h, Tensor dg, Tensor db2, "
         "Tensor gen_w1, Tensor gen_w2, Tensor? align_w, Tensor? align_b, bool spatial, float ratio, int seed, "
-        "int sample_offset, bool[6] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "int sample_offset, bool[6] needs, int algo=1) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("ct_forward(Tensor student, Tensor teacher, Tensor w1, Tensor b1, Tensor w2, Tensor b2, "
         "float alpha, bool mean) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("ct_backward(Tensor grad, Tensor student, Tensor h, Tensor dp, Tensor db2, Tensor w1, Tensor w2, "

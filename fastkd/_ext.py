@@ -17,7 +17,7 @@ import warnings
 from typing import Optional
 
 # Must equal kAbiVersion in csrc/module.cpp.
-ABI_VERSION = 2
+ABI_VERSION = 3
 REBUILD_HINT = "build it with `pip install --no-build-isolation --no-deps -e .` (or `make setup`)"
 
 _state: dict = {}

@@ -74,6 +74,16 @@ def test_keep_mask_ratio_on_a_drawn_value():
 # ---------------------------------------------------------------------------------------------
 # MGD and CT against the reference: loss and every gradient
 # ---------------------------------------------------------------------------------------------
+ALGOS = ["winograd", "direct"]
+
+
+@pytest.fixture(params=ALGOS)
+def algo(request, monkeypatch):
+    """Each MGD test runs with both convolution algorithms of the csrc kernels."""
+    monkeypatch.setenv("FASTKD_CSRC_MGD_ALGO", request.param)
+    return request.param
+
+
 def _mgd_inputs(n, cs, ct, h, w, channels_last=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale)  # noqa: E731
@@ -103,7 +113,7 @@ def _compare(got, want, names):
 @pytest.mark.parametrize("mode", ["spatial", "channel"])
 @pytest.mark.parametrize("shape", [(3, 24, 24, 5, 9), (2, 16, 24, 7, 7), (4, 8, 8, 13, 17)],
                          ids=["5x9-C24", "align-16to24-7x7", "13x17-C8"])
-def test_mgd_matches_reference(mode, shape):
+def test_mgd_matches_reference(mode, shape, algo):
     b = csrc()
     s, t, params = _mgd_inputs(*shape)
     kw = dict(align_w=params.get("align_w"), align_b=params.get("align_b"), mask=mode, ratio=0.5,
@@ -118,7 +128,7 @@ def test_mgd_matches_reference(mode, shape):
 
 
 @pytest.mark.parametrize("align", [False, True])
-def test_mgd_channels_last_and_partial_grads(align):
+def test_mgd_channels_last_and_partial_grads(align, algo):
     csrc()
     s, t, params = _mgd_inputs(2, 12 if align else 16, 16, 6, 10, channels_last=True, seed=3)
     params["gen_w2"].requires_grad_(False)  # a frozen parameter: no gradient asked for
@@ -134,7 +144,7 @@ def test_mgd_channels_last_and_partial_grads(align):
         assert_close_scaled(mgd_loss(s, t, *p, backend="csrc", **kw), want[0], torch.float32, name="no_grad")
 
 
-def test_mgd_sample_offset_splits_the_batch():
+def test_mgd_sample_offset_splits_the_batch(algo):
     """Two halves with sample_offset draw the same masks as the whole batch (data-parallel split)."""
     csrc()
     s, t, params = _mgd_inputs(4, 8, 8, 5, 5, seed=5)
@@ -144,6 +154,41 @@ def test_mgd_sample_offset_splits_the_batch():
     halves = mgd_loss(s[:2], t[:2], *p, seed=8, **kw) * 2 + mgd_loss(s[2:], t[2:], *p, seed=8, sample_offset=2,
                                                                        **kw) * 2
     assert_close_scaled(halves, whole, torch.float32, name="split")
+
+
+@pytest.mark.parametrize("frozen", [(), ("student",), ("gen_w1", "gen_b1"), ("student", "gen_w1", "gen_b1"),
+                                    ("gen_w2",), ("student", "gen_w1", "gen_b1", "gen_w2")],
+                         ids=["all", "no-student", "no-w1b1", "w2b2-only", "no-w2", "b2-only"])
+def test_mgd_winograd_chunks_and_gradient_subsets(frozen, monkeypatch):
+    """Winograd processes the batch in chunks of samples (the last one shorter here: 45 = 22+22+1) and
+    skips the passes whose gradients nobody asked for; every subset still matches the reference."""
+    csrc()
+    monkeypatch.setenv("FASTKD_CSRC_MGD_ALGO", "winograd")
+    s, t, params = _mgd_inputs(45, 4, 6, 5, 9, seed=8)
+    tensors = {"student": s, **params}
+    for name in frozen:
+        tensors[name].requires_grad_(False)
+    kw = dict(align_w=params["align_w"], align_b=params["align_b"], mask="channel", ratio=0.4, alpha=0.2, seed=5)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    names = [k for k, v in tensors.items() if v.requires_grad]
+    wrt = [tensors[k] for k in names]
+    got = _loss_and_grads(lambda: mgd_loss(s, t, *p, backend="csrc", **kw), wrt, 0.9)
+    want = _loss_and_grads(lambda: reference.mgd_loss(s, t, *p, **kw), wrt, 0.9)
+    _compare(got, want, names)
+
+
+def test_mgd_algorithms_agree_and_unknown_algo_is_named(monkeypatch):
+    csrc()
+    s, t, params = _mgd_inputs(3, 16, 16, 14, 14, seed=6)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    losses = {}
+    for name in ALGOS:
+        monkeypatch.setenv("FASTKD_CSRC_MGD_ALGO", name)
+        losses[name] = mgd_loss(s, t, *p, mask="spatial", ratio=0.65, alpha=1.0, seed=1, backend="csrc")
+    assert_close_scaled(losses["winograd"], losses["direct"], torch.float32, name="winograd vs direct")
+    monkeypatch.setenv("FASTKD_CSRC_MGD_ALGO", "fft")
+    with pytest.raises(ValueError, match="FASTKD_CSRC_MGD_ALGO='fft'"):
+        mgd_loss(s, t, *p, mask="spatial", seed=1, backend="csrc")
 
 
 def _ct_inputs(n, cs, ch, ct, h, w, weights_4d, channels_last=False):
@@ -184,7 +229,7 @@ def test_ct_student_without_grad():
 # ---------------------------------------------------------------------------------------------
 # Determinism: the loss does not depend on the number of threads
 # ---------------------------------------------------------------------------------------------
-def test_loss_bit_equal_across_thread_counts():
+def test_loss_bit_equal_across_thread_counts(algo):
     csrc()
     s, t, params = _mgd_inputs(8, 32, 32, 14, 14, seed=4)
     p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]

@@ -12,11 +12,25 @@ Float32 CPU tensors only; other inputs are refused with a reason and ``auto`` fa
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import _ext
 
 _OPS = ("mgd_forward", "mgd_backward", "ct_forward", "ct_backward")
+
+# How the csrc MGD kernels run the generator's 3x3 convolutions (csrc/mgd.cpp, csrc/mgd_wino.cpp):
+# "winograd" (default; F(4x4,3x3), 3x fewer FLOPs, ~1e-5 relative error) or "direct" (oneDNN).
+MGD_ALGOS = {"direct": 0, "winograd": 1}
+
+
+def mgd_algo() -> int:
+    """The MGD convolution algorithm, from FASTKD_CSRC_MGD_ALGO (default winograd)."""
+    name = os.environ.get("FASTKD_CSRC_MGD_ALGO", "winograd")
+    if name not in MGD_ALGOS:
+        raise ValueError(f"FASTKD_CSRC_MGD_ALGO={name!r}: expected one of {sorted(MGD_ALGOS)}")
+    return MGD_ALGOS[name]
 _registered: dict = {}
 
 
@@ -35,14 +49,14 @@ def _layout_like(t: torch.Tensor) -> torch.memory_format:
 # MGD
 # ---------------------------------------------------------------------------------------------
 def _mgd_forward_fake(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, spatial,
-                      ratio, alpha, seed, sample_offset):
+                      ratio, alpha, seed, sample_offset, algo=1):
     n, c, h, w = teacher.shape
     rows = lambda: teacher.new_empty((n * h * w, c))  # noqa: E731
     return teacher.new_empty(()), rows(), rows(), teacher.new_empty((c,))
 
 
 def _mgd_backward_fake(grad, student, h, dg, db2, gen_w1, gen_w2, align_w, align_b, spatial, ratio, seed,
-                       sample_offset, needs):
+                       sample_offset, needs, algo=1):
     x = h
     e = lambda: x.new_empty((0,))  # noqa: E731
     c = x.shape[1]
@@ -54,13 +68,14 @@ def _mgd_backward_fake(grad, student, h, dg, db2, gen_w1, gen_w2, align_w, align
 
 
 def _mgd_setup_context(ctx, inputs, output):
-    student, _, gen_w1, _, gen_w2, _, align_w, align_b, spatial, ratio, _, seed, sample_offset = inputs
+    student, _, gen_w1, _, gen_w2, _, align_w, align_b, spatial, ratio, _, seed, sample_offset, *algo = inputs
     _, h, dg, db2 = output
     ctx.mark_non_differentiable(h, dg, db2)  # residuals: no zero gradients materialised for them
     ctx.set_materialize_grads(False)
     # The student (saving it copies nothing) regenerates the masked input X in backward.
     ctx.save_for_backward(student, h, dg, db2, gen_w1, gen_w2, align_w, align_b)
     ctx.args = (spatial, ratio, seed, sample_offset)
+    ctx.algo = algo[0] if algo else 1
 
 
 def _mgd_backward(ctx, grad_loss, *unused):
@@ -68,12 +83,12 @@ def _mgd_backward(ctx, grad_loss, *unused):
     ng = ctx.needs_input_grad
     needs = [ng[0], ng[2], ng[3], ng[4], ng[5], bool(ng[6] or ng[7])]
     if not any(needs):
-        return (None,) * 13
+        return (None,) * len(ctx.needs_input_grad)
     g = torch.ops.fastkd_C.mgd_backward(grad_loss, student, h, dg, db2, gen_w1, gen_w2, align_w, align_b,
-                                        *ctx.args, needs)
+                                        *ctx.args, needs, ctx.algo)
     pick = lambda flag, t: t if flag else None  # noqa: E731
     return (pick(ng[0], g[0]), None, pick(ng[2], g[1]), pick(ng[3], g[2]), pick(ng[4], g[3]),
-            pick(ng[5], g[4]), pick(ng[6], g[5]), pick(ng[7], g[6])) + (None,) * 5
+            pick(ng[5], g[4]), pick(ng[6], g[5]), pick(ng[7], g[6])) + (None,) * (len(ng) - 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +178,7 @@ class _CsrcBackend:
                  mask="spatial", ratio=0.65, alpha=2e-5, seed, sample_offset=0):
         return torch.ops.fastkd_C.mgd_forward(
             student, teacher.detach(), gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask == "spatial",
-            float(ratio), float(alpha), _signed64(seed), _signed64(sample_offset))[0]
+            float(ratio), float(alpha), _signed64(seed), _signed64(sample_offset), mgd_algo())[0]
 
     def ct_loss(self, student, teacher, w1, b1, w2, b2, *, alpha=1.0, reduction="sum_over_batch"):
         w1 = w1.reshape(w1.shape[0], w1.shape[1])

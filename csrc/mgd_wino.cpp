@@ -1,0 +1,328 @@
+// fastkd._C: MGD loss, forward and backward, with the 3x3 convolutions by Winograd F(4x4, 3x3)
+// (csrc/winograd.cpp: transforms, why and how accurate). Same ops, inputs, residuals and results as
+// the direct path in csrc/mgd.cpp (algo 0); this is algo 1.
+//
+// Forward, per chunk of samples (two transform buffers V, Y of [36, tiles, C]):
+//   P1  per sample: X = mask * (align(S) + ba) into a zero-padded tile image  -> V = B^T X B
+//       Y = V @ U1                                         (36 GEMMs, one at::bmm)
+//   P2  per sample: H = relu(A^T Y A + b1) -> saved rows, and into a padded image -> V = B^T H B
+//       Y = V @ U2
+//   P3  per sample: G = A^T Y A + b2; d = G - T; loss += d^2; dL/db2 += d; dL/dG = 2 alpha/N d -> saved
+// Backward, per chunk (buffers A, B):
+//   P4  per sample: A = adjoint of the output transform of dL/dG; B = B^T H B (recomputed)
+//       dU2 += B^T @ A;  B = A @ U2^T                      (dL/dW2; dL/dH in the Winograd domain)
+//   P5  per sample: dH = overlap-add of B (dL/dV) B^T; dZ = go * dH * (H > 0), dL/db1 += dZ;
+//       A = adjoint of the output transform of dZ          (dZ never stored)
+//       B = B^T X B (P1 recomputed from the seed);  dU1 += B^T @ A;  B = A @ U1^T
+//   P6  per sample: dX = overlap-add; dL/dA or dL/dS = mask * dX, written in the student's layout
+//   dW = G^T dU G; the align layer's backward is ATen's.
+#include "fastkd.h"
+
+#include <array>
+#include <cstring>
+#include <tuple>
+
+namespace fastkd {
+
+namespace {
+
+using wino::Geom;
+
+// Samples per chunk: each transform buffer [36, chunk * tiles, C] at most ~3/4 of the feature
+// [N, C, H, W] (peak memory), at least 128 tiles per GEMM (MKL efficiency) unless N is smaller.
+int64_t chunk_samples(int64_t N, const Geom& g) {
+  const int64_t by_memory = (N * g.H * g.W * 3) / (4 * 36 * g.tiles);
+  const int64_t by_gemm = (128 + g.tiles - 1) / g.tiles;
+  return std::max<int64_t>(1, std::min(N, std::max(by_memory, by_gemm)));
+}
+
+// Per-thread scratch of one sample: the padded image and the transforms' temporaries.
+struct Scratch {
+  std::vector<float> pad, tmp, out16;
+  Scratch(const Geom& g, int64_t C) : pad(g.padded_elems(C)), tmp(36 * C), out16(16 * C) {}
+};
+
+// Run f(n, scratch) for the samples [n0, n1), one sample per task (any thread; results per sample).
+template <class F>
+void for_samples(int64_t n0, int64_t n1, const Geom& g, int64_t C, F f) {
+  at::parallel_for(n0, n1, 1, [&](int64_t b, int64_t e) {
+    Scratch s(g, C);
+    for (int64_t n = b; n < e; ++n) f(n, s);
+  });
+}
+
+// The padded image of sample n of `src` (any (n, c, p) strides), (+ bias[c]) * keep, zero border.
+void fill_padded(const Feat& src, int64_t n, const float* bias, const MaskSpec* mask, const Geom& g,
+                 float* pad) {
+  const int64_t C = src.c, W = g.W, HW = g.H * g.W;
+  std::memset(pad, 0, sizeof(float) * g.padded_elems(C));
+  std::vector<float> keep;
+  if (mask != nullptr) {
+    const int64_t per = mask->spatial ? HW : C;
+    keep.resize(per);
+    for (int64_t i = 0; i < per; ++i) keep[i] = mask->keep(n, i, per);
+  }
+  const bool spatial = mask != nullptr && mask->spatial;
+  const bool channel = mask != nullptr && !mask->spatial;
+  const float* s = src.ptr + n * src.sn;
+  for (int64_t y = 0; y < g.H; ++y)
+    for (int64_t x = 0; x < W; ++x) {
+      const int64_t p = y * W + x;
+      float* o = pad + ((y + 1) * g.pw + x + 1) * C;
+      const float* sp = s + p * src.sp;
+      const float kp = spatial ? keep[p] : 1.f;
+      for (int64_t c = 0; c < C; ++c) {
+        float v = sp[c * src.sc];
+        if (bias != nullptr) v += bias[c];
+        o[c] = v * (channel ? keep[c] : kp);
+      }
+    }
+}
+
+// The padded image of sample n of rows [N*H*W, C].
+void fill_padded_rows(const float* rows, int64_t n, int64_t C, const Geom& g, float* pad) {
+  std::memset(pad, 0, sizeof(float) * g.padded_elems(C));
+  for (int64_t y = 0; y < g.H; ++y)
+    std::memcpy(pad + ((y + 1) * g.pw + 1) * C, rows + ((n * g.H + y) * g.W) * C, sizeof(float) * g.W * C);
+}
+
+// A contiguous [36, T, C] view of the front of a flat buffer (the last chunk may be shorter).
+at::Tensor chunk_view(const at::Tensor& flat, int64_t T, int64_t C) {
+  return flat.narrow(0, 0, 36 * T * C).view({36, T, C});
+}
+
+at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w) {
+  return at::convolution(x, w, c10::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward_wino(
+    const at::Tensor& s, const at::Tensor& t, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+    const at::Tensor& b2, const c10::optional<at::Tensor>& align_w, const c10::optional<at::Tensor>& align_b,
+    const MaskSpec& mask, double alpha) {
+  const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3), M = N * H * W;
+  const Geom g(H, W);
+  const bool align = align_w.has_value() && align_w->defined();
+  const at::Tensor a = align ? mergeable(conv1x1(s, *align_w)) : s;
+  const at::Tensor ab = align ? align_b->contiguous() : at::Tensor();
+  const at::Tensor b1c = b1.contiguous(), b2c = b2.contiguous();
+  const at::Tensor u1 = wino::weight(w1, true), u2 = wino::weight(w2, true);  // [36, Cin, Cout]
+  at::Tensor h = at::empty({M, C}, t.options()), dg = at::empty({M, C}, t.options());
+  const Feat fa = feat_of(a), ft = feat_of(t);
+  const float* pb1 = b1c.data_ptr<float>();
+  const float* pb2 = b2c.data_ptr<float>();
+  const float* pab = align ? ab.data_ptr<float>() : nullptr;
+  float* ph = h.data_ptr<float>();
+  float* pdg = dg.data_ptr<float>();
+  const float scale = static_cast<float>(2.0 * alpha / static_cast<double>(N));
+  std::vector<double> loss_part(N, 0.0), col_part(N * C, 0.0);
+
+  const int64_t chunk = chunk_samples(N, g);
+  at::Tensor V = at::empty({36 * chunk * g.tiles * C}, t.options());
+  at::Tensor Y = at::empty({36 * chunk * g.tiles * C}, t.options());
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n1 = std::min(N, n0 + chunk), TT = (n1 - n0) * g.tiles;
+    at::Tensor v = chunk_view(V, TT, C), y = chunk_view(Y, TT, C);
+    float* pv = v.data_ptr<float>();
+    for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+      fill_padded(fa, n, pab, &mask, g, sc.pad.data());
+      wino::input_tiles(sc.pad.data(), g, C, pv, TT, (n - n0) * g.tiles, sc.tmp.data());
+    });
+    at::bmm_out(y, v, u1);
+    const float* py = y.data_ptr<float>();
+    for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+      float* pad = sc.pad.data();
+      std::memset(pad, 0, sizeof(float) * g.padded_elems(C));
+      for (int64_t ty = 0; ty < g.th; ++ty)
+        for (int64_t tx = 0; tx < g.tw; ++tx) {
+          wino::output_tile(py, TT, (n - n0) * g.tiles + ty * g.tw + tx, C, sc.out16.data(), sc.tmp.data());
+          for (int64_t i = 0; i < 4 && 4 * ty + i < H; ++i)
+            for (int64_t j = 0; j < 4 && 4 * tx + j < W; ++j) {
+              const int64_t yy = 4 * ty + i, xx = 4 * tx + j;
+              const float* o = sc.out16.data() + (i * 4 + j) * C;
+              float* hr = ph + ((n * H + yy) * W + xx) * C;
+              float* pr = pad + ((yy + 1) * g.pw + xx + 1) * C;
+              for (int64_t c = 0; c < C; ++c) {
+                const float z = o[c] + pb1[c];
+                const float r = z < 0.f ? 0.f : z;  // NaN propagates, as torch.relu
+                hr[c] = r;
+                pr[c] = r;
+              }
+            }
+        }
+      wino::input_tiles(pad, g, C, pv, TT, (n - n0) * g.tiles, sc.tmp.data());
+    });
+    at::bmm_out(y, v, u2);
+    for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+      std::vector<float> sq(C, 0.f), col(C, 0.f);
+      const float* tn = ft.ptr + n * ft.sn;
+      for (int64_t ty = 0; ty < g.th; ++ty)
+        for (int64_t tx = 0; tx < g.tw; ++tx) {
+          wino::output_tile(py, TT, (n - n0) * g.tiles + ty * g.tw + tx, C, sc.out16.data(), sc.tmp.data());
+          for (int64_t i = 0; i < 4 && 4 * ty + i < H; ++i)
+            for (int64_t j = 0; j < 4 && 4 * tx + j < W; ++j) {
+              const int64_t p = (4 * ty + i) * W + 4 * tx + j;
+              const float* o = sc.out16.data() + (i * 4 + j) * C;
+              const float* tp = tn + p * ft.sp;
+              float* dr = pdg + (n * H * W + p) * C;
+              for (int64_t c = 0; c < C; ++c) {
+                const float d = (o[c] + pb2[c]) - tp[c * ft.sc];
+                sq[c] += d * d;
+                col[c] += d;
+                dr[c] = scale * d;
+              }
+            }
+        }
+      double acc = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        acc += sq[c];
+        col_part[n * C + c] = col[c];
+      }
+      loss_part[n] = acc;
+    });
+  }
+  at::Tensor db2 = at::empty({C}, t.options());
+  ordered_colsum(col_part, N, C, scale, db2.data_ptr<float>());
+  double sq = 0.0;
+  for (double v : loss_part) sq += v;
+  at::Tensor loss = at::scalar_tensor(alpha * sq / static_cast<double>(N), t.options());
+  return {loss, h, dg, db2};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+mgd_backward_wino(float go, const at::Tensor& student, const at::Tensor& h, const at::Tensor& dg,
+                  const at::Tensor& db2_saved, const at::Tensor& w1, const at::Tensor& w2,
+                  const c10::optional<at::Tensor>& align_w, const c10::optional<at::Tensor>& align_b,
+                  const MaskSpec& mask, std::array<bool, 6> needs) {
+  const bool n_s = needs[0], n_w1 = needs[1], n_b1 = needs[2], n_w2 = needs[3], n_b2 = needs[4];
+  const bool align = align_w.has_value() && align_w->defined();
+  const bool n_al = align && needs[5];
+  const int64_t N = student.size(0), H = student.size(2), W = student.size(3), C = h.size(1);
+  const Geom g(H, W);
+  const auto opts = h.options();
+  const at::Tensor empty = at::empty({0}, opts);
+  at::Tensor dS = empty, dW1 = empty, db1 = empty, dW2 = empty, db2 = empty, dWa = empty, dba = empty;
+  if (n_b2) db2 = db2_saved * go;
+  const bool need_dx = n_s || n_al;
+  const bool need_dz = need_dx || n_w1 || n_b1;
+  if (!need_dz && !n_w2) return {dS, dW1, db1, dW2, db2, dWa, dba};
+
+  const at::Tensor s = mergeable(student);
+  at::Tensor a;  // align(S) without its bias (the mask pass adds it), recomputed for dW1
+  const at::Tensor ab = align ? align_b->contiguous() : at::Tensor();
+  const float* pab = align ? ab.data_ptr<float>() : nullptr;
+  if (n_w1) a = align ? mergeable(conv1x1(s, *align_w)) : s;
+  at::Tensor dx;  // dL/dA (align) or dL/dS, written by P6
+  if (need_dx) {
+    const bool cl = !s.is_contiguous() && s.is_contiguous(at::MemoryFormat::ChannelsLast);
+    dx = at::empty({N, C, H, W}, opts.memory_format(cl ? at::MemoryFormat::ChannelsLast
+                                                      : at::MemoryFormat::Contiguous));
+  }
+  const at::Tensor u2 = need_dz ? wino::weight(w2, false) : at::Tensor();  // [36, Cout, Cin]
+  const at::Tensor u1 = need_dx ? wino::weight(w1, false) : at::Tensor();
+  at::Tensor du2 = n_w2 ? at::zeros({36, C, C}, opts) : at::Tensor();  // [36, Cin, Cout]
+  at::Tensor du1 = n_w1 ? at::zeros({36, C, C}, opts) : at::Tensor();
+  const float* ph = h.data_ptr<float>();
+  const float* pdg = dg.data_ptr<float>();
+  std::vector<double> col_part(n_b1 ? N * C : 0, 0.0);
+
+  const int64_t chunk = chunk_samples(N, g);
+  at::Tensor A = at::empty({36 * chunk * g.tiles * C}, opts), B = at::empty({36 * chunk * g.tiles * C}, opts);
+  for (int64_t n0 = 0; n0 < N; n0 += chunk) {
+    const int64_t n1 = std::min(N, n0 + chunk), TT = (n1 - n0) * g.tiles;
+    at::Tensor ac = chunk_view(A, TT, C), bc = chunk_view(B, TT, C);
+    float* pa = ac.data_ptr<float>();
+    float* pbuf = bc.data_ptr<float>();
+    // P4: A = dM of conv2 (from dL/dG), B = V of H (if dW2 is asked for)
+    for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+      fill_padded_rows(pdg, n, C, g, sc.pad.data());
+      wino::adjoint_output_tiles(sc.pad.data(), g, C, pa, TT, (n - n0) * g.tiles, sc.tmp.data());
+      if (n_w2) {
+        fill_padded_rows(ph, n, C, g, sc.pad.data());
+        wino::input_tiles(sc.pad.data(), g, C, pbuf, TT, (n - n0) * g.tiles, sc.tmp.data());
+      }
+    });
+    if (n_w2) du2.baddbmm_(bc.transpose(1, 2), ac);
+    if (!need_dz) continue;
+    at::bmm_out(bc, ac, u2);  // dL/dV of conv2's input (H)
+    // P5: dZ = go * (B dV B^T) * (H > 0); dL/db1; A = dM of conv1
+    for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+      float* pad = sc.pad.data();
+      wino::adjoint_input_tiles(pbuf, g, C, TT, (n - n0) * g.tiles, pad, sc.tmp.data());
+      std::vector<float> col(n_b1 ? C : 0, 0.f);
+      for (int64_t y = 0; y < g.ph; ++y)
+        for (int64_t x = 0; x < g.pw; ++x) {
+          float* r = pad + (y * g.pw + x) * C;
+          if (y < 1 || y > H || x < 1 || x > W) {
+            std::memset(r, 0, sizeof(float) * C);
+            continue;
+          }
+          const float* hr = ph + ((n * H + y - 1) * W + x - 1) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const float scaled = go * r[c];
+            const float v = hr[c] > 0.f ? scaled : 0.f;
+            r[c] = v;
+            if (n_b1) col[c] += v;
+          }
+        }
+      if (n_b1)
+        for (int64_t c = 0; c < C; ++c) col_part[n * C + c] = col[c];
+      wino::adjoint_output_tiles(pad, g, C, pa, TT, (n - n0) * g.tiles, sc.tmp.data());
+    });
+    if (n_w1) {
+      const Feat fa = feat_of(a);
+      for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+        fill_padded(fa, n, pab, &mask, g, sc.pad.data());
+        wino::input_tiles(sc.pad.data(), g, C, pbuf, TT, (n - n0) * g.tiles, sc.tmp.data());
+      });
+      du1.baddbmm_(bc.transpose(1, 2), ac);
+    }
+    if (!need_dx) continue;
+    at::bmm_out(bc, ac, u1);  // dL/dV of conv1's input (X)
+    // P6: dX = B dV B^T overlap-added; dL/dA = mask * dX in the student's layout
+    const Feat fd = feat_of(dx);
+    for_samples(n0, n1, g, C, [&](int64_t n, Scratch& sc) {
+      float* pad = sc.pad.data();
+      wino::adjoint_input_tiles(pbuf, g, C, TT, (n - n0) * g.tiles, pad, sc.tmp.data());
+      std::vector<float> keep;
+      const int64_t per = mask.spatial ? H * W : C;
+      keep.resize(per);
+      for (int64_t i = 0; i < per; ++i) keep[i] = mask.keep(n, i, per);
+      float* d = fd.ptr + n * fd.sn;
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t x = 0; x < W; ++x) {
+          const int64_t p = y * W + x;
+          const float* r = pad + ((y + 1) * g.pw + x + 1) * C;
+          float* dp = d + p * fd.sp;
+          if (mask.spatial) {
+            const float k = keep[p];
+            for (int64_t c = 0; c < C; ++c) dp[c * fd.sc] = r[c] * k;
+          } else {
+            for (int64_t c = 0; c < C; ++c) dp[c * fd.sc] = r[c] * keep[c];
+          }
+        }
+    });
+  }
+  A.reset();
+  B.reset();
+  if (n_w2) dW2 = wino::weight_grad(du2, C, C, go);
+  if (n_w1) dW1 = wino::weight_grad(du1, C, C, 1.0);
+  if (n_b1) {
+    db1 = at::empty({C}, opts);
+    ordered_colsum(col_part, N, C, 1.0, db1.data_ptr<float>());
+  }
+  if (!need_dx) return {dS, dW1, db1, dW2, db2, dWa, dba};
+  if (!align) return {dx, dW1, db1, dW2, db2, dWa, dba};
+  a.reset();
+  auto ga = at::convolution_backward(dx, s, *align_w, at::IntArrayRef{C}, {1, 1}, {0, 0}, {1, 1}, false,
+                                     {0, 0}, 1, {n_s, n_al, n_al});
+  if (n_s) dS = std::get<0>(ga);
+  if (n_al) {
+    dWa = weight_to_contiguous(std::get<1>(ga));
+    dba = std::get<2>(ga);
+  }
+  return {dS, dW1, db1, dW2, db2, dWa, dba};
+}
+
+}  // namespace fastkd
