@@ -46,6 +46,11 @@ def _extensions():
     # -fno-trapping-math / -fno-math-errno (as torch's own build) let gcc vectorise the fused passes
     # selects; no -ffast-math: the mask's float mapping and the reductions stay exact IEEE.
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    # The extension is built where it runs (`pip install -e .`, `make setup`): let gcc use this CPU's
+    # vector units (AVX2/AVX-512) in the transforms and fused passes. FASTKD_NATIVE=0 builds for the
+    # baseline x86-64 (SSE2) instead, e.g. for a binary shipped to other machines.
+    if os.environ.get("FASTKD_NATIVE", "1") != "0":
+        cxx.append("-march=native")
     ext = CppExtension(
         name="fastkd._C",
         sources=sources,

@@ -153,8 +153,9 @@ struct Geom {
   int64_t padded_elems(int64_t c) const { return ph * pw * c; }
 };
 
-// Transformed features are [36, T, C] (component k = 6a + b, tile t, channel), tile t of sample n
-// of a chunk at t0 + ty * tw + tx; `tmp` is 36*C floats of scratch, out16 16*C.
+// Transformed features are stored tile-major [T, 36, C] (tile t, component k = 6a + b, channel; T is
+// the number of tiles, kept in the signatures), tile t of sample n of a chunk at t0 + ty * tw + tx;
+// `tmp` is 36*C floats of scratch, out16 16*C.
 // V = B^T d B of every tile of one sample, from its padded image.
 void input_tiles(const float* pad, const Geom& g, int64_t C, float* V, int64_t T, int64_t t0, float* tmp);
 // pad = overlap-add of B dV B^T over the sample's tiles (pad is zeroed first): the adjoint of input_tiles.
@@ -165,9 +166,9 @@ void output_tile(const float* Y, int64_t T, int64_t t, int64_t C, float* out16, 
 // V = A dY A^T of every tile of one sample, dY read from its padded image: the adjoint of output_tile.
 void adjoint_output_tiles(const float* pad, const Geom& g, int64_t C, float* V, int64_t T, int64_t t0,
                           float* tmp);
-// G w G^T of a [O, I, 3, 3] weight: [36, O, I], or [36, I, O] when transposed.
-at::Tensor weight(const at::Tensor& w, bool transposed);
-// scale * G^T dU G: the [O, I, 3, 3] gradient of `weight(w, true)` from dU [36, I, O].
+// G w G^T of a [O, I, 3, 3] weight, as [36, I, O] (the right operand of the forward GEMMs).
+at::Tensor weight(const at::Tensor& w);
+// scale * G^T dU G: the [O, I, 3, 3] gradient of `weight(w)` from dU [36, I, O].
 at::Tensor weight_grad(const at::Tensor& dut, int64_t O, int64_t I, double scale);
 
 }  // namespace wino

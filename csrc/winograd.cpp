@@ -231,59 +231,78 @@ void adjoint_output_tiles(const float* pad, const Geom& g, int64_t C, float* V, 
     }
 }
 
-// Transformed weights: U[k][o][i] (transposed: Ut[k][i][o]) = (G w[o][i] G^T)[k], in double.
+// Transformed weights: U[k] = G w G^T per (o, i), k = 6a + b: U[k][rs] = sum_rs G[a][r] G[b][s] w[rs].
 static const double kG[6][3] = {{1.0 / 4, 0, 0},           {-1.0 / 6, -1.0 / 6, -1.0 / 6},
                                 {-1.0 / 6, 1.0 / 6, -1.0 / 6}, {1.0 / 24, 1.0 / 12, 1.0 / 6},
                                 {1.0 / 24, -1.0 / 12, 1.0 / 6}, {0, 0, 1}};
 
-at::Tensor weight(const at::Tensor& w, bool transposed) {
+namespace {
+// coef[k][r * 3 + s] = G[a][r] G[b][s] (float; products of small fractions, rounded once).
+struct Coef {
+  float c[36][9];
+  Coef() {
+    for (int a = 0; a < 6; ++a)
+      for (int b = 0; b < 6; ++b)
+        for (int r = 0; r < 3; ++r)
+          for (int s = 0; s < 3; ++s) c[a * 6 + b][r * 3 + s] = static_cast<float>(kG[a][r] * kG[b][s]);
+  }
+};
+const Coef& coef() {
+  static const Coef k;
+  return k;
+}
+}  // namespace
+
+at::Tensor weight(const at::Tensor& w) {
   const at::Tensor wc = w.contiguous();
   const int64_t O = w.size(0), I = w.size(1);
-  at::Tensor u = at::empty({36, transposed ? I : O, transposed ? O : I}, w.options());
+  at::Tensor u = at::empty({36, I, O}, w.options());
   const float* src = wc.data_ptr<float>();
   float* dst = u.data_ptr<float>();
-  at::parallel_for(0, O, std::max<int64_t>(1, 256 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o)
-      for (int64_t i = 0; i < I; ++i) {
-        const float* k = src + (o * I + i) * 9;
-        double gk[6][3];  // G k
-        for (int a = 0; a < 6; ++a)
-          for (int s = 0; s < 3; ++s)
-            gk[a][s] = kG[a][0] * k[0 * 3 + s] + kG[a][1] * k[1 * 3 + s] + kG[a][2] * k[2 * 3 + s];
-        for (int a = 0; a < 6; ++a)
-          for (int bb = 0; bb < 6; ++bb) {
-            const double v = gk[a][0] * kG[bb][0] + gk[a][1] * kG[bb][1] + gk[a][2] * kG[bb][2];
-            const int64_t kk = a * 6 + bb;
-            dst[transposed ? (kk * I + i) * O + o : (kk * O + o) * I + i] = static_cast<float>(v);
-          }
+  const Coef& k = coef();
+  at::parallel_for(0, I, std::max<int64_t>(1, 4096 / std::max<int64_t>(O, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> wi(9 * O);  // w[:, i] as [rs][o]
+    for (int64_t i = b; i < e; ++i) {
+      for (int64_t o = 0; o < O; ++o)
+        for (int rs = 0; rs < 9; ++rs) wi[rs * O + o] = src[(o * I + i) * 9 + rs];
+      for (int kk = 0; kk < 36; ++kk) {
+        float* __restrict d = dst + (kk * I + i) * O;
+        const float* cf = k.c[kk];
+        for (int64_t o = 0; o < O; ++o) d[o] = 0.f;
+        for (int rs = 0; rs < 9; ++rs) {
+          const float f = cf[rs];
+          if (f == 0.f) continue;
+          const float* __restrict x = wi.data() + rs * O;
+          for (int64_t o = 0; o < O; ++o) d[o] += f * x[o];
+        }
       }
+    }
   });
   return u;
 }
 
-// dw[o][i] = scale * G^T dUt[:, i, o] G: the gradient of `weight` (dUt is [36, I, O]).
 at::Tensor weight_grad(const at::Tensor& dut, int64_t O, int64_t I, double scale) {
   at::Tensor dw = at::empty({O, I, 3, 3}, dut.options());
   const float* src = dut.data_ptr<float>();
   float* dst = dw.data_ptr<float>();
-  at::parallel_for(0, O, std::max<int64_t>(1, 256 / std::max<int64_t>(I, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t o = b; o < e; ++o)
-      for (int64_t i = 0; i < I; ++i) {
-        double t[3][6];  // G^T dU
-        for (int r = 0; r < 3; ++r)
-          for (int bb = 0; bb < 6; ++bb) {
-            double acc = 0;
-            for (int a = 0; a < 6; ++a) acc += kG[a][r] * src[((a * 6 + bb) * I + i) * O + o];
-            t[r][bb] = acc;
-          }
-        float* k = dst + (o * I + i) * 9;
-        for (int r = 0; r < 3; ++r)
-          for (int s = 0; s < 3; ++s) {
-            double acc = 0;
-            for (int bb = 0; bb < 6; ++bb) acc += t[r][bb] * kG[bb][s];
-            k[r * 3 + s] = static_cast<float>(acc * scale);
-          }
+  const Coef& k = coef();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, I, std::max<int64_t>(1, 4096 / std::max<int64_t>(O, 1)), [&](int64_t b, int64_t e) {
+    std::vector<float> acc(9 * O);  // dw[:, i] as [rs][o]
+    for (int64_t i = b; i < e; ++i) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int kk = 0; kk < 36; ++kk) {
+        const float* __restrict x = src + (kk * I + i) * O;
+        for (int rs = 0; rs < 9; ++rs) {
+          const float f = k.c[kk][rs];
+          if (f == 0.f) continue;
+          float* __restrict a = acc.data() + rs * O;
+          for (int64_t o = 0; o < O; ++o) a[o] += f * x[o];
+        }
       }
+      for (int64_t o = 0; o < O; ++o)
+        for (int rs = 0; rs < 9; ++rs) dst[(o * I + i) * 9 + rs] = sc * acc[rs * O + o];
+    }
   });
   return dw;
 }

@@ -160,7 +160,7 @@ def test_mgd_sample_offset_splits_the_batch(algo):
                                     ("gen_w2",), ("student", "gen_w1", "gen_b1", "gen_w2")],
                          ids=["all", "no-student", "no-w1b1", "w2b2-only", "no-w2", "b2-only"])
 def test_mgd_winograd_chunks_and_gradient_subsets(frozen, monkeypatch):
-    """Winograd processes the batch in chunks of samples (the last one shorter here: 45 = 22+22+1) and
+    """Winograd processes the batch in chunks of samples (here 45 = 4 x 11 + 1: the last one shorter) and
     skips the passes whose gradients nobody asked for; every subset still matches the reference."""
     csrc()
     monkeypatch.setenv("FASTKD_CSRC_MGD_ALGO", "winograd")
