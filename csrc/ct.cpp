@@ -173,6 +173,49 @@ void ct_relu_gate(float* grad_rows, const float* act, int64_t n, int64_t hw, int
   if (bias_grad) ordered_colsum(col_part, units.count, c, 1.0, bias_grad);
 }
 
+// MKL's (or any BLAS's) Fortran sgemm, when libtorch exports one; null otherwise.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+// dW1 [Ch, Cs] = sum_m dh[m, :]^T S[m, :] with the student NCHW: per sample, S_n [Cs, HW] is read in
+// place (dW1^T += S_n dh_n), so the student is not transposed to rows a second time. The samples are
+// split into `groups` contiguous ranges, one partial each (one thread per range, sequential GEMMs),
+// and the partials are added in range order. False when no BLAS sgemm is linked.
+bool dw1_from_nchw(const at::Tensor& dh, const Feat& s, at::Tensor& dW1) {
+  if (sgemm_ == nullptr || s.sp != 1) return false;
+  const int64_t N = s.n, Ch = dh.size(1), Cs = s.c, HW = s.p;
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(N, at::get_num_threads()));
+  at::Tensor part = at::empty({groups, Cs, Ch}, dh.options());  // each: dW1^T of its samples
+  float* pp = part.data_ptr<float>();
+  const float* dhp = dh.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
+    for (int64_t g = b; g < e; ++g) {
+      const int64_t n0 = g * N / groups, n1 = (g + 1) * N / groups;
+      const int m = static_cast<int>(Ch), n = static_cast<int>(Cs), k = static_cast<int>(HW);
+      const int lda = static_cast<int>(Ch), ldb = static_cast<int>(s.sc), ldc = static_cast<int>(Ch);
+      const float one = 1.f;
+      for (int64_t i = n0; i < n1; ++i) {
+        const float beta = i == n0 ? 0.f : 1.f;
+        // column-major: P[Ch, Cs] (+)= dh_i^T[Ch, HW] * S_i^T[HW, Cs], i.e. row-major P = S_i dh_i
+        sgemm_("N", "N", &m, &n, &k, &one, dhp + i * HW * Ch, &lda, s.ptr + i * s.sn, &ldb, &beta,
+               pp + g * Cs * Ch, &ldc);
+      }
+    }
+  });
+  dW1 = at::empty({Ch, Cs}, dh.options());
+  float* out = dW1.data_ptr<float>();
+  at::parallel_for(0, Ch, std::max<int64_t>(1, 4096 / std::max<int64_t>(Cs, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t j = 0; j < Cs; ++j) {
+        float acc = pp[j * Ch + i];
+        for (int64_t g = 1; g < groups; ++g) acc += pp[(g * Cs + j) * Ch + i];
+        out[i * Cs + j] = acc;
+      }
+  });
+  return true;
+}
+
 }  // namespace
 
 // -> (loss, hidden rows [M, Ch], dL/dS' rows [M, Ct], dL/db2 [Ct])
@@ -230,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_backwa
   if (n_b1) db1 = db1_full;
   if (n_w1) {
     RECORD_FUNCTION("fastkd::ct_dw1", std::vector<c10::IValue>());
-    dW1 = at::mm(dh.t(), ct_rows_of(mergeable(student)));
+    const at::Tensor sm = mergeable(student);
+    if (!dw1_from_nchw(dh, feat_of(sm), dW1)) dW1 = at::mm(dh.t(), ct_rows_of(sm));
   }
   if (n_s) dS = rows_as_nchw(linear(dh, w1.t(), nullptr, false), N, Hh, Ww);  // dh @ W1
   return {dS, dW1, db1, dW2, db2};
