@@ -3,28 +3,43 @@
 //   S' = relu(S W1^T + b1) W2^T + b2     per pixel, S as rows [M = N*H*W, Cs]
 //   loss = alpha * sum((S' - T)^2) / N   ('sum_over_batch')  or  / (N*Ct*H*W)  ('mean')
 //
-// The two 1x1 convolutions are plain GEMMs over the rows. The student comes to rows as a view when
-// it is channels_last, else through a blocked transpose (ct_rows_of). GEMMs whose weight operand is
-// [out, in] or its transpose go through oneDNN's matmul (mkldnn::_linear_pointwise, the op behind
-// torch's fused linear; on AVX-512 it is ~10-20 % faster than MKL's sgemm through at::mm), with bias
-// + ReLU fused as a post-op for the first layer; the weight-gradient GEMMs (both operands long and
-// transposed) stay on at::mm, faster there. Without oneDNN, at::mm plus a bias + ReLU pass.
+// The two 1x1 convolutions are GEMMs over the rows; the layout of the student decides how it is read:
+//  * NCHW student (no copy of it is made): forward h_n = relu(S_n^T W1^T + b1) one sgemm per sample
+//    (S_n [Cs, HW] read in place; bias + ReLU while the sample's rows are in cache), and backward
+//    dW1^T = sum_n S_n dh_n by per-sample sgemms accumulating into one partial per sample range.
+//  * channels_last student: its rows are a view; h through oneDNN (below) with bias + ReLU fused.
+// GEMMs against a weight ([out, in] or its transpose: S' = h W2^T, dH = dS' W2, dS = dH W1) go through
+// oneDNN's matmul (mkldnn::_linear_pointwise, the op behind torch's fused linear; on this AVX-512 CPU
+// 10-20 % faster than MKL's sgemm through at::mm). dW2 = dS'^T h: one sequential sgemm per row range
+// and thread, partials added in range order. The sgemm is the BLAS that libtorch exports (MKL);
+// without it, without oneDNN, or with FASTKD_CT_PLAIN_GEMM=1, every GEMM is at::mm on rows.
 // After the GEMMs one fused pass: squared error + fixed-order reduction + dL/dS' (in place of S') +
 // dL/db2, reading the teacher in its own layout. Saved for backward: the hidden rows and dL/dS'.
 // Backward: dW2 and dH by GEMM, one pass for ReLU gating * incoming gradient + dL/db1, then dW1 and
 // dS by GEMM (dS comes back channels_last, a view of its rows).
+// Determinism: the loss and the bias gradients do not depend on the thread count (fixed-unit passes;
+// each GEMM output element that feeds them is computed the same way); the weight gradients of the
+// range-split GEMMs are added in an order that depends on the thread count, as MKL's own splits do.
 #include "fastkd.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/record_function.h>
 
 #include <array>
+#include <cstdlib>
 #include <optional>
 #include <tuple>
 
 namespace fastkd {
 
 namespace {
+
+// FASTKD_CT_PLAIN_GEMM=1: at::mm for every GEMM (the path taken without oneDNN or a BLAS sgemm); for
+// tests of that path and for comparisons. Read on every call (a getenv, ~50 ns).
+inline bool plain_gemm() {
+  const char* e = std::getenv("FASTKD_CT_PLAIN_GEMM");
+  return e != nullptr && e[0] == '1';
+}
 
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
@@ -45,7 +60,7 @@ const std::optional<c10::TypedOperatorHandle<LinearFn>>& onednn_linear() {
 // x [M, K] @ w^T, w [O, K] (any strides); relu: max(. + b, 0) (b contiguous [O]).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* b, bool relu) {
   const auto& op = onednn_linear();
-  if (op) {
+  if (op && !plain_gemm()) {
     std::optional<at::Tensor> bias;
     if (b != nullptr) bias = *b;
     return op->call(x, w, bias, relu ? "relu" : "none", c10::List<std::optional<at::Scalar>>(),
@@ -183,7 +198,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 // split into `groups` contiguous ranges, one partial each (one thread per range, sequential GEMMs),
 // and the partials are added in range order. False when no BLAS sgemm is linked.
 bool dw1_from_nchw(const at::Tensor& dh, const Feat& s, at::Tensor& dW1) {
-  if (sgemm_ == nullptr || s.sp != 1) return false;
+  if (sgemm_ == nullptr || s.sp != 1 || plain_gemm()) return false;
   const int64_t N = s.n, Ch = dh.size(1), Cs = s.c, HW = s.p;
   const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(N, at::get_num_threads()));
   at::Tensor part = at::empty({groups, Cs, Ch}, dh.options());  // each: dW1^T of its samples
@@ -216,6 +231,73 @@ bool dw1_from_nchw(const at::Tensor& dh, const Feat& s, at::Tensor& dW1) {
   return true;
 }
 
+// A^T B for rows A [M, a], B [M, b] (contiguous), times alpha: the rows are split into `groups`
+// contiguous ranges, one sequential sgemm each on its own thread, partials added in range order
+// (MKL's own threading does worse on these long-K, small-output products). False without sgemm.
+bool rows_t_rows(const at::Tensor& A, const at::Tensor& B, float alpha, at::Tensor& out) {
+  if (sgemm_ == nullptr || !A.is_contiguous() || !B.is_contiguous() || plain_gemm()) return false;
+  const int64_t M = A.size(0), a = A.size(1), b = B.size(1);
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(M / 256 + 1, at::get_num_threads()));
+  at::Tensor part = at::empty({groups, a, b}, A.options());
+  float* pp = part.data_ptr<float>();
+  const float *ap = A.data_ptr<float>(), *bp = B.data_ptr<float>();
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t m0 = g * M / groups, m1 = (g + 1) * M / groups;
+      // column-major: P[b, a] = B_g^T[b, Mg] * A_g[Mg, a], i.e. row-major P = A_g^T B_g
+      const int m = static_cast<int>(b), n = static_cast<int>(a), k = static_cast<int>(m1 - m0);
+      const int ldb_ = static_cast<int>(b), lda_ = static_cast<int>(a), ldc = static_cast<int>(b);
+      const float zero = 0.f;
+      sgemm_("N", "T", &m, &n, &k, &alpha, bp + m0 * b, &ldb_, ap + m0 * a, &lda_, &zero, pp + g * a * b, &ldc);
+    }
+  });
+  if (groups == 1) {
+    out = part[0];
+    return true;
+  }
+  out = at::empty({a, b}, A.options());
+  float* o = out.data_ptr<float>();
+  const int64_t total = a * b;
+  at::parallel_for(0, total, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float acc = pp[i];
+      for (int64_t g = 1; g < groups; ++g) acc += pp[g * total + i];
+      o[i] = acc;
+    }
+  });
+  return true;
+}
+
+FASTKD_SIMD void bias_relu_block(float* __restrict r, const float* __restrict bias, int64_t rows, int64_t c) {
+  for (int64_t i = 0; i < rows; ++i, r += c)
+    for (int64_t j = 0; j < c; ++j) {
+      const float x = r[j] + bias[j];
+      r[j] = x < 0.f ? 0.f : x;  // NaN propagates, as torch.relu
+    }
+}
+
+// h [M, Ch] = relu(S W1^T + b1) with the student NCHW, read in place: per sample, h_n = S_n^T W1^T
+// (one sgemm), bias + ReLU applied while the sample's rows are still in cache. False without sgemm.
+bool gemm1_from_nchw(const Feat& s, const at::Tensor& w1, const at::Tensor& b1, at::Tensor& h) {
+  if (sgemm_ == nullptr || s.sp != 1 || plain_gemm()) return false;
+  const int64_t N = s.n, Cs = s.c, HW = s.p, Ch = w1.size(0);
+  const at::Tensor w1t = w1.t().contiguous();  // [Cs, Ch]
+  h = at::empty({N * HW, Ch}, w1.options());
+  float* hp = h.data_ptr<float>();
+  const float *wp = w1t.data_ptr<float>(), *bp = b1.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, HW * Ch)), [&](int64_t b, int64_t e) {
+    const int m = static_cast<int>(Ch), n = static_cast<int>(HW), k = static_cast<int>(Cs);
+    const int lda = static_cast<int>(Ch), ldb = static_cast<int>(s.sc), ldc = static_cast<int>(Ch);
+    const float one = 1.f, zero = 0.f;
+    for (int64_t i = b; i < e; ++i) {
+      // column-major: h_i^T[Ch, HW] = W1[Ch, Cs] * S_i[Cs, HW]
+      sgemm_("N", "T", &m, &n, &k, &one, wp, &lda, s.ptr + i * s.sn, &ldb, &zero, hp + i * HW * Ch, &ldc);
+      bias_relu_block(hp + i * HW * Ch, bp, HW, Ch);
+    }
+  });
+  return true;
+}
+
 }  // namespace
 
 // -> (loss, hidden rows [M, Ch], dL/dS' rows [M, Ct], dL/db2 [Ct])
@@ -229,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_forward(
   at::Tensor h;
   {
     RECORD_FUNCTION("fastkd::ct_gemm1", std::vector<c10::IValue>());
-    h = linear(ct_rows_of(s), w1, &b1c, true);
+    if (!gemm1_from_nchw(feat_of(s), w1.contiguous(), b1c, h)) h = linear(ct_rows_of(s), w1, &b1c, true);
   }
   at::Tensor dp = linear(h, w2, nullptr, false);
   const double denom = mean ? static_cast<double>(t.numel()) : static_cast<double>(N);
@@ -258,8 +340,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_backwa
 
   if (n_b2) db2 = db2_saved * go;
   if (n_w2) {
-    dW2 = at::mm(dp.t(), h);
-    if (go != 1.f) dW2.mul_(go);
+    RECORD_FUNCTION("fastkd::ct_dw2", std::vector<c10::IValue>());
+    if (!rows_t_rows(dp, h, go, dW2)) {
+      dW2 = at::mm(dp.t(), h);
+      if (go != 1.f) dW2.mul_(go);
+    }
   }
   if (!(n_s || n_w1 || n_b1)) return {dS, dW1, db1, dW2, db2};
 
@@ -274,7 +359,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_backwa
   if (n_w1) {
     RECORD_FUNCTION("fastkd::ct_dw1", std::vector<c10::IValue>());
     const at::Tensor sm = mergeable(student);
-    if (!dw1_from_nchw(dh, feat_of(sm), dW1)) dW1 = at::mm(dh.t(), ct_rows_of(sm));
+    if (!dw1_from_nchw(dh, feat_of(sm), dW1)) {
+      const at::Tensor rows = ct_rows_of(sm);
+      if (!rows_t_rows(dh, rows, 1.f, dW1)) dW1 = at::mm(dh.t(), rows);
+    }
   }
   if (n_s) dS = rows_as_nchw(linear(dh, w1.t(), nullptr, false), N, Hh, Ww);  // dh @ W1
   return {dS, dW1, db1, dW2, db2};
