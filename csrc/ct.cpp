@@ -237,6 +237,7 @@ bool dw1_from_nchw(const at::Tensor& dh, const Feat& s, at::Tensor& dW1) {
 bool rows_t_rows(const at::Tensor& A, const at::Tensor& B, float alpha, at::Tensor& out) {
   if (sgemm_ == nullptr || !A.is_contiguous() || !B.is_contiguous() || plain_gemm()) return false;
   const int64_t M = A.size(0), a = A.size(1), b = B.size(1);
+  if (M >= (int64_t{1} << 31)) return false;  // sgemm takes 32-bit sizes
   const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(M / 256 + 1, at::get_num_threads()));
   at::Tensor part = at::empty({groups, a, b}, A.options());
   float* pp = part.data_ptr<float>();
