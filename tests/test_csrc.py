@@ -226,6 +226,35 @@ def test_ct_student_without_grad():
     _compare(got, want, ["w1", "b2"])
 
 
+# needs subsets x student layouts (NCHW: per-sample GEMMs reading the student in place; NHWC: rows
+# view; sliced: a copy), odd batch sizes (uneven sample ranges), grad_output != 1
+_CT_SUBSETS = {"all": (1, 1, 1, 1, 1), "student": (1, 0, 0, 0, 0), "w1": (0, 1, 0, 0, 0),
+               "b1": (0, 0, 1, 0, 0), "w2-b2": (0, 0, 0, 1, 1), "no-student": (0, 1, 1, 1, 1)}
+
+
+@pytest.mark.parametrize("plain_gemm", [False, True], ids=["fast-gemm", "plain-gemm"])
+@pytest.mark.parametrize("subset", list(_CT_SUBSETS))
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "sliced"])
+def test_ct_grad_subsets_and_layouts(subset, layout, plain_gemm, monkeypatch):
+    """plain-gemm: FASTKD_CT_PLAIN_GEMM=1, at::mm for every GEMM (the path without oneDNN / sgemm)."""
+    csrc()
+    if plain_gemm:
+        monkeypatch.setenv("FASTKD_CT_PLAIN_GEMM", "1")
+    (s, w1, b1, w2, b2), t = _ct_inputs(5, 24, 16, 20, 6, 7, False, channels_last=layout == "nhwc")
+    if layout == "sliced":  # neither NCHW nor NHWC dense: student and teacher are channel slices
+        s = torch.cat([s.detach(), s.detach()], 1)[:, 3:27].requires_grad_()
+        t = torch.cat([t, t], 1)[:, 5:25]
+        assert not s.is_contiguous() and not s.is_contiguous(memory_format=torch.channels_last)
+    params = [s, w1, b1, w2, b2]
+    names = ["student", "w1", "b1", "w2", "b2"]
+    for x, flag in zip(params, _CT_SUBSETS[subset]):
+        x.requires_grad_(bool(flag))
+    wrt = [x for x in params if x.requires_grad]
+    got = _loss_and_grads(lambda: ct_loss(s, t, w1, b1, w2, b2, alpha=0.7, backend="csrc"), wrt, -1.3)
+    want = _loss_and_grads(lambda: reference.ct_loss(s, t, w1, b1, w2, b2, alpha=0.7), wrt, -1.3)
+    _compare(got, want, [n for n, x in zip(names, params) if x.requires_grad])
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism: the loss does not depend on the number of threads
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +276,24 @@ def test_loss_bit_equal_across_thread_counts(algo):
     for other in results[1:]:
         for a, e in zip(other, results[0]):
             assert torch.equal(a, e), (a.item(), e.item())
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_ct_loss_and_bias_grads_bit_equal_across_thread_counts(channels_last):
+    csrc()
+    (s, w1, b1, w2, b2), t = _ct_inputs(40, 64, 48, 40, 7, 7, False, channels_last)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            loss = ct_loss(s, t, w1, b1, w2, b2, alpha=0.5, backend="csrc")
+            results.append((loss,) + torch.autograd.grad(loss, [b1, b2], grad_outputs=torch.tensor(0.75)))
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, e in zip(other, results[0]):
+            assert torch.equal(a, e)
 
 
 # ---------------------------------------------------------------------------------------------
