@@ -1,6 +1,8 @@
 """MGD and CT losses on the CPU: csrc (fastkd._C) vs reference eager vs torch.compile(reference).
 
-Float32, inputs that require grad (training). Per case and implementation: the forward, the backward
+Float32, inputs that require grad (training). MGD's csrc kernels run the generator's 3x3
+convolutions by Winograd F(4x4, 3x3) (csrc/winograd.cpp); the 'csrc (direct conv)' row is the same
+kernels with oneDNN's direct convolutions (FASTKD_CSRC_MGD_ALGO=direct), to show what each part gives. Per case and implementation: the forward, the backward
 alone (a fresh forward before each, untimed) and forward+backward (``torch.autograd.grad`` of the
 loss w.r.t. the student and every parameter), median ms with 20/80 % quantiles, and the peak extra
 memory of one forward+backward (``benchmarks.common.peak_memory_bytes``: every ATen CPU allocation
@@ -108,8 +110,21 @@ def implementations(case: Case, student, teacher, params):
                 case.mask, case.n, case.ct, case.h, case.w, ratio=kw["ratio"], seed=SEED), *p, aw, ab,
                 kw["alpha"]), want, torch.float32, name="compile baseline")
         kw.update(align_w=aw, align_b=ab)
+
+        def csrc_direct():  # the csrc kernels with oneDNN's direct convolutions instead of Winograd
+            before = os.environ.get("FASTKD_CSRC_MGD_ALGO")
+            os.environ["FASTKD_CSRC_MGD_ALGO"] = "direct"
+            try:
+                return mgd_loss(student, teacher, *p, backend="csrc", **kw)
+            finally:
+                if before is None:
+                    del os.environ["FASTKD_CSRC_MGD_ALGO"]
+                else:
+                    os.environ["FASTKD_CSRC_MGD_ALGO"] = before
+
         return {
             "csrc": lambda: mgd_loss(student, teacher, *p, backend="csrc", **kw),
+            "csrc (direct conv)": csrc_direct,
             "eager": lambda: mgd_loss(student, teacher, *p, backend="reference", **kw),
             "compile": compiled_mgd,
         }
@@ -196,8 +211,11 @@ def main():
     except (OSError, subprocess.CalledProcessError):
         pass
     notes = ("Median ms (20-80 % quantiles) over round-robin repetitions; x eager / x compile = speed-up of "
-             "forward+backward; GFLOP/s counts forward+backward as 3x the forward's FLOPs; target (csrc row): "
-             ">= 1.3x eager, >= 1.0x compile, less peak memory than eager.")
+             "forward+backward; GFLOP/s counts forward+backward as 3x the forward's FLOPs of direct "
+             "convolutions (an effective rate: csrc's MGD runs its 3x3 convolutions by Winograd F(4x4,3x3), "
+             "~1/3 of those FLOPs; 'csrc (direct conv)' is the same kernels with oneDNN's direct convolutions, "
+             "FASTKD_CSRC_MGD_ALGO=direct); target (csrc row): >= 1.3x eager, >= 1.0x compile, less peak "
+             "memory than eager.")
     if args.out:
         cmd = "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:])
         write_results(args.out, "CPU: csrc vs reference eager vs torch.compile(reference), float32", columns,
