@@ -214,8 +214,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward_wino(
     });
     at::bmm_out(y, v, u2);
     for_samples("fastkd::wino_P3_error_output", n0, n1, g, C, [&](int64_t n, Scratch& sc) {
-      std::vector<float> sq(C, 0.f), col(C, 0.f);
+      std::vector<float> sq(C, 0.f), col(C, 0.f), tt;
       const float* tn = ft.ptr + n * ft.sn;
+      int64_t tsp = ft.sp;  // teacher pixel stride once channels are innermost
+      if (ft.sc != 1) {     // NCHW teacher: the sample as rows first (contiguous reads), then vector loops
+        tt.resize(H * W * C);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t p = 0; p < H * W; ++p) tt[p * C + c] = tn[c * ft.sc + p * ft.sp];
+        tn = tt.data();
+        tsp = C;
+      }
       for (int64_t ty = 0; ty < g.th; ++ty)
         for (int64_t tx = 0; tx < g.tw; ++tx) {
           wino::output_tile(py, TT, (n - n0) * g.tiles + ty * g.tw + tx, C, sc.out16.data(), sc.tmp.data());
@@ -223,10 +231,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward_wino(
             for (int64_t j = 0; j < 4 && 4 * tx + j < W; ++j) {
               const int64_t p = (4 * ty + i) * W + 4 * tx + j;
               const float* o = sc.out16.data() + (i * 4 + j) * C;
-              const float* tp = tn + p * ft.sp;
+              const float* tp = tn + p * tsp;
               float* dr = pdg + (n * H * W + p) * C;
               for (int64_t c = 0; c < C; ++c) {
-                const float d = (o[c] + pb2[c]) - tp[c * ft.sc];
+                const float d = (o[c] + pb2[c]) - tp[c];
                 sq[c] += d * d;
                 col[c] += d;
                 dr[c] = scale * d;

@@ -34,7 +34,7 @@ namespace wino {
 namespace {
 
 // o[a] = sum_r B^T[a][r] d[r] over vectors of C floats.
-inline void bt6(const float* d0, const float* d1, const float* d2, const float* d3, const float* d4,
+__attribute__((noinline)) void bt6(const float* d0, const float* d1, const float* d2, const float* d3, const float* d4,
                 const float* d5, float* const o[6], int64_t C) {
   float* __restrict o0 = o[0];
   float* __restrict o1 = o[1];
@@ -42,6 +42,7 @@ inline void bt6(const float* d0, const float* d1, const float* d2, const float* 
   float* __restrict o3 = o[3];
   float* __restrict o4 = o[4];
   float* __restrict o5 = o[5];
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const float x0 = d0[c], x1 = d1[c], x2 = d2[c], x3 = d3[c], x4 = d4[c], x5 = d5[c];
     o0[c] = 4.f * x0 - 5.f * x2 + x4;
@@ -55,7 +56,7 @@ inline void bt6(const float* d0, const float* d1, const float* d2, const float* 
 
 // d[p] = sum_a B^T[a][p] v[a] (the adjoint of bt6); accumulates into d when kAdd.
 template <bool kAdd>
-inline void b6(const float* const v[6], float* const d[6], int64_t C) {
+__attribute__((noinline)) void b6(const float* const v[6], float* const d[6], int64_t C) {
   const float* __restrict v0 = v[0];
   const float* __restrict v1 = v[1];
   const float* __restrict v2 = v[2];
@@ -68,6 +69,7 @@ inline void b6(const float* const v[6], float* const d[6], int64_t C) {
   float* d3 = d[3];
   float* d4 = d[4];
   float* d5 = d[5];
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const float x0 = v0[c], x1 = v1[c], x2 = v2[c], x3 = v3[c], x4 = v4[c], x5 = v5[c];
     const float r0 = 4.f * x0;
@@ -85,7 +87,7 @@ inline void b6(const float* const v[6], float* const d[6], int64_t C) {
 }
 
 // o[i] = sum_a A^T[i][a] m[a], i < 4.
-inline void at4(const float* const m[6], float* const o[4], int64_t C) {
+__attribute__((noinline)) void at4(const float* const m[6], float* const o[4], int64_t C) {
   const float* __restrict m0 = m[0];
   const float* __restrict m1 = m[1];
   const float* __restrict m2 = m[2];
@@ -96,6 +98,7 @@ inline void at4(const float* const m[6], float* const o[4], int64_t C) {
   float* __restrict o1 = o[1];
   float* __restrict o2 = o[2];
   float* __restrict o3 = o[3];
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const float x1 = m1[c], x2 = m2[c], x3 = m3[c], x4 = m4[c];
     const float s12 = x1 + x2, d12 = x1 - x2, s34 = x3 + x4, d34 = x3 - x4;
@@ -107,7 +110,7 @@ inline void at4(const float* const m[6], float* const o[4], int64_t C) {
 }
 
 // m[a] = sum_i A^T[i][a] y[i] (the adjoint of at4).
-inline void a6(const float* const y[4], float* const m[6], int64_t C) {
+__attribute__((noinline)) void a6(const float* const y[4], float* const m[6], int64_t C) {
   const float* __restrict y0 = y[0];
   const float* __restrict y1 = y[1];
   const float* __restrict y2 = y[2];
@@ -118,6 +121,7 @@ inline void a6(const float* const y[4], float* const m[6], int64_t C) {
   float* __restrict m3 = m[3];
   float* __restrict m4 = m[4];
   float* __restrict m5 = m[5];
+#pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const float x0 = y0[c], x1 = y1[c], x2 = y2[c], x3 = y3[c];
     const float e = x0 + x2, o = x1 + x3, e4 = x0 + 4.f * x2, o8 = 2.f * x1 + 8.f * x3;
