@@ -335,6 +335,8 @@ def test_auto_on_cpu_picks_csrc():
     inputs = dict(student=s, teacher=t, gen_w1=params["gen_w1"], align_w=None, mask="spatial")
     assert dispatch.select("mgd_loss", "auto", "cpu", inputs).name == dispatch.auto_order("mgd_loss", "cpu")[0]
     assert dict(explain("mgd_loss", "cpu", **inputs))["csrc"] is None
+    (cs_, w1, _, w2, _), ct_t = _ct_inputs(2, 8, 8, 8, 5, 6, False)
+    assert dispatch.select("ct_loss", "auto", "cpu", dict(student=cs_, teacher=ct_t, w1=w1, w2=w2)).name == "csrc"
 
 
 def test_refusals_name_the_reason():

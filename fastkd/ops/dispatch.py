@@ -23,13 +23,12 @@ _REGISTRY: Dict[str, str] = {
     "csrc": "fastkd.ops._csrc_backend:BACKEND",
 }
 # Preference order of ``auto`` per device type (first acceptable wins; "reference" always accepts),
-# with per-op exceptions keyed "device:op". Chosen by measurement (benchmarks/results/cpu.md, idle
-# 2-core run): the csrc MGD is 1.2-1.4x eager at every shape; the csrc CT is 1.3x eager at 128
-# channels but 0.86-0.96x at 64 and 256, so on the CPU CT keeps the reference.
+# with per-op exceptions keyed "device:op" (none at present). Chosen by measurement
+# (benchmarks/results/cpu.md, 2-core runs): on the CPU the csrc MGD (Winograd) is 1.6-2.0x the eager
+# reference and the csrc CT 1.3-1.7x at every benchmarked shape.
 AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "reference"],
     "cpu": ["csrc", "reference"],
-    "cpu:ct_loss": ["reference", "csrc"],
 }
 
 
