@@ -91,6 +91,10 @@ at::Tensor nchw_as_rows(const at::Tensor& t);
 at::Tensor weight_to_channels_last(const at::Tensor& w);
 at::Tensor weight_to_contiguous(const at::Tensor& w);
 
+// The MGD align layer's backward (ATen's 1x1 convolution backward) from dL/dA: dS and/or dWa, dba.
+void align_backward(const at::Tensor& da, const at::Tensor& s, const at::Tensor& align_w, bool n_s, bool n_al,
+                    at::Tensor& dS, at::Tensor& dWa, at::Tensor& dba);
+
 constexpr int64_t kPixBlock = 64;  // pixels per reduction unit
 
 struct Units {

@@ -164,14 +164,19 @@ mgd_backward(const at::Tensor& grad, const at::Tensor& student, const at::Tensor
   at::Tensor da = at::empty({N, C, H, W}, opts.memory_format(s.suggest_memory_format()));
   rows_to_masked(dx.data_ptr<float>(), mask, feat_of(da));
   dx.reset();
-  auto ga = at::convolution_backward(da, s, *align_w, at::IntArrayRef{C}, {1, 1}, {0, 0}, {1, 1}, false,
-                                     {0, 0}, 1, {n_s, n_al, n_al});
+  align_backward(da, s, *align_w, n_s, n_al, dS, dWa, dba);
+  return {dS, dW1, db1, dW2, db2, dWa, dba};
+}
+
+void align_backward(const at::Tensor& da, const at::Tensor& s, const at::Tensor& align_w, bool n_s, bool n_al,
+                    at::Tensor& dS, at::Tensor& dWa, at::Tensor& dba) {
+  auto ga = at::convolution_backward(da, s, align_w, at::IntArrayRef{align_w.size(0)}, {1, 1}, {0, 0}, {1, 1},
+                                     false, {0, 0}, 1, {n_s, n_al, n_al});
   if (n_s) dS = std::get<0>(ga);
   if (n_al) {
     dWa = weight_to_contiguous(std::get<1>(ga));
     dba = std::get<2>(ga);
   }
-  return {dS, dW1, db1, dW2, db2, dWa, dba};
 }
 
 }  // namespace fastkd

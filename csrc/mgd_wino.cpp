@@ -396,13 +396,7 @@ mgd_backward_wino(float go, const at::Tensor& student, const at::Tensor& h, cons
   B.reset();
   if (!need_dx) return {dS, dW1, db1, dW2, db2, dWa, dba};
   if (!align) return {dx, dW1, db1, dW2, db2, dWa, dba};
-  auto ga = at::convolution_backward(dx, s, *align_w, at::IntArrayRef{C}, {1, 1}, {0, 0}, {1, 1}, false,
-                                     {0, 0}, 1, {n_s, n_al, n_al});
-  if (n_s) dS = std::get<0>(ga);
-  if (n_al) {
-    dWa = weight_to_contiguous(std::get<1>(ga));
-    dba = std::get<2>(ga);
-  }
+  align_backward(dx, s, *align_w, n_s, n_al, dS, dWa, dba);
   return {dS, dW1, db1, dW2, db2, dWa, dba};
 }
 

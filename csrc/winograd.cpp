@@ -17,9 +17,9 @@
 // bias + ReLU into the first output transform, bias + squared error + its gradient into the second;
 // in backward the ReLU gate and dL/db1 sit between the adjoint transforms, and dH is never stored.
 //
-// Memory: a transformed feature is 36 / 16 = 2.25x the feature's size (x 64/49 for 7x7 tiles); the
-// batch is processed in chunks of samples so that each of the two transform buffers is ~1/4 of
-// a feature: peak stays below the eager reference's.
+// Memory: a transformed feature is 36 / 16 = 2.25x the feature's size (x 64/49 for 7x7 tiles), and
+// a transformed weight 4x the weight's; mgd_wino.cpp processes the batch in chunks of samples sized
+// from a peak-memory budget (chunk_samples), so the peak stays below the eager reference's.
 //
 // Determinism: every reduction (loss, bias gradients) is per sample, then summed in sample order;
 // chunks depend on the shapes only, so results do not depend on the number of threads.
