@@ -45,7 +45,7 @@ def _extensions():
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     # -fno-trapping-math / -fno-math-errno (as torch's own build) let gcc vectorise the fused passes
     # selects; no -ffast-math: the mask's float mapping and the reductions stay exact IEEE.
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]
     # The extension is built where it runs (`pip install -e .`, `make setup`): let gcc use this CPU's
     # vector units (AVX2/AVX-512) in the transforms and fused passes. FASTKD_NATIVE=0 builds for the
     # baseline x86-64 (SSE2) instead, e.g. for a binary shipped to other machines.
