@@ -5,6 +5,7 @@
     fastkd eval cfg.yaml --weights runs/x/student.pt
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
+    fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
     fastkd demo [--device cuda] [KEY=VALUE ...]     (the Fashion-MNIST demo, fastkd/demo.py)
 
 A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Fashion-MNIST: a teacher, then one student distilled four ways (fastkd demo --help)")
     dm.add_argument("rest", nargs=argparse.REMAINDER)
     dm.set_defaults(func=cmd_demo)
+
+    from .models import mmseg
+    mmseg.add_parser(sub)
 
     try:
         from .data import cli as data_cli
