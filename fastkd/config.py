@@ -282,6 +282,8 @@ class TrainConfig:
 class Config:
     student: ModelConfig
     """The model being trained."""
+    task: Literal["classification", "detection", "segmentation"] = "classification"
+    """What the models do: the batch, the task losses, the teacher taps and the evaluation (fastkd.tasks)."""
     teacher: Optional[ModelConfig] = None
     """The frozen model distilled from (checkpoint required); null trains the student alone (baselines,
     or the teacher itself)."""
