@@ -279,6 +279,9 @@ class TrainConfig:
 class Config:
     student: ModelConfig
     """The model being trained."""
+    task: str = "classification"
+    """What is trained: classification | detection | segmentation (``fastkd.tasks``), or
+    ``package.module:Class`` (a ``fastkd.tasks.Task`` subclass)."""
     teacher: Optional[ModelConfig] = None
     """The frozen model distilled from (checkpoint required); null trains the student alone (baselines,
     or the teacher itself)."""
