@@ -49,12 +49,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
     from .config import ConfigError, load_config
-    from .distill import build_model
     from .distill.models import load_state_dict_file, load_strict
-    from .engine.data import build_loaders
     from .engine.dist import setup
-    from .engine.evaluate import evaluate, model_eval_fn
     from .engine.export import student_state_dict
+    from .tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
     _quiet_deepspeed()
@@ -62,7 +60,8 @@ def cmd_eval(args) -> int:
     if args.teacher and cfg.teacher is None:
         raise ConfigError(f"--teacher: {args.config} has no teacher")
     which = cfg.teacher if args.teacher else cfg.student
-    model = build_model(which, "teacher" if args.teacher else "student")
+    task = build_task(cfg)
+    model = task.build_model(which, "teacher" if args.teacher else "student")
     if args.teacher:
         src = which.checkpoint
         state = load_state_dict_file(src, "teacher")
@@ -77,11 +76,11 @@ def cmd_eval(args) -> int:
     load_strict(model, state, src, "teacher" if args.teacher else "student")
     model = model.to(ctx.device).eval()
     micro = max(1, cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum))
-    _, val = build_loaders(cfg.data, micro=micro, grad_accum=1, rank=ctx.rank, world=ctx.world_size,
-                           seed=cfg.seed, device=ctx.device)
-    acc = evaluate(model_eval_fn(model), val, ctx.device, torch.float32)
+    _, val = task.build_loaders(micro=micro, grad_accum=1, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed,
+                                device=ctx.device, dtype=torch.float32, channels_last=False)
+    metrics = task.evaluate(model, val, ctx.device, torch.float32)
     if ctx.is_main:
-        print(f"{src}: top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% on {acc['count']} images")
+        print(f"{src}: {task.describe(metrics)}")
     return 0
 
 

@@ -282,8 +282,9 @@ class TrainConfig:
 class Config:
     student: ModelConfig
     """The model being trained."""
-    task: Literal["classification", "detection", "segmentation"] = "classification"
-    """What the models do: the batch, the task losses, the teacher taps and the evaluation (fastkd.tasks)."""
+    task: str = "classification"
+    """What is trained: classification | detection | segmentation (``fastkd.tasks``), or
+    ``package.module:Class`` (a ``fastkd.tasks.Task`` subclass)."""
     teacher: Optional[ModelConfig] = None
     """The frozen model distilled from (checkpoint required); null trains the student alone (baselines,
     or the teacher itself)."""
