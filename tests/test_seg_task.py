@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from fastkd.config import Config, DataConfig, KDConfig, ModelConfig
 from fastkd.engine.miou import MIoU
 from fastkd.losses import ChannelWiseKD
+from fastkd.tasks import build_task
 from fastkd.tasks.segmentation import SegmentationTask
 
 from test_seg_data import write_scenes
@@ -21,13 +22,15 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scenes")
     write_scenes(str(root), "train", 4)
     write_scenes(str(root), "val", 3)
-    cfg = Config(student=ModelConfig(name="pspnet_r18", num_classes=11, kwargs=TINY),
+    cfg = Config(task="segmentation", student=ModelConfig(name="pspnet_r18", num_classes=11, kwargs=TINY),
                  data=DataConfig(source="fashion-scenes", path=str(root), image_size=32, num_workers=0,
                                  kwargs={"img_scale": [56, 40], "val_batch_size": 2}))
-    task = SegmentationTask()
+    task = build_task(cfg)
+    assert isinstance(task, SegmentationTask)
     torch.manual_seed(0)
     model = task.build_model(cfg.student, "student")
-    train, val = task.build_loaders(cfg, micro=2, grad_accum=1, rank=0, world=1, seed=0, device="cpu")
+    train, val = task.build_loaders(micro=2, grad_accum=1, rank=0, world=1, seed=0, device="cpu",
+                                    dtype=torch.float32, channels_last=False)
     return task, model, train, val
 
 
@@ -65,17 +68,18 @@ def test_teacher_forward_and_logit_loss(setup):
     model.eval()
     logits, feats = task.teacher_forward(model, batch, ["layer4", "layer3"])
     assert set(feats) == {"layer4", "layer3"} and not logits.requires_grad
-    kd = task.logit_loss(KDConfig(alpha=3.0, temperature=4.0))
+    kd = task.logit_loss(KDConfig(alpha=3.0, temperature=4.0), "auto")
     assert isinstance(kd, ChannelWiseKD) and kd.alpha == 3.0 and kd.temperature == 4.0
-    assert task.logit_loss(None) is None
+    assert task.logit_loss(None, "auto") is None
+    assert set(task.teacher_forward(model, batch, None)[1]) == {"layer1", "layer2", "layer3", "layer4",
+                                                                "auxiliary_head"}
     assert kd(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_evaluate_is_the_miou_of_full_resolution_predictions(setup):
     task, model, _, val = setup
     model.eval()
-    ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0, world_size=1)
-    got = task.evaluate(model, val, ctx, torch.float32)
+    got = task.evaluate(model, val, torch.device("cpu"), torch.float32)
     metric = MIoU(11)
     for i in range(len(val.source)):
         image, label = val.source[i]
@@ -89,7 +93,8 @@ def test_evaluate_is_the_miou_of_full_resolution_predictions(setup):
     # padding inside a batch of two touches the borders of the smaller image's predictions, so compare
     # with batch 1 as well: exact
     val1 = type(val)(val.source, transform=None, batch_size=1, num_workers=0, drop_last=False)
-    exact = task.evaluate(model, val1, ctx, torch.float32)
+    exact = task.evaluate(model, val1, torch.device("cpu"), torch.float32)
     assert exact["mIoU"] == pytest.approx(want["mIoU"], rel=1e-12)
     assert exact["IoU.background"] == pytest.approx(want["IoU.0"], rel=1e-12)
     assert got["pixels"] == want["pixels"]  # padding is never scored
+    assert task.describe(exact).startswith("mIoU ")

@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError, KDConfig
 from ..data.seg_loader import SegBatch, build_seg_loaders
 from ..data.seg_transforms import IGNORE_INDEX
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
 from ..engine.miou import MIoU
 from ..losses import ChannelWiseKD
+from .base import Features, Task
 
 
 def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -40,32 +42,27 @@ def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return loss / labels.numel()
 
 
-class SegmentationTask:
+class SegmentationTask(Task):
     """Semantic segmentation as a fastkd task (see the module docstring)."""
 
     name = "segmentation"
     headline = "mIoU"
 
-    def __init__(self, *, aux_weight: float = 0.4, ignore_index: int = IGNORE_INDEX,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, cfg=None, *, aux_weight: float = 0.4, ignore_index: int = IGNORE_INDEX):
+        super().__init__(cfg)
         self.aux_weight, self.ignore_index = float(aux_weight), int(ignore_index)
-        self.mean, self.std = tuple(mean), tuple(std)
+        data = cfg.data if cfg is not None else None
+        custom = data is not None and data.mean is not None and data.std is not None
+        self.mean = tuple(data.mean) if custom else IMAGENET_MEAN
+        self.std = tuple(data.std) if custom else IMAGENET_STD
         self._coeffs: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # -- models and data ---------------------------------------------------------------------------------
-    def build_model(self, mcfg, role: str) -> nn.Module:
-        from ..distill.models import build_model
-
-        return build_model(mcfg, role)
-
-    def build_loaders(self, cfg, *, micro: int, grad_accum: int, rank: int, world: int, seed: int, device,
+    # -- data ------------------------------------------------------------------------------------------------
+    def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int, device,
                       dtype=torch.float32, channels_last: bool = False):
-        from ..config import ConfigError
-
-        data = cfg.data
-        if data.mean is not None and data.std is not None:
-            self.mean, self.std = tuple(data.mean), tuple(data.std)
-            self._coeffs.clear()
+        if self.cfg is None:
+            raise ConfigError("the segmentation task needs the run's config to build its loaders")
+        data = self.cfg.data
         options = dict(data.kwargs)
         val_batch = int(options.pop("val_batch_size", 1))
         options.setdefault("crop_size", (data.image_size, data.image_size))
@@ -107,21 +104,23 @@ class SegmentationTask:
         return losses, logits, feats
 
     @torch.no_grad()
-    def teacher_forward(self, teacher: nn.Module, batch: SegBatch, layers: List[str]):
-        logits, feats = teacher(batch.images, features=True)
-        return logits, {name: feats[name] for name in layers if name in feats}
+    def teacher_forward(self, teacher: nn.Module, batch: SegBatch,
+                        layers: Optional[Sequence[str]]) -> Tuple[torch.Tensor, Features]:
+        images = batch.images.to(next(teacher.parameters()).dtype)  # a GPU teacher runs in bf16
+        logits, feats = teacher(images, features=True)
+        return logits, feats if layers is None else {name: feats[name] for name in layers}
 
-    def logit_loss(self, kd_cfg) -> Optional[nn.Module]:
-        if kd_cfg is None:
+    def logit_loss(self, kd: Optional[KDConfig], backend: str = "auto") -> Optional[nn.Module]:
+        """The channel-wise spatial-softmax KD (one pure-PyTorch implementation: ``backend`` is not used)."""
+        if kd is None:
             return None
-        alpha = 1.0 if kd_cfg.alpha == "auto" else float(kd_cfg.alpha)
-        return ChannelWiseKD(temperature=kd_cfg.temperature, alpha=alpha)
+        return ChannelWiseKD(temperature=kd.temperature, alpha=1.0 if kd.alpha == "auto" else float(kd.alpha))
 
     # -- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, val_loader, ctx, dtype=torch.float32) -> Dict[str, float]:
+    def evaluate(self, model: nn.Module, val_loader, device, dtype=torch.float32) -> Dict[str, float]:
         """mIoU over the whole validation set; every rank returns the same dict."""
-        device = ctx.device
+        device = torch.device(device)
         num_classes = getattr(val_loader, "num_classes", None) or model.num_classes
         metric = MIoU(num_classes, self.ignore_index, device, getattr(val_loader, "classes", None) or None)
         for batch in val_loader:
@@ -129,3 +128,7 @@ class SegmentationTask:
             logits = model(batch.images)
             metric.update(logits.argmax(dim=1), batch.labels)
         return metric.compute()
+
+    def describe(self, metrics: Dict[str, float]) -> str:
+        return (f"mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
+                f"({int(metrics['pixels'])} labelled pixels)")
