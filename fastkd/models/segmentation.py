@@ -150,7 +150,7 @@ class SegmentationModel(nn.Module):
 
     def __init__(self, block, layers: Sequence[int], head: str, num_classes: int, *, channels: int,
                  aux_channels: Optional[int] = 0, in_channels: int = 3, base_channels: int = 64,
-                 strides: Sequence[int] = STRIDES, dilations: Sequence[int] = DILATIONS):
+                 dropout: float = 0.1, strides: Sequence[int] = STRIDES, dilations: Sequence[int] = DILATIONS):
         super().__init__()
         if len(layers) != 4 or len(strides) != 4 or len(dilations) != 4:
             raise ValueError(f"layers, strides and dilations need 4 entries each, got {list(layers)}, "
@@ -174,8 +174,8 @@ class SegmentationModel(nn.Module):
         heads = {"psp": PSPHead, "aspp": ASPPHead}
         if head not in heads:
             raise ValueError(f"unknown decode head {head!r}: use one of {sorted(heads)}")
-        self.decode_head = heads[head](inplanes, channels, num_classes)
-        self.auxiliary_head = (FCNHead(self.feature_channels["layer3"], aux_channels, num_classes)
+        self.decode_head = heads[head](inplanes, channels, num_classes, dropout=dropout)
+        self.auxiliary_head = (FCNHead(self.feature_channels["layer3"], aux_channels, num_classes, dropout=dropout)
                                if aux_channels else None)
         self.num_classes = num_classes
         init_resnet(self, zero_init_residual=False)
