@@ -153,7 +153,7 @@ def test_cityscapes_train_ids_and_beton_round_trip(tmp_path):
         cityscapes.source(str(tmp_path), "train")
 
 
-def test_cli_writes_cityscapes_and_reports_bad_roots(tmp_path):
+def test_cli_writes_cityscapes_and_reports_bad_roots(tmp_path, capsys):
     from fastkd.cli import main
 
     root = str(tmp_path / "cs")
@@ -162,6 +162,9 @@ def test_cli_writes_cityscapes_and_reports_bad_roots(tmp_path):
     assert main(["data", "write", "cityscapes", root, str(tmp_path / "b"), "--num-workers", "1"]) == 0
     assert len(BetonSegSource(str(tmp_path / "b" / "train.beton"))) == 4
     assert len(BetonSegSource(str(tmp_path / "b" / "val.beton"))) == 2
+    capsys.readouterr()
+    assert main(["data", "inspect", str(tmp_path / "b" / "val.beton")]) == 0
+    assert "segmentation: 19 classes, ignore 255, images png, height 24-24 x width 48-48" in capsys.readouterr().out
     assert main(["data", "write", "cityscapes", str(tmp_path / "nope"), str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
 

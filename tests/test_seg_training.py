@@ -59,6 +59,9 @@ def test_two_processes_equal_one_and_resume_is_exact(work):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (key, ra["step"], ra[key], rb[key])
     (ea,), (eb,) = metrics(work / "two", "eval"), metrics(work / "one", "eval")
     assert ea["val/pixels"] == eb["val/pixels"] > 0 and 0 <= ea["val/mIoU"] <= 100
+    # fastkd eval on the trained student: the trainer's final evaluation, on the same model
+    res = _ok(fastkd("eval", str(work / "seg.yaml"), f"run_dir={work / 'one'}", cwd=work))
+    assert f"mIoU {eb['val/mIoU']:.2f}" in res.stdout
     # stop after 2 steps, resume, finish: the same 4 steps as one uninterrupted run
     train(work, "resumed", "train.grad_accum=2", "train.session_steps=2")
     train(work, "resumed", "train.grad_accum=2")

@@ -154,6 +154,13 @@ def _inspect(args) -> int:
     reader = Reader(args.file)
     names = dict(zip(reader.field_names, reader.metadata.dtype.names))
     print(f"{args.file}: {reader.num_samples} samples, fields {reader.field_names}")
+    meta = sidecar(args.file)
+    if meta.get("task") == "segmentation":  # images and label maps stored as encoded bytes
+        sizes = {f: reader.metadata[names[f]] for f in ("height", "width") if f in names}
+        shape = " x ".join(f"{f} {v.min()}-{v.max()}" for f, v in sizes.items())
+        print(f"  segmentation: {meta.get('num_classes')} classes, ignore {meta.get('ignore_index')}, images "
+              f"{meta.get('image_format')}, {shape}")
+        return 0
     if "image" in names:
         img = reader.metadata[names["image"]]
         modes = Counter(int(m) for m in img["mode"])
@@ -162,7 +169,6 @@ def _inspect(args) -> int:
     if "label" in names:
         counts = Counter(int(v) for v in reader.metadata[names["label"]])
         print(f"  label: {len(counts)} classes, per class min {min(counts.values())} max {max(counts.values())}")
-    meta = sidecar(args.file)
     if meta:
         print(f"  written with write_mode={meta.get('write_mode')} max_resolution={meta.get('max_resolution')}"
               f", {len(meta.get('skipped', []))} file(s) skipped")

@@ -86,6 +86,7 @@ class SegFolderSource:
             raise ValueError(f"lut must be uint8 [256], got {lut.dtype}{list(lut.shape)}")
         self.lut = lut
         self.pairs: List[Tuple[str, str]] = []
+        self.max_pixels = 0
         for dirpath, _, files in sorted(os.walk(image_dir)):
             for name in sorted(files):
                 if not name.endswith(image_suffix):
@@ -99,9 +100,10 @@ class SegFolderSource:
             raise SegDataError(f"no images ending in {image_suffix!r} under {image_dir}")
         if check_sizes:
             for image, label in self.pairs:
-                if _size(image) != _size(label):
-                    raise SegDataError(f"{image} is {_size(image)} (h, w) but its label map {label} is "
-                                       f"{_size(label)}")
+                size = _size(image)
+                if size != _size(label):
+                    raise SegDataError(f"{image} is {size} (h, w) but its label map {label} is {_size(label)}")
+                self.max_pixels = max(self.max_pixels, size[0] * size[1])
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -150,24 +152,30 @@ class _Encoded:
     def __getitem__(self, i: int):
         try:
             data, label = self.source.encoded(i)
-            image = None
-            if self.image_format == "jpg" or data[:8].tobytes() != b"\x89PNG\r\n\x1a\n":
+            is_png = data[:8].tobytes() == b"\x89PNG\r\n\x1a\n"
+            if self.image_format == "jpg" or not is_png:  # re-encode (PNG files pass through untouched)
                 image = decode_image(data, self.source.describe(i))
-            h, w = label.shape
-            if image is not None:
                 if image.shape[:2] != label.shape:
                     raise SegDataError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
-                flag = ([cv2.IMWRITE_JPEG_QUALITY, self.quality] if self.image_format == "jpg" else [])
-                ok, buf = cv2.imencode(".jpg" if self.image_format == "jpg" else ".png",
-                                       cv2.cvtColor(image, cv2.COLOR_RGB2BGR), flag)
-                data = buf.ravel()
-            ok, png = cv2.imencode(".png", label)
-            return data, png.ravel(), h, w
+                ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, self.quality]) if self.image_format == "jpg" \
+                    else (".png", [])
+                data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)[1].ravel()
+            png = cv2.imencode(".png", label)[1].ravel()
+            return data, png, label.shape[0], label.shape[1]
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises naming the file
             with open(os.path.join(self.report_dir, str(int(i))), "w") as f:
                 f.write(f"{self.source.describe(i)}: {type(exc).__name__}: {exc}")
             empty = np.zeros(1, np.uint8)
             return empty, empty, 0, 0
+
+
+def _page_size(source) -> int:
+    """FFCV page (a sample must fit in one): room for a raw RGB image and its label map, at least 8 MiB."""
+    need = getattr(source, "max_pixels", 0) * 4 + (1 << 16)
+    page = 1 << 23
+    while page < need:
+        page *= 2
+    return page
 
 
 def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_quality: int = 95,
@@ -190,7 +198,7 @@ def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_qu
     workers = max(1, min(num_workers or cpus, cpus, len(source)))
     try:
         fields = {"image": BytesField(), "label": BytesField(), "height": IntField(), "width": IntField()}
-        writer = DatasetWriter(tmp, fields, num_workers=workers)
+        writer = DatasetWriter(tmp, fields, num_workers=workers, page_size=_page_size(source))
         writer.from_indexed_dataset(_Encoded(source, image_format, jpeg_quality, report_dir), chunksize=16)
         failures = [open(os.path.join(report_dir, n)).read() for n in sorted(os.listdir(report_dir), key=int)]
         if failures:

@@ -41,7 +41,8 @@ def area_counts(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignor
 
 
 def summarize(counts: torch.Tensor, class_names: Optional[Sequence[str]] = None) -> Dict[str, float]:
-    """Metrics from summed [4, K] area counts: mIoU, mAcc, aAcc and ``IoU.<class>`` (percentages)."""
+    """Metrics from summed [4, K] area counts: mIoU, mAcc, aAcc, ``pixels`` (labelled pixels scored) and
+    ``IoU.<class>`` (percentages; '/' and spaces in class names become '_')."""
     inter, union, _, area_label = counts.double().cpu().unbind(0)
     iou = inter / union
     acc = inter / area_label
@@ -50,7 +51,8 @@ def summarize(counts: torch.Tensor, class_names: Optional[Sequence[str]] = None)
         t = t[~torch.isnan(t)]
         return float(t.mean()) * 100 if t.numel() else math.nan
 
-    names = list(class_names) if class_names else [str(i) for i in range(counts.shape[1])]
+    names = [n.replace("/", "_").replace(" ", "_") for n in class_names] if class_names else \
+        [str(i) for i in range(counts.shape[1])]  # metric keys: no '/' (a TensorBoard tag level) or spaces
     out = {"mIoU": nanmean(iou), "mAcc": nanmean(acc),
            "aAcc": float(inter.sum() / area_label.sum()) * 100 if area_label.sum() > 0 else math.nan,
            "pixels": float(area_label.sum())}
