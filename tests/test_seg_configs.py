@@ -43,11 +43,12 @@ def test_recipe_follows_dense_md(path):
         assert (cfg.distill.kd.alpha, cfg.distill.kd.temperature) == (3.0, 4.0)
 
 
-@pytest.mark.parametrize("path", [p for p in CITYSCAPES if "baseline" not in p][:2], ids=os.path.basename)
+@pytest.mark.parametrize("path", [p for p in CITYSCAPES if "baseline" not in p], ids=os.path.basename)
 def test_pairs_fit_the_models(path):
     cfg = load_config(path)
-    student, teacher = build_model(cfg.student, "student").eval(), build_model(cfg.teacher, "teacher").eval()
-    x = torch.randn(2, 3, 48, 48)
+    with torch.device("meta"):  # shapes only: the 68 M-parameter teacher costs nothing there
+        student, teacher = build_model(cfg.student, "student").eval(), build_model(cfg.teacher, "teacher").eval()
+        x = torch.empty(2, 3, 48, 48)
     with torch.no_grad():
         s_logits, s_feats = student(x, features=True)
         t_logits, t_feats = teacher(x, features=True)
