@@ -209,3 +209,26 @@ def test_loader_reproducible_sharded_and_resumes_exactly(tmp_path):
     assert (vb.labels[1, :, 48:] == 255).all() and (vb.labels[0, 40:] == 255).all()
     with pytest.raises(ValueError, match="unknown segmentation data option"):
         build_seg_loaders("fashion-scenes", str(tmp_path), micro=2, options={"crop": 3})
+
+
+def test_beton_loader_reads_what_the_folder_loader_reads(tmp_path):
+    root = str(tmp_path / "scenes")
+    write_scenes(root, "train", 4)
+    write_scenes(root, "val", 2)
+    for split in ("train", "val"):  # JPEG scenes: decoded once, stored as lossless PNG
+        write_seg_beton(fashion_scenes(root, split), str(tmp_path / "b" / f"{split}.beton"), num_workers=1)
+    opts = dict(crop_size=(24, 24), img_scale=(56, 40))
+    folder = build_seg_loaders("fashion-scenes", root, micro=2, seed=1, num_workers=0, options=opts)
+    beton = build_seg_loaders("ffcv", str(tmp_path / "b"), micro=2, seed=1, num_workers=0, options=opts)
+    for a, b in zip(folder, beton):
+        got, want = batches(b), batches(a)
+        assert len(got) == len(want) > 0
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(got, want))
+    assert beton[1].num_classes == 11 and beton[1].classes[0] == "background"
+    jpg = str(tmp_path / "jpg.beton")
+    write_seg_beton(fashion_scenes(root, "val"), jpg, image_format="jpg", jpeg_quality=95, num_workers=1)
+    image, label = BetonSegSource(jpg)[1]
+    ref_image, ref_label = fashion_scenes(root, "val")[1]
+    assert np.array_equal(label, ref_label)  # labels always lossless
+    err = np.abs(image.astype(int) - ref_image).mean()
+    assert 0 < err < 16  # re-encoded as JPEG (saturated 8 px colour blocks: chroma subsampling shows)
