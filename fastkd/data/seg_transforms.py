@@ -2,7 +2,7 @@
 
 Training, in mmseg's order (numpy / OpenCV, on uint8 HxWx3 RGB images and HxW uint8 label maps):
 
-1. rescale: ratio r ~ U(ratio_range); target (long, short) = r * img_scale; the image is scaled by
+1. rescale: ratio r ~ U(ratio_range); target (long, short) = int(r * img_scale); the image is scaled by
    ``min(long / max(h, w), short / min(h, w))`` keeping its aspect ratio (mmcv's ``rescale_size``,
    sizes rounded half up); image bilinear, label nearest;
 2. random crop of ``crop_size``: a crop is kept as soon as it holds two classes or more and none covers
@@ -44,7 +44,8 @@ def rescale_size(height: int, width: int, scale: Tuple[float, float]) -> Tuple[i
 def random_rescale(image: np.ndarray, label: np.ndarray, img_scale: Tuple[int, int],
                    ratio_range: Tuple[float, float], rng: np.random.Generator):
     ratio = rng.uniform(ratio_range[0], ratio_range[1])
-    h, w = rescale_size(image.shape[0], image.shape[1], (img_scale[0] * ratio, img_scale[1] * ratio))
+    target = (int(img_scale[0] * ratio), int(img_scale[1] * ratio))  # truncated, as mmseg's Resize
+    h, w = rescale_size(image.shape[0], image.shape[1], target)
     if (h, w) == label.shape:
         return image, label
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
