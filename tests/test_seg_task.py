@@ -98,3 +98,24 @@ def test_evaluate_is_the_miou_of_full_resolution_predictions(setup):
     assert exact["IoU.background"] == pytest.approx(want["IoU.0"], rel=1e-12)
     assert got["pixels"] == want["pixels"]  # padding is never scored
     assert task.describe(exact).startswith("mIoU ")
+
+
+def test_bad_data_config_is_one_clear_error(tmp_path):
+    from fastkd.config import ConfigError
+
+    def loaders(**data):
+        cfg = Config(task="segmentation", student=ModelConfig(name="pspnet_r18", num_classes=11),
+                     data=DataConfig(num_workers=0, **data))
+        return SegmentationTask(cfg).build_loaders(micro=2, grad_accum=1, rank=0, world=1, seed=0, device="cpu",
+                                                   dtype=torch.float32, channels_last=False)
+
+    with pytest.raises(ConfigError, match="data.path is not set"):
+        loaders(source="fashion-scenes")
+    with pytest.raises(ConfigError, match="'coco' is not one of"):
+        loaders(source="coco", path=str(tmp_path))
+    with pytest.raises(ConfigError, match=f"{tmp_path}.*no label maps"):
+        loaders(source="fashion-scenes", path=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown segmentation data option.*crop"):
+        loaders(source="fashion-scenes", path=str(tmp_path), kwargs={"crop": 3})
+    with pytest.raises(FileNotFoundError, match="train"):
+        loaders(source="ffcv", path=str(tmp_path))
