@@ -97,7 +97,7 @@ def coco_metrics(results: List[dict], gt_json_path: str, *, image_ids: Optional[
     if not results:
         return {k: 0.0 for k in METRICS}
     with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes(results)
+        dt = gt.loadRes([{**r, "bbox": list(r["bbox"])} for r in results])  # loadRes adds keys in place
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = ids
         ev.params.maxDets = [1, 10, int(max_dets)]
