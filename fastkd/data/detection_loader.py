@@ -280,3 +280,17 @@ def build_detection_loader(path: str, *, source: str = "ffcv", **kwargs) -> Dete
         kwargs.pop("batches_ahead", None)
         return TorchDetectionLoader(path, **kwargs)
     raise ValueError(f"detection loader source {source!r} is not 'ffcv' or 'torch'")
+
+
+def build_detection_loaders(train_path: str, val_path: str, *, batch_size: int, val_batch_size: Optional[int] = None,
+                            source: str = "ffcv", num_workers: Optional[int] = None, min_size: int = 800,
+                            max_size: int = 1333, flip_prob: float = 0.5, seed: int = 0, rank: int = 0,
+                            world_size: int = 1) -> tuple:
+    """(train, val) loaders for a detection task: train shuffled, flipped, grouped, empty images skipped,
+    drop_last; val in file order, no flip, every image once over all ranks."""
+    common = dict(source=source, min_size=min_size, max_size=max_size, seed=seed, rank=rank, world_size=world_size)
+    if num_workers is not None:
+        common["num_workers"] = num_workers
+    train = build_detection_loader(train_path, train=True, batch_size=batch_size, flip_prob=flip_prob, **common)
+    val = build_detection_loader(val_path, train=False, batch_size=val_batch_size or batch_size, **common)
+    return train, val
