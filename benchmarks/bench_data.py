@@ -135,10 +135,7 @@ def main() -> None:
     p.add_argument("--max-size", type=int, default=512, help="detection: longer side at most")
     args = p.parse_args()
 
-    import torch
-
     from fastkd.data import build_loader, write_imagefolder_beton
-    from fastkd.data.base import cpu_count
 
     work = args.dir or tempfile.mkdtemp(prefix="fastkd-bench-data-")
     if args.detection:

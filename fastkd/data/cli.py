@@ -192,6 +192,13 @@ def _inspect(args) -> int:
     reader = Reader(args.file)
     names = dict(zip(reader.field_names, reader.metadata.dtype.names))
     print(f"{args.file}: {reader.num_samples} samples, fields {reader.field_names}")
+    meta = sidecar(args.file)
+    if meta.get("kind") == "coco-detection":
+        print(f"  COCO detection from {meta['annotations']}: {meta['num_boxes']} boxes (at most "
+              f"{meta['max_boxes']} per image), {meta['empty_images']} image(s) without boxes, "
+              f"{len(meta['categories'])} categories (label: COCO id) "
+              + ", ".join(f"{c['label']}: {c['id']}" for c in meta["categories"][:12])
+              + (" ..." if len(meta["categories"]) > 12 else ""))
     if "image" in names:
         img = reader.metadata[names["image"]]
         modes = Counter(int(m) for m in img["mode"])
@@ -200,8 +207,7 @@ def _inspect(args) -> int:
     if "label" in names:
         counts = Counter(int(v) for v in reader.metadata[names["label"]])
         print(f"  label: {len(counts)} classes, per class min {min(counts.values())} max {max(counts.values())}")
-    meta = sidecar(args.file)
-    if meta:
+    if meta and "write_mode" in meta:
         print(f"  written with write_mode={meta.get('write_mode')} max_resolution={meta.get('max_resolution')}"
               f", {len(meta.get('skipped', []))} file(s) skipped")
     return 0

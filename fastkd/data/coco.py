@@ -93,7 +93,7 @@ def _entry(path: str, kind: str, i: int, entry, keys: Dict[str, type]) -> dict:
         if key not in entry:
             raise CocoFormatError(f"{name} has no {key!r}")
         if not isinstance(entry[key], typ) or isinstance(entry[key], bool):
-            raise CocoFormatError(f"{name}: {key!r} is {entry[key]!r}, expected {typ.__name__ if isinstance(typ, type) else 'a number'}")
+            raise CocoFormatError(f"{name}: {key!r} is {entry[key]!r}, expected {typ.__name__}")
     return entry
 
 
