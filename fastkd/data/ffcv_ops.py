@@ -39,6 +39,8 @@ class ResizePadDecoder(SimpleRGBImageDecoder):
         self.short, self.long = int(short), int(long)
 
     def declare_state_and_memory(self, previous_state: State) -> Tuple[State, Tuple[AllocationQuery, ...]]:
+        if np.any(self.metadata["mode"] != IMAGE_MODES["jpg"]):  # checked here: a raise in the loop unparallelises it
+            raise ValueError("ResizePadDecoder reads JPEG-stored images only (write with `fastkd data write coco`)")
         heights, widths = self.metadata["height"], self.metadata["width"]
         decoded = int(heights.max()) * int(widths.max()) * 3
         hm, wm = bucket_shapes(self.short, self.long)[2]
@@ -51,7 +53,7 @@ class ResizePadDecoder(SimpleRGBImageDecoder):
         mem_read, my_range = self.memory_read, Compiler.get_iterator()
         imdecode_c, resize_c = Compiler.compile(imdecode), Compiler.compile(resize_crop)
         size_c = Compiler.compile(resized_hw)
-        short, long, jpg = self.short, self.long, IMAGE_MODES["jpg"]
+        short, long = self.short, self.long
         (lh, lw), (ph, pw), (mh, mw) = bucket_shapes(short, long)
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -66,8 +68,6 @@ class ResizePadDecoder(SimpleRGBImageDecoder):
             for k in my_range(n):
                 f = metadata[batch_indices[k]]
                 h, w = np.uint32(f["height"]), np.uint32(f["width"])
-                if f["mode"] != jpg:
-                    raise ValueError("ResizePadDecoder reads JPEG images only")
                 data = mem_read(f["data_ptr"], storage_state)
                 src = decoded[k][:h * w * 3]
                 imdecode_c(data, src, h, w, h, w, 0, 0, 1, 1, False, False)
