@@ -138,9 +138,15 @@ def boxes_to_original(boxes: torch.Tensor, target: dict) -> torch.Tensor:
 
 
 def flip_region_(images: torch.Tensor, i: int, size: Tuple[int, int]) -> None:
-    """Mirror the unpadded region of image ``i`` of a uint8 [N,H,W,3] batch, in place."""
+    """Mirror the unpadded region of image ``i`` of a CPU uint8 [N,H,W,3] batch, in place.
+
+    OpenCV's SIMD flip: measured ~70x faster here than numpy's negative-stride copy, which is
+    itself ~10x faster than torch's ``flip`` of a strided uint8 slice."""
+    import cv2
+
     h, w = size
-    images[i, :h, :w] = images[i, :h, :w].flip(1)
+    region = images.numpy()[i, :h, :w]
+    region[...] = cv2.flip(region, 1)
 
 
 def to_device(batch: DetectionBatch, device, *, mean: Sequence[float], std: Sequence[float],
