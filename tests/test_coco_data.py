@@ -345,3 +345,29 @@ def test_cli_writes_and_reports_bad_input_with_status_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "broken.json: not valid JSON" in err and "Traceback" not in err
     assert not [n for n in os.listdir(tmp_path) if n.startswith("b.beton")]
+
+
+def test_training_shards_are_disjoint_equal_and_one_orientation_per_batch(betons):
+    kw = dict(source="torch", train=True, batch_size=2, seed=9, world_size=2, **SIZES)
+    shards = [build_detection_loader(betons["train"], rank=r, **kw) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) > 0
+    seen = [[t["image_id"] for b in s for t in b.targets] for s in shards]
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
+    for s in shards:
+        s.set_epoch(0)
+        for b in s:
+            land = [t["size"][1] >= t["size"][0] for t in b.targets]
+            assert len(set(land)) == 1 and tuple(b.images.shape[2:]) == bucket_shapes(160, 224)[0 if land[0] else 1]
+
+
+def test_fashion_scenes_cli(tmp_path, capsys):
+    from fastkd.data.cli import main
+
+    _fmnist_dir()
+    out = tmp_path / "fs"
+    assert main(["write", "fashion-scenes", str(out), "--train", "2", "--val", "1", "--masks"]) == 0
+    assert sorted(os.listdir(out)) == ["annotations", "masks", "train", "val"]
+    assert main(["write", "fashion-scenes", str(out), "--train", "2"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert main(["write", "fashion-scenes", str(tmp_path / "x"), "--train", "0", "--val", "0"]) == 2
+    assert not (tmp_path / "x").exists()
