@@ -232,7 +232,7 @@ def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_q
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from .writers import _cap_workers, _page_size
+    from .writers import _MIN_PAGE, _cap_workers
 
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
@@ -265,8 +265,12 @@ def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_q
         os.makedirs(report_dir)
         tmp_beton, tmp_meta = os.path.join(tmp, base), os.path.join(tmp, base + ".json")
         side = max(max(im.height, im.width) for im in index.images)
+        side = min(side, max_side) if max_side else side
+        page = _MIN_PAGE  # a page holds the largest sample (JPEG <= raw pixels); small pages waste less
+        while page < side * side * 3 + max_boxes * 9 + (1 << 16):
+            page *= 2
         writer = DatasetWriter(tmp_beton, fields, num_workers=min(_cap_workers(num_workers), len(index.images)),
-                               page_size=_page_size(side, max_side))
+                               page_size=page)
         writer.from_indexed_dataset(_Source(index.images, max_boxes, report_dir), chunksize=64)
         failed = sorted(int(n) for n in os.listdir(report_dir))
         if failed:
