@@ -172,6 +172,9 @@ def _write_cityscapes(args) -> int:
             print(f"wrote {outs[split]}: {n} images + label maps ({split})")
     except (SegDataError, FileExistsError) as exc:
         raise ConfigError(str(exc)) from None
+    return 0
+
+
 def _user_error(e: Exception) -> int:
     print(f"fastkd data: error: {e}", file=sys.stderr)
     return 2
