@@ -4,7 +4,9 @@ At the first ``auto`` call of an op in a bucket (op, device kind, every input's 
 dimension rounded up to a power of two --, dtype and layout), each backend of the device's order that
 accepts the inputs is timed on those very inputs (detached copies: nothing reaches the caller's graph;
 forward + backward when gradients are enabled), round-robin, at least three rounds, and the one with the
-smallest median wins (cuDNN's ``benchmark`` mode is the model). Every backend computes the same op (the
+smallest best time wins (cuDNN's ``benchmark`` mode is the model; the minimum, not the median, because
+on a shared machine the noise only ever adds time: the minimum is the steadiest estimate of a backend's
+own cost, which is what the choice is about). Every backend computes the same op (the
 same MGD mask for the same seed), so the choice changes speed, never the semantics. The decision is kept
 in memory and in a JSON file under the user's cache directory, one file per machine description (CPU
 model, vector extensions and torch thread count, or GPU model; torch, triton, fastkd and fastkd._C
@@ -34,7 +36,6 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class Decision:
     choice: str
     """The backend ``auto`` runs."""
     ms: Dict[str, float] = field(default_factory=dict)
-    """Median milliseconds of one call per timed backend (forward + backward when grads were enabled)."""
+    """Best milliseconds of one call per timed backend (forward + backward when grads were enabled)."""
     source: str = "measured"
     """Where the decision came from: "measured", "disk cache", "rank N" (agreed across ranks)."""
 
@@ -229,14 +230,14 @@ def _time_once(run: Callable, impl, args: dict, dev_type: str) -> float:
 
 
 def measure(candidates: Dict[str, object], run: Callable, args: dict, dev_type: str) -> Dict[str, float]:
-    """Median ms per candidate: one warm-up call each, then round-robin rounds within the budget."""
+    """Best ms per candidate: one warm-up call each, then round-robin rounds within the budget."""
     first = {name: _time_once(run, impl, args, dev_type) for name, impl in candidates.items()}
     rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget_ms() // max(sum(first.values()), 1e-3))))
     times: Dict[str, List[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, impl in candidates.items():
             times[name].append(_time_once(run, impl, args, dev_type))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: min(t) for name, t in times.items()}
 
 
 def _fastest(ms: Dict[str, float], order: List[str]) -> str:

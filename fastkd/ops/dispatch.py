@@ -115,7 +115,7 @@ class Explanation(list):
     choice   the backend ``auto`` runs for these inputs now (None if none accepts)
     how      "static order ...", "only one accepts", "measured", "disk cache", or "rank N" (agreed
              across ranks: that rank's measurement)
-    ms       {backend: median ms of one call} behind a measured choice ({} otherwise)
+    ms       {backend: best ms of one call in the trial} behind a measured choice ({} otherwise)
     """
 
     def __init__(self, rows, choice: Optional[str], how: str, ms: Dict[str, float]):
