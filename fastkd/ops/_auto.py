@@ -224,20 +224,32 @@ def _time_once(run: Callable, impl, args: dict, dev_type: str) -> float:
     t0 = time.perf_counter()
     loss = run(impl, **copies)
     if wrt:
-        torch.autograd.grad(loss, wrt)
+        torch.autograd.grad(loss, wrt, allow_unused=True)
     _sync(dev_type)
     return (time.perf_counter() - t0) * 1e3
 
 
+def _warm_up(run: Callable, impl, args: dict, dev_type: str) -> float:
+    """The first timed call; a backend that runs out of memory on these inputs is timed as infinite."""
+    try:
+        return _time_once(run, impl, args, dev_type)
+    except torch.OutOfMemoryError:
+        if dev_type == "cuda":
+            torch.cuda.empty_cache()
+        return float("inf")
+
+
 def measure(candidates: Dict[str, object], run: Callable, args: dict, dev_type: str) -> Dict[str, float]:
     """Best ms per candidate: one warm-up call each, then round-robin rounds within the budget."""
-    first = {name: _time_once(run, impl, args, dev_type) for name, impl in candidates.items()}
-    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget_ms() // max(sum(first.values()), 1e-3))))
-    times: Dict[str, List[float]] = {name: [] for name in candidates}
+    first = {name: _warm_up(run, impl, args, dev_type) for name, impl in candidates.items()}
+    able = {name: impl for name, impl in candidates.items() if first[name] != float("inf")}
+    one_round = sum(first[name] for name in able)
+    rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, budget_ms() // max(one_round, 1e-3))))
+    times: Dict[str, List[float]] = {name: [] for name in able}
     for _ in range(rounds):
-        for name, impl in candidates.items():
+        for name, impl in able.items():
             times[name].append(_time_once(run, impl, args, dev_type))
-    return {name: min(t) for name, t in times.items()}
+    return {name: min(times[name]) if name in able else float("inf") for name in candidates}
 
 
 def _fastest(ms: Dict[str, float], order: List[str]) -> str:
