@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, write_results  # noqa: E402
-from fastkd.ops import mgd_loss  # noqa: E402
+from fastkd.ops import _auto, mgd_loss  # noqa: E402
 from fastkd.ops.mask import mgd_keep_mask  # noqa: E402
 
 KW = dict(ratio=0.5, alpha=2e-5, seed=7)
@@ -92,6 +92,8 @@ def main():
             print(" | ".join(rows[-1]), flush=True)
     if args.out:
         env = environment("cpu")
+        model, vector = _auto._cpu_model()
+        env["device"] = f"CPU {model} [{' '.join(vector)}] x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
         cmd = "python benchmarks/accuracy_cpu.py " + " ".join(sys.argv[1:])
         write_results(args.out, "CPU accuracy of the float32 MGD paths vs the float64 reference", columns, rows,
                       env, cmd, "Per tensor: L2-relative error / max-entry error relative to the largest "

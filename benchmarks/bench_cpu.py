@@ -207,7 +207,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--only", default=None, help="run cases whose op/name contains this string")
+    ap.add_argument("--only", default=None, help="run cases whose op/name contains one of these comma-separated "
+                    "strings")
     ap.add_argument("--out", default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     if args.threads:
@@ -220,7 +221,7 @@ def main():
     rows = []
     load_before = os.getloadavg()
     for case in CASES:
-        if args.only and args.only not in f"{case.op} {case.name}":
+        if args.only and not any(part in f"{case.op} {case.name}" for part in args.only.split(",")):
             continue
         res, peaks, chose = run_case(case, args.rounds)
         full = {k: v["full"][0] for k, v in res.items()}
