@@ -119,6 +119,13 @@ def test_measured_choice_is_cached_and_reused(fakes, monkeypatch):
     ct_loss(s, t, *w)
     assert len(log) == 3 and FAKES["fake_b"].calls == 7
     assert explain("ct_loss", "cpu", **_ct_inputs(s, t, w)).how == "disk cache"
+    # FASTKD_AUTO_TRIAL=fresh measures again and overwrites the file
+    monkeypatch.setenv("FASTKD_AUTO_TRIAL", "fresh")
+    monkeypatch.setattr(_auto, "measure", _forced({"fake_a": 0.5, "fake_b": 1.0, "reference": 2.0}, log))
+    _auto.reset()
+    ct_loss(s, t, *w)
+    assert len(log) == 4 and FAKES["fake_a"].calls == 1
+    assert json.load(open(path))["entries"][_auto.bucket_key("ct_loss", "cpu", _ct_inputs(s, t, w))]["choice"] == "fake_a"
 
 
 def test_switched_off_uses_the_static_order(fakes, monkeypatch):

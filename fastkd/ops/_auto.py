@@ -13,6 +13,8 @@ model, vector extensions and torch thread count, or GPU model; torch, triton, fa
 build), so a later run on the same machine does not measure again.
 
     FASTKD_AUTO_TRIAL=0        no trial: the static order of ``dispatch.AUTO_ORDER``
+    FASTKD_AUTO_TRIAL=fresh    measure again, ignoring (and then overwriting) the disk cache: a trial taken
+                               while the machine was busy is cached like any other
     FASTKD_AUTO_TRIAL_MS=N     time budget of one trial, default 2000 (rounds = budget / one round, 3-10)
     FASTKD_CACHE_DIR=PATH      where the file lives (default $XDG_CACHE_HOME/fastkd, else ~/.cache/fastkd)
 
@@ -76,6 +78,11 @@ _calls: Dict[str, int] = {}          # op -> auto calls so far (distributed only
 def enabled() -> bool:
     """Whether ``auto`` measures (FASTKD_AUTO_TRIAL, default on)."""
     return os.environ.get("FASTKD_AUTO_TRIAL", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def fresh() -> bool:
+    """Whether decisions on disk are ignored (FASTKD_AUTO_TRIAL=fresh): every bucket is measured anew."""
+    return os.environ.get("FASTKD_AUTO_TRIAL", "1").strip().lower() == "fresh"
 
 
 def budget_ms() -> float:
@@ -282,7 +289,7 @@ def _agree(dev_type: str) -> None:
 
 def _new_decision(key: str, dev_type: str, candidates: Dict[str, object], run: Callable,
                   args: dict) -> Decision:
-    cached = load_disk(dev_type).get(key)
+    cached = None if fresh() else load_disk(dev_type).get(key)
     if cached is not None and cached.choice in candidates:
         return cached
     ms = measure(candidates, run, args, dev_type)
@@ -296,7 +303,7 @@ def choose(op: str, dev_type: str, inputs: dict, candidates: Dict[str, object], 
     if torch.compiler.is_compiling():  # no timing, no file, no collective: what is already in memory
         key = bucket_key(op, dev_type, inputs)
         d = _decided.get(key) if key is not None else None
-        if d is None and key is not None and _world() == 1:
+        if d is None and key is not None and _world() == 1 and not fresh():
             d = _disk.get(dev_type, {}).get(key)
         return d.choice if d is not None and d.choice in candidates else static
     if not enabled():
@@ -337,6 +344,6 @@ def status(op: str, dev_type: str, inputs: dict) -> Optional[Decision]:
     if key in _pending:
         d = _pending[key]
         return Decision(d.choice, d.ms, "pending")
-    if enabled() and _world() == 1:
+    if enabled() and not fresh() and _world() == 1:
         return load_disk(dev_type).get(key)
     return None
