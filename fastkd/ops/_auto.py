@@ -271,7 +271,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _agree(dev_type: str) -> None:
+def _agree() -> None:
     """All ranks: gather the pending results, adopt per bucket the lowest rank's (a collective)."""
     dist = torch.distributed
     gathered: List[Optional[dict]] = [None] * dist.get_world_size()
@@ -283,8 +283,9 @@ def _agree(dev_type: str) -> None:
                 new[key] = Decision(d["choice"], d["ms"], f"rank {rank}")
     _decided.update(new)
     _pending.clear()
-    if dist.get_rank() == 0 and new:
-        _save(dev_type, new)
+    if dist.get_rank() == 0:
+        for dev_type in {key.split(" ")[1] for key in new}:  # a key is "op device ..."
+            _save(dev_type, {k: d for k, d in new.items() if k.split(" ")[1] == dev_type})
 
 
 def _new_decision(key: str, dev_type: str, candidates: Dict[str, object], run: Callable,
@@ -321,7 +322,7 @@ def choose(op: str, dev_type: str, inputs: dict, candidates: Dict[str, object], 
     if world > 1:
         _calls[op] = _calls.get(op, 0) + 1
         if _calls[op] & (_calls[op] - 1) == 0:  # 1st, 2nd, 4th, 8th ... call of this op
-            _agree(dev_type)
+            _agree()
     d = _decided.get(key)
     return d.choice if d is not None and d.choice in candidates else static
 
