@@ -201,6 +201,21 @@ def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3):
     return {k: {part: stats(v) for part, v in t.items()} for k, t in times.items()}, peaks, chose
 
 
+def profile_case(case: Case, impl: str) -> None:
+    """Where the time of one implementation goes: torch.profiler over two forward+backward calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    student, teacher, params = make_inputs(case)
+    wrt = [student] + [t for t in params.values() if t is not None]
+    fn = implementations(case, student, teacher, params)[impl]
+    torch.autograd.grad(fn(), wrt)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            torch.autograd.grad(fn(), wrt)
+    print(f"## {case.op} {case.name}: {impl}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
 def fmt(s):
     return f"{s[0]:.2f} ({s[1]:.2f}-{s[2]:.2f})"
 
@@ -215,9 +230,16 @@ def main():
     ap.add_argument("--impls", default=None, help="comma-separated implementations to run besides csrc, eager, "
                     "auto (default: all; e.g. 'compile' or 'none')")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation first")
+    ap.add_argument("--profile", default=None, metavar="IMPL", help="print torch.profiler's table of two "
+                    "forward+backward calls of IMPL (e.g. csrc) for each selected case, then exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        for case in CASES:
+            if not args.only or any(part in f"{case.op} {case.name}" for part in args.only.split(",")):
+                profile_case(case, args.profile)
+        return
     # auto measures in this run (fresh cache directory), whatever the caller's environment says
     os.environ["FASTKD_AUTO_TRIAL"] = "1"
     os.environ["FASTKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastkd-bench-cache-")
