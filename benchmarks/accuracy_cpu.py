@@ -87,7 +87,8 @@ def main():
                     cells.append("-")
                     continue
                 err, ref = got[k] - want[k], want[k]
-                cells.append(f"{(err.norm() / ref.norm()).item():.1e} / {(err.abs().max() / ref.abs().max()).item():.1e}")
+                l2, worst = (err.norm() / ref.norm()).item(), (err.abs().max() / ref.abs().max()).item()
+                cells.append(f"{l2:.1e} / {worst:.1e}")
             rows.append([f"{name} N{n} {mask} mask", label, near] + cells)
             print(" | ".join(rows[-1]), flush=True)
     if args.out:

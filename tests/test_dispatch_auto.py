@@ -125,7 +125,8 @@ def test_measured_choice_is_cached_and_reused(fakes, monkeypatch):
     _auto.reset()
     ct_loss(s, t, *w)
     assert len(log) == 4 and FAKES["fake_a"].calls == 1
-    assert json.load(open(path))["entries"][_auto.bucket_key("ct_loss", "cpu", _ct_inputs(s, t, w))]["choice"] == "fake_a"
+    key = _auto.bucket_key("ct_loss", "cpu", _ct_inputs(s, t, w))
+    assert json.load(open(path))["entries"][key]["choice"] == "fake_a"
 
 
 def test_switched_off_uses_the_static_order(fakes, monkeypatch):
