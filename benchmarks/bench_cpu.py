@@ -242,7 +242,8 @@ def main():
         return
     # auto measures in this run (fresh cache directory), whatever the caller's environment says
     os.environ["FASTKD_AUTO_TRIAL"] = "1"
-    os.environ["FASTKD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastkd-bench-cache-")
+    cache = tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-")  # removed at exit
+    os.environ["FASTKD_CACHE_DIR"] = cache.name
     columns = ["op", "case", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "x eager", "x compile",
                "GFLOP/s", "peak MiB", "peak vs eager", "target met", "auto chose", "auto ok"]
     rows = []
