@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
-from ._triton_common import (INTERPRET, device_guard, dot, dot_precision, nhwc_strides, parallel_target, pixel_rows,
-                             split_rows, store)
+from ._triton_common import (INTERPRET, autotune, device_guard, dot, dot_precision, nhwc_strides, parallel_target,
+                             pixel_rows, split_rows, store)
 
 KEEP_NONE, KEEP_SPATIAL, KEEP_CHANNEL = 0, 1, 2
 EPI_BIAS, EPI_BIAS_RELU, EPI_MSE, EPI_RELU_GRAD, EPI_KEEP_GRAD = 0, 1, 2, 3, 4
@@ -85,7 +85,7 @@ def _prune(rows: str, cols: str):
         n = max(64, triton.next_power_of_2(args[cols]))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m and c.kwargs["BLOCK_N"] <= n]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return {"early_config_prune": prune}
+    return prune
 
 
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
@@ -130,10 +130,9 @@ def _channel_keep(n, cs, n_lo, C, seed, sample_offset, ratio, SPAN: tl.constexpr
     return keep
 
 
-# cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
-@triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], prune_configs_by=_prune("P", "COUT"),
-                 cache_results=True,
-                 key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
+# Tuned per pixel-count bucket (P_KEY, a power of two: a new H x W reuses its bucket's tiles; _tuning.py)
+@autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], size_prune=_prune("P", "COUT"),
+          key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
 @triton.jit(do_not_specialize=_PER_STEP)
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
@@ -211,8 +210,8 @@ def _conv_fwd_kernel(
         store(y, acc, out_mask)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
-                 prune_configs_by=_prune("COUT", "CIN"), cache_results=True)
+@autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
+          size_prune=_prune("COUT", "CIN"))
 @triton.jit(do_not_specialize=_PER_STEP)
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, bpart_ptr, g_ptr,
