@@ -126,3 +126,9 @@ def select(op: str, backend: str, device: torch.device | str, inputs: dict):
             return _LOADED[name]
         reasons.append(f"{name}: {why}")
     raise BackendUnavailableError(f"{op}: no backend accepts these inputs on {dev_type}: " + "; ".join(reasons))
+
+
+# Backend modules are imported here, once (cheap: compiled parts load later, in unavailable()), so that the
+# first call of an op inside a torch.compile'd region finds them: importlib cannot be traced.
+for _name in list(_REGISTRY):
+    _load(_name)
