@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
-from ._triton_common import (INTERPRET, autotune, device_guard, dot, dot_precision, nhwc_strides, parallel_target,
-                             pixel_rows, split_rows, store)
+from ._triton_common import (INTERPRET, INTERPRETING, autotune, device_guard, dot, dot_precision, nhwc_strides,
+                             parallel_target, pixel_rows, split_rows, store)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -141,12 +141,13 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
 def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A]
                         b_ptr, sb_n, sb_p, sb_c,         # B: feature rows [M, B]
                         out_ptr,                         # fp32 [splits, A, B]
-                        M, HW, A, B, M_KEY,
+                        M, HW, A, B, M_KEY, rows_per_split,
                         ROWS_PER_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[split] = A[rows of split]^T @ B[rows of split]: a split-K GEMM over the rows. ROWS_PER_SPLIT, a
-    multiple of every BLOCK_K, is a static loop bound (see _row_gemm_kernel); split_rows keeps the last
-    split more than half full, so few of its iterations are fully masked."""
+    """out[split] = A[rows of split]^T @ B[rows of split]: a split-K GEMM over the rows. The rows per split,
+    a multiple of every BLOCK_K, come as ``rows_per_split`` (ROWS_PER_SPLIT, the same value, is the static
+    loop bound the interpreter needs; 0 on the GPU); split_rows keeps the last split more than half full,
+    so few of its iterations are fully masked."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -154,9 +155,15 @@ def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A
     offs_b = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_a = offs_a < A
     mask_b = offs_b < B
-    row_start = split * ROWS_PER_SPLIT
+    # Rows per split: a run-time value on the GPU (a new row count compiles nothing new); a static bound in
+    # the interpreter (see _row_gemm_kernel)
+    if INTERPRETING:
+        chunk = ROWS_PER_SPLIT
+    else:
+        chunk = rows_per_split
+    row_start = split * chunk
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for r0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
+    for r0 in range(0, chunk, BLOCK_K):
         rows = row_start + r0 + tl.arange(0, BLOCK_K)
         mask_r = rows < M
         at = tl.load(a_ptr + offs_a[:, None] * sa_c + _row_offsets(rows, HW, sa_n, sa_p)[None, :],
@@ -205,8 +212,8 @@ def _weight_grad(a, as_, b, bs_, m, hw, n_a, n_b) -> torch.Tensor:
     splits, rows_per_split = split_rows(m, _splits(m, n_a, n_b, a.device), _WG_ROW_ALIGN)
     part = torch.empty((splits, n_a, n_b), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]) * triton.cdiv(n_b, meta["BLOCK_B"]), splits)  # noqa: E731
-    _weight_grad_kernel[grid](a, *as_, b, *bs_, part, m, hw, n_a, n_b, triton.next_power_of_2(m),
-                              ROWS_PER_SPLIT=rows_per_split,
+    _weight_grad_kernel[grid](a, *as_, b, *bs_, part, m, hw, n_a, n_b, triton.next_power_of_2(m), rows_per_split,
+                              ROWS_PER_SPLIT=rows_per_split if INTERPRET else 0,
                               DOT_PREC=dot_precision(a))
     return part[0] if splits == 1 else part.sum(0)
 
