@@ -10,7 +10,7 @@ SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup sysdeps venv test demo bench clean
+.PHONY: setup sysdeps venv test demo bench clean gpu-wheels gpu-check
 
 # Debian packages FFCV builds against, and Fashion-MNIST for the demo.
 sysdeps:
@@ -46,3 +46,27 @@ demo: setup
 
 clean:
 	rm -rf build *.egg-info fastkd/_C*.so $(VENV)
+
+# The GPU machine (python3 3.12, torch, triton; no pydantic, no network) gets what it lacks as wheels,
+# downloaded here into .whl/ (git-ignored; travels with the tree: carry it). Versions: those of requirements.txt's
+# resolution, pydantic-core pinned by pydantic, typing_extensions as new as they need.
+GPU_WHEELS ?= pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing-extensions==4.16.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
+GPU_CHECK_ARGS ?=
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	@ls .whl
+
+# Every GPU claim in one command (benchmarks/gpu_check.py): results in $$OUT (or GPU_CHECK_ARGS="--out DIR").
+# The wheels go into a temporary folder, put on the path only when pydantic is missing. Without CUDA: the dry run.
+gpu-check:
+	@set -e; site=$$(mktemp -d); trap 'rm -rf "$$site"' EXIT; \
+	if ! $(PY) -c "import pydantic" 2>/dev/null; then \
+	  ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: pydantic is missing and .whl/ is empty: run make gpu-wheels"; exit 2; }; \
+	  $(PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$$site" .whl/*.whl; \
+	fi; \
+	PYTHONPATH="$$site:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -70,7 +70,7 @@ setup(
     description="Fast feature knowledge distillation (MGD, CT, logit KD) for vision models",
     python_requires=">=3.10",
     packages=find_packages(include=["fastkd", "fastkd.*"]),
-    package_data={"fastkd": ["py.typed"]},
+    package_data={"fastkd": ["py.typed", "ops/triton_tuning.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch is required but not pinned here: the Makefile installs the right build for the machine,

@@ -26,6 +26,10 @@ class _TritonBackend:
             import triton  # noqa: F401
         except ImportError as exc:
             self._triton_missing = f"triton is not installed ({exc})"
+        # Where the kernels can run, import them now: the first call of an op may come inside a
+        # torch.compile'd region, where an import cannot be traced (fullgraph=True fails on it).
+        for op in self._modules:
+            self.preload(op)
 
     def unavailable(self):
         return self._triton_missing

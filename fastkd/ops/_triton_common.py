@@ -6,6 +6,7 @@
   to the GPU under Triton 3.6's interpreter too.
 - Host helpers: feature strides as (sample, pixel, channel) rows, the float32 dot precision, the device
   guard, and the row split of the split-K weight-gradient kernels.
+- ``autotune``: ``triton.autotune`` with the tuning table and the tuning mode (see ``_tuning.py``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._tuning import autotune  # noqa: F401  (re-exported for the kernel modules)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRETING = tl.constexpr(INTERPRET)

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
-from ._triton_common import (INTERPRET, device_guard, dot, dot_precision, nhwc_strides, parallel_target, pixel_rows,
-                             split_rows, store)
+from ._triton_common import (INTERPRET, INTERPRETING, autotune, device_guard, dot, dot_precision, nhwc_strides,
+                             parallel_target, pixel_rows, split_rows, store)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -75,9 +75,8 @@ def _row_offsets(rows, HW, s_n, s_p):
     return (rows // HW).to(tl.int64) * s_n + (rows % HW).to(tl.int64) * s_p
 
 
-# cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
-@triton.autotune(configs=_ROW_CONFIGS, key=["M", "K", "N_OUT", "EPI"],
-                 reset_to_zero=["part_ptr", "dbp_ptr"], cache_results=True)
+# Tuned per row-count bucket (M_KEY, a power of two: a new H x W reuses its bucket's tiles; _tuning.py)
+@autotune(configs=_ROW_CONFIGS, key=["M_KEY", "K", "N_OUT", "EPI"], reset_to_zero=["part_ptr", "dbp_ptr"])
 @triton.jit
 def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K]
                      w_ptr, sw_k, sw_n,                  # B [K, N_OUT] (a weight, through strides)
@@ -87,7 +86,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
                      part_ptr,                           # fp32 loss partial per tile (EPI_MSE)
                      dbp_ptr,                            # fp32 column sums per row tile [tiles_m, N_OUT]
                      g_ptr,                              # c = dL/dloss * 2 alpha / D (EPI_DHIDDEN)
-                     M, HW, N_OUT, K: tl.constexpr,
+                     M, HW, N_OUT, M_KEY, K: tl.constexpr,
                      EPI: tl.constexpr, STORE_OUT: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out = epilogue(X @ B) for one [BLOCK_M, BLOCK_N] tile; the column tiles of a row tile are
@@ -137,17 +136,18 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
         store(out_ptr + o_off, acc, mask)
 
 
-@triton.autotune(configs=_WG_CONFIGS, key=["M", "A", "B"], cache_results=True)
+@autotune(configs=_WG_CONFIGS, key=["M_KEY", "A", "B"])
 @triton.jit
 def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A]
                         b_ptr, sb_n, sb_p, sb_c,         # B: feature rows [M, B]
                         out_ptr,                         # fp32 [splits, A, B]
-                        M, HW, A, B,
+                        M, HW, A, B, M_KEY, rows_per_split,
                         ROWS_PER_SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[split] = A[rows of split]^T @ B[rows of split]: a split-K GEMM over the rows. ROWS_PER_SPLIT, a
-    multiple of every BLOCK_K, is a static loop bound (see _row_gemm_kernel); split_rows keeps the last
-    split more than half full, so few of its iterations are fully masked."""
+    """out[split] = A[rows of split]^T @ B[rows of split]: a split-K GEMM over the rows. The rows per split,
+    a multiple of every BLOCK_K, come as ``rows_per_split`` (ROWS_PER_SPLIT, the same value, is the static
+    loop bound the interpreter needs; 0 on the GPU); split_rows keeps the last split more than half full,
+    so few of its iterations are fully masked."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -155,9 +155,15 @@ def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A
     offs_b = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_a = offs_a < A
     mask_b = offs_b < B
-    row_start = split * ROWS_PER_SPLIT
+    # Rows per split: a run-time value on the GPU (a new row count compiles nothing new); a static bound in
+    # the interpreter (see _row_gemm_kernel)
+    if INTERPRETING:
+        chunk = ROWS_PER_SPLIT
+    else:
+        chunk = rows_per_split
+    row_start = split * chunk
     acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
-    for r0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
+    for r0 in range(0, chunk, BLOCK_K):
         rows = row_start + r0 + tl.arange(0, BLOCK_K)
         mask_r = rows < M
         at = tl.load(a_ptr + offs_a[:, None] * sa_c + _row_offsets(rows, HW, sa_n, sa_p)[None, :],
@@ -188,7 +194,7 @@ def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, m, hw, epi, s
     pick = lambda t: unused if t is None else t  # noqa: E731
     _row_gemm_kernel[grid](x, *xs, w_kn, w_kn.stride(0), w_kn.stride(1), pick(bias), pick(out), *os_,
                            pick(aux), *as_, pick(part), pick(dbp),
-                           pick(g), m, hw, n_out, K=k,
+                           pick(g), m, hw, n_out, triton.next_power_of_2(m), K=k,
                            EPI=epi, STORE_OUT=store_out, DOT_PREC=dot_precision(x))
 
 
@@ -206,7 +212,8 @@ def _weight_grad(a, as_, b, bs_, m, hw, n_a, n_b) -> torch.Tensor:
     splits, rows_per_split = split_rows(m, _splits(m, n_a, n_b, a.device), _WG_ROW_ALIGN)
     part = torch.empty((splits, n_a, n_b), device=a.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n_a, meta["BLOCK_A"]) * triton.cdiv(n_b, meta["BLOCK_B"]), splits)  # noqa: E731
-    _weight_grad_kernel[grid](a, *as_, b, *bs_, part, m, hw, n_a, n_b, ROWS_PER_SPLIT=rows_per_split,
+    _weight_grad_kernel[grid](a, *as_, b, *bs_, part, m, hw, n_a, n_b, triton.next_power_of_2(m), rows_per_split,
+                              ROWS_PER_SPLIT=rows_per_split if INTERPRET else 0,
                               DOT_PREC=dot_precision(a))
     return part[0] if splits == 1 else part.sum(0)
 

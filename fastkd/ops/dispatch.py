@@ -186,3 +186,9 @@ def select(op: str, backend: str, device: torch.device | str, inputs: dict,
     if run is None or len(accepted) == 1:
         return next(iter(accepted.values()))
     return accepted[_auto.choose(op, dev_type, inputs, accepted, run, args or {})]
+
+
+# Backend modules are imported here, once (cheap: compiled parts load later, in unavailable()), so that the
+# first call of an op inside a torch.compile'd region finds them: importlib cannot be traced.
+for _name in list(_REGISTRY):
+    _load(_name)

@@ -49,8 +49,8 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
-from ._triton_common import (INTERPRET, device_guard, dot, dot_precision, nhwc_strides, parallel_target, pixel_rows,
-                             split_rows, store)
+from ._triton_common import (INTERPRET, INTERPRETING, autotune, device_guard, dot, dot_precision, nhwc_strides,
+                             parallel_target, pixel_rows, split_rows, store)
 
 KEEP_NONE, KEEP_SPATIAL, KEEP_CHANNEL = 0, 1, 2
 EPI_BIAS, EPI_BIAS_RELU, EPI_MSE, EPI_RELU_GRAD, EPI_KEEP_GRAD = 0, 1, 2, 3, 4
@@ -85,7 +85,7 @@ def _prune(rows: str, cols: str):
         n = max(64, triton.next_power_of_2(args[cols]))
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= m and c.kwargs["BLOCK_N"] <= n]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return {"early_config_prune": prune}
+    return prune
 
 
 _MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
@@ -130,10 +130,9 @@ def _channel_keep(n, cs, n_lo, C, seed, sample_offset, ratio, SPAN: tl.constexpr
     return keep
 
 
-# cache_results: the chosen tiles (and so the summation order, i.e. the loss bits) persist across processes
-@triton.autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], prune_configs_by=_prune("P", "COUT"),
-                 cache_results=True,
-                 key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
+# Tuned per pixel-count bucket (P_KEY, a power of two: a new H x W reuses its bucket's tiles; _tuning.py)
+@autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], size_prune=_prune("P", "COUT"),
+          key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
 @triton.jit(do_not_specialize=_PER_STEP)
 def _conv_fwd_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, aux_ptr, part_ptr, g_ptr,
@@ -211,12 +210,12 @@ def _conv_fwd_kernel(
         store(y, acc, out_mask)
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
-                 prune_configs_by=_prune("COUT", "CIN"), cache_results=True)
+@autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
+          size_prune=_prune("COUT", "CIN"))
 @triton.jit(do_not_specialize=_PER_STEP)
 def _conv_wgrad_kernel(
     x_ptr, dy_ptr, part_ptr, bpart_ptr, g_ptr,
-    P, H, W, P_KEY, sxn, sxp, sxc, sdn, sdp, sdc, seed: tl.uint64, sample_offset: tl.int64, ratio,
+    P, H, W, P_KEY, p_chunk, sxn, sxp, sxc, sdn, sdp, sdc, seed: tl.uint64, sample_offset: tl.int64, ratio,
     CIN: tl.constexpr, COUT: tl.constexpr, SPAN: tl.constexpr, P_CHUNK: tl.constexpr,
     KSIZE: tl.constexpr, KEEP_IN: tl.constexpr, HAS_G: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -239,10 +238,16 @@ def _conv_wgrad_kernel(
     dh = tap // KSIZE - PAD
     dw = tap % KSIZE - PAD
     do_bias = (tap == (KSIZE * KSIZE) // 2) & (pid_n == 0)
-    p_start = split * P_CHUNK
+    # Pixels per split: a run-time value on the GPU (a new pixel count compiles nothing new); a static bound
+    # in the interpreter (Triton 3.6's cannot take a run-time loop bound under NumPy >= 2.4)
+    if INTERPRETING:
+        chunk = P_CHUNK
+    else:
+        chunk = p_chunk
+    p_start = split * chunk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for p0 in range(0, P_CHUNK, BLOCK_K):  # static bounds: P_CHUNK is a multiple of every BLOCK_K
+    for p0 in range(0, chunk, BLOCK_K):  # chunk is a multiple of every BLOCK_K
         ps = p_start + p0 + tl.arange(0, BLOCK_K)
         p_ok = ps < P
         n = ps // HW
@@ -332,8 +337,9 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     grid = lambda meta: (triton.cdiv(cout, meta["BLOCK_M"]) * triton.cdiv(cin, meta["BLOCK_N"]),  # noqa: E731
                          ksize * ksize, split)
     _conv_wgrad_kernel[grid](x, dy, part, bpart, g if g is not None else part, P, H, W, triton.next_power_of_2(P),
-                             *x_str, *dy_str, seed, sample_offset, ratio, CIN=cin, COUT=cout,
-                             SPAN=_span(_MAX_BLOCK_K, H * W), P_CHUNK=p_chunk, KSIZE=ksize, KEEP_IN=keep_in,
+                             p_chunk, *x_str, *dy_str, seed, sample_offset, ratio, CIN=cin, COUT=cout,
+                             SPAN=_span(_MAX_BLOCK_K, H * W), P_CHUNK=p_chunk if INTERPRET else 0, KSIZE=ksize,
+                             KEEP_IN=keep_in,
                              HAS_G=direct and g is not None, DOT_PREC=dot_precision(x))
     if not direct:
         _sum_rows(part, dw, g)
