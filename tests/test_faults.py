@@ -5,6 +5,7 @@ that is a file or read-only, a full (size-limited) file system during a save, ch
 The kill points are the engine's own fault-injection hook (``FASTKD_FAIL_SAVE=<point>@<step>:kill`` sends
 the process SIGKILL there, see ``fastkd/engine/checkpoint.py``).
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -239,32 +240,34 @@ def test_bad_inputs_exit_2_with_one_message(work, beton):
     assert (work / "a_file").read_text() == "not a directory\n"
 
 
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` read-only for this user: permission bits for a normal user; for root (which ignores them)
+    a read-only bind mount of it over itself."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(path, 0o755)
+        return
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True).returncode:
+        pytest.skip("running as root without permission to mount: cannot make a directory read-only")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
 @pytest.mark.slow
 def test_read_only_run_dir_exits_2(work):
-    import shutil
-    import tempfile
-    top = tempfile.mkdtemp(prefix="fastkd-ro-", dir="/tmp")  # traversable by everyone (pytest's is not)
-    try:
-        os.chmod(top, 0o755)
-        shutil.copy(work / "teacher.pt", top)
-        os.chmod(os.path.join(top, "teacher.pt"), 0o644)
-        ro = os.path.join(top, "run")
-        os.mkdir(ro)
-        with open(os.path.join(ro, "metrics.jsonl"), "w"):
-            pass
-        os.chmod(ro, 0o555)
-        as_user = {}
-        if os.geteuid() == 0:  # root ignores permission bits: run as nobody
-            as_user = {"preexec_fn": lambda: (os.setgid(65534), os.setuid(65534))}
-        cmd = [sys.executable, "-m", "fastkd.cli", "train", TINY, f"teacher.checkpoint={top}/teacher.pt",
-               f"run_dir={ro}"]
-        res = subprocess.run(cmd, cwd=top, env={**_env(), "HOME": top}, capture_output=True, text=True,
-                             timeout=180, **as_user)
+    ro = work / "read_only"
+    ro.mkdir()
+    (ro / "metrics.jsonl").write_text("")
+    with read_only(ro):
+        res = train(work, "read_only", check=False)
         _one_message(res, f"run_dir {ro} is not writable")
-        assert os.listdir(ro) == ["metrics.jsonl"]
-    finally:
-        os.chmod(os.path.join(top, "run"), 0o755)
-        shutil.rmtree(top)
+    assert os.listdir(ro) == ["metrics.jsonl"]
 
 
 # -- runs killed inside a save and inside pruning, then resumed: exact ---------------------------------------
@@ -319,26 +322,56 @@ def test_kill_9_inside_pruning_and_inside_a_save_then_exact_resume(work, referen
     assert [r["loss/total"] for r in metrics(run)][-4:] == [r["loss/total"] for r in metrics(reference)][-4:]
 
 
-@pytest.mark.slow
-def test_full_file_system_during_a_save_exit_2_and_previous_checkpoint_intact(work, reference):
-    """RLIMIT_FSIZE makes every write past 96 KiB fail with EFBIG, as a full disk fails with ENOSPC: the
-    model-states file of the next checkpoint cannot be written."""
-    run = work / "full"
-    train(work, "full", *CKPT, "train.session_steps=2")
+@pytest.fixture(scope="module")
+def saved_run(work):
+    """A run stopped after step 2 with one complete checkpoint."""
+    train(work, "saved", *CKPT, "train.session_steps=2")
+    return work / "saved"
+
+
+def _save_fails_cleanly(work, run, cause, **popen):
     before = _digest(run / "checkpoints")
+    cmd = [sys.executable, "-m", "fastkd.cli", "train", TINY, f"teacher.checkpoint={work / 'teacher.pt'}",
+           f"run_dir={run}", "train.eval_teacher=false", *CKPT]
+    res = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=300, **popen)
+    line = _one_message(res, "cannot write checkpoint", str(run / "checkpoints" / "step_00000004"), cause)
+    after = _digest(run / "checkpoints")
+    assert {k: after.get(k) for k in before} == before  # the earlier checkpoint untouched
+    assert _every_complete_checkpoint_loads(run) == ["step_00000002"]
+    return line
+
+
+@pytest.mark.slow
+def test_size_limited_file_system_during_a_save_exit_2_previous_checkpoint_intact(work, saved_run):
+    """RLIMIT_FSIZE: every write past 96 KiB fails with EFBIG, so the model states of the next checkpoint
+    cannot be written (works without privileges)."""
+    import shutil
+    run = work / "fsize"
+    shutil.copytree(saved_run, run)
 
     def limit():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, 96 * 1024))
 
-    cmd = [sys.executable, "-m", "fastkd.cli", "train", TINY, f"teacher.checkpoint={work / 'teacher.pt'}",
-           f"run_dir={run}", "train.eval_teacher=false", *CKPT]
-    res = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=limit)
-    line = _one_message(res, "cannot write checkpoint", str(run / "checkpoints"), "File too large")
-    assert "step_00000004" in line
-    after = _digest(run / "checkpoints")
-    assert {k: after.get(k) for k in before} == before  # the earlier checkpoint untouched
-    assert _every_complete_checkpoint_loads(run) == ["step_00000002"]
+    _save_fails_cleanly(work, run, "File too large", preexec_fn=limit)
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_exit_2_previous_checkpoint_intact(work, saved_run):
+    """A real full file system: a tmpfs just larger than the run (needs permission to mount)."""
+    import shutil
+    disk = work / "disk"
+    disk.mkdir()
+    used = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(saved_run) for f in fs)
+    size = (used // 4096 + 48) * 4096  # room for the logs, not for another checkpoint
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
+                      capture_output=True).returncode:
+        pytest.skip("no permission to mount a tmpfs")
+    try:
+        shutil.copytree(saved_run, disk / "run")
+        _save_fails_cleanly(work, disk / "run", "No space left on device")
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 # -- a step whose update is non-finite never becomes a checkpoint --------------------------------------------
