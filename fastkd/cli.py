@@ -37,7 +37,9 @@ def _quiet_deepspeed() -> None:
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .engine.preflight import check
     cfg = load_config(args.config, args.overrides)
+    check(cfg)  # a bad run_dir or data file ends here, before torch, DeepSpeed and the models load
     _quiet_deepspeed()
     from .engine.trainer import train
     result = train(cfg)
@@ -217,6 +219,7 @@ def _peer_failure(exc: Exception) -> Optional[str]:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_comm_error(exc)):
         return None
     return explain_comm_failure() or ""
+
 
 if __name__ == "__main__":
     sys.exit(main())

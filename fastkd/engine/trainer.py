@@ -292,7 +292,8 @@ class Trainer:
                            torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=step_losses.device)])
         flags = all_reduce_sum(flags).tolist()  # sync + dist
         self.stop_requested = flags[-1] > 0
-        kept = f"it is not checkpointed; the last good checkpoint is kept in {os.path.join(self.cfg.run_dir, ckpt.SUBDIR)}"
+        kept = (f"it is not checkpointed; the last good checkpoint is kept in "
+                f"{os.path.join(self.cfg.run_dir, ckpt.SUBDIR)}")
         bad = [n for n, f in zip(names, flags[:-2]) if f > 0 and n != "total"] or (["total"] if flags[-3] else [])
         if bad:
             raise NonFiniteLossError(
