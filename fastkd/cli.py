@@ -218,7 +218,9 @@ def _peer_failure(exc: Exception) -> Optional[str]:
     from .engine.dist import explain_comm_failure, is_comm_error
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_comm_error(exc)):
         return None
-    return explain_comm_failure() or ""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher terminates the group as soon as one rank
+    return explain_comm_failure() or ""          # exits; finish these few seconds (it SIGKILLs after 30 s)
 
 
 if __name__ == "__main__":
