@@ -76,7 +76,7 @@ def _structure_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     for key in set(old) ^ set(new):
         m = re.match(r"^(distill\.pairs|distill\.kd|teacher)", key)
         out.add(m.group(1) if m else key)
-    return sorted(out)
+    return sorted(k for k in out if not any(k.startswith(p + ".") for p in out))  # "data.kwargs", not also .foo
 
 
 def review(saved: dict, cfg: Config, *, saved_world: Optional[int], world: int, where: str) -> List[str]:
@@ -87,6 +87,8 @@ def review(saved: dict, cfg: Config, *, saved_world: Optional[int], world: int, 
     for key in _structure_changes(old, new):
         if _REFUSED.match(key) or key.startswith(("distill.pairs", "distill.kd", "teacher")):
             refused.append(f"{key} (added or removed): {_WHY.get(key.split('.')[0], 'not resumable')}")
+        elif not _SILENT.match(key):
+            notes.append(f"{key} (added or removed): applied from the new config")
     for key in sorted(set(old) & set(new)):
         a, b = old[key], new[key]
         if a == b or _SILENT.match(key):
