@@ -5,7 +5,6 @@ import contextlib
 import datetime
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
