@@ -22,6 +22,7 @@ from typing import List, Optional
 
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+EXIT_PEER_FAILED = 4
 
 
 def _quiet_deepspeed() -> None:
@@ -37,7 +38,9 @@ def _quiet_deepspeed() -> None:
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .engine.preflight import check
     cfg = load_config(args.config, args.overrides)
+    check(cfg)  # a bad run_dir or data file ends here, before torch, DeepSpeed and the models load
     _quiet_deepspeed()
     from .engine.trainer import train
     result = train(cfg)
@@ -172,26 +175,55 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"fastkd: error{f' [rank {rank}]' if rank else ''}: "
+    comm_failed = False
     try:
         return int(args.func(args) or 0)
-    except ConfigError as exc:
-        print(prefix + str(exc), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except FileNotFoundError as exc:
-        print(prefix + str(exc), file=sys.stderr, flush=True)
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(prefix + str(exc))
         return EXIT_USER_ERROR
     except Exception as exc:
         from .engine.errors import NonFiniteLossError
         if isinstance(exc, NonFiniteLossError):
-            print(prefix + str(exc), file=sys.stderr, flush=True)
+            _fail(prefix + str(exc))
             return EXIT_NONFINITE
-        raise
+        line = _peer_failure(exc)
+        if line is None:
+            _fail(f"{type(exc).__name__}: {exc}", print_it=False)
+            raise
+        comm_failed = True
+        if line:
+            print(prefix + line, file=sys.stderr, flush=True)
+        return EXIT_PEER_FAILED
     finally:
         try:
             from .engine.dist import teardown
-            teardown()
+            if not comm_failed:  # a broken group may hang in its destructor; the process ends anyway
+                teardown()
         except ImportError:
             pass
+
+
+def _fail(text: str, print_it: bool = True) -> None:
+    """Print a failure of this process, and record it so the other processes can name it."""
+    if print_it:
+        print(text, file=sys.stderr, flush=True)
+    if "torch" in sys.modules:
+        from .engine.dist import record_own_failure
+        record_own_failure(text.split("error: ", 1)[-1])
+
+
+def _peer_failure(exc: Exception) -> Optional[str]:
+    """For a collective that failed because another process did: the line to print ("" for none, when
+    another surviving process prints it); None for any other error."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+    from .engine.dist import explain_comm_failure, is_comm_error
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and is_comm_error(exc)):
+        return None
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher terminates the group as soon as one rank
+    return explain_comm_failure() or ""          # exits; finish these few seconds (it SIGKILLs after 30 s)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ import contextlib
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,8 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    timeout_s: int = 1800
+    groups: Optional["DataParallelGroups"] = None
 
     @property
     def is_main(self) -> bool:
@@ -48,7 +52,44 @@ def setup(timeout_s: int = 1800) -> DistContext:
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    groups = DataParallelGroups(timeout_s) if dist.get_world_size() > 1 else None
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, timeout_s, groups)
+
+
+class DataParallelGroups:
+    """The "mpu" handed to ``deepspeed.initialize``: data parallelism over every process, no model
+    parallelism, groups created with ``train.dist_timeout_s``.
+
+    Without it DeepSpeed builds its data-parallel group with ``new_group`` and PyTorch's default timeout
+    (30 minutes), whatever the world group's timeout: a stopped rank would hang the others that long.
+    """
+
+    def __init__(self, timeout_s: int):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.data = dist.new_group(list(range(self.world)), timeout=timeout)
+        self.model = dist.new_group([self.rank], timeout=timeout, use_local_synchronization=True)
+
+    def get_data_parallel_group(self):
+        return self.data
+
+    def get_data_parallel_rank(self) -> int:
+        return self.rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.world
+
+    def get_data_parallel_group_ranks(self):
+        return list(range(self.world))
+
+    def get_model_parallel_group(self):
+        return self.model
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -109,3 +150,63 @@ def averaged_norm_buffers(module: torch.nn.Module):
     finally:
         for k, buf in bufs.items():
             buf.copy_(saved[k])
+
+
+# -- when a rank fails ------------------------------------------------------------------------------------
+
+_COMM_MARKS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "broken pipe",
+               "socket timeout", "recvbytes", "sendbytes")
+
+
+def is_comm_error(exc: BaseException) -> bool:
+    """An error raised by a collective because another process failed (or stopped answering)."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _COMM_MARKS)
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+    return distributed_c10d._get_default_store()
+
+
+def record_own_failure(message: str) -> None:
+    """A rank failing on its own (bad file, full disk, NaN) says so first, for the others to report."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    try:
+        store = _store()
+        store.compare_set("fastkd/first_failure", "", f"rank {dist.get_rank()}: {message}")
+        store.set(f"fastkd/failed/{dist.get_rank()}", "own")
+    except (RuntimeError, ValueError):  # the store lives in rank 0's process: gone with it
+        pass
+
+
+def explain_comm_failure(grace_s: float = 5.0) -> Optional[str]:
+    """After a collective failed in this rank: one line naming the rank that failed first, or None when
+    another surviving rank (the lowest-numbered) prints it. Ranks that reported nothing within ``grace_s``
+    are the ones that died or stopped."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    seen: dict = {}
+    try:
+        store = _store()
+        store.set(f"fastkd/failed/{rank}", "comm")
+        deadline = time.monotonic() + grace_s
+        while len(seen) < world and time.monotonic() < deadline:
+            seen.update({r: store.get(f"fastkd/failed/{r}").decode() for r in range(world)
+                         if r not in seen and store.check([f"fastkd/failed/{r}"])})
+            time.sleep(0.2)
+        first = store.get("fastkd/first_failure").decode() if store.check(["fastkd/first_failure"]) else ""
+    except (RuntimeError, ValueError):  # the store lives in rank 0's process
+        if seen.get(0) == "comm":
+            return None  # rank 0 survived and printed; it has exited since
+        return "rank 0 failed first: it died or stopped answering (the rendezvous store it hosts is gone)"
+    survivors = [r for r, how in seen.items() if how == "comm"]
+    if rank != min(survivors, default=rank):
+        return None
+    if first:
+        who, what = first.split(":", 1)
+        return f"{who} failed first: {what.strip()}"
+    silent = ", ".join(str(r) for r in range(world) if r not in seen) or "?"
+    return (f"rank {silent} failed first: it died or stopped answering (a collective failed or waited "
+            f"train.dist_timeout_s); the other ranks stop too")

@@ -20,6 +20,7 @@ from ..distill import Distiller, build_losses, check_pairs
 from ..distill.models import maybe_load_student
 from ..tasks import Task, build_task
 from . import checkpoint as ckpt
+from . import guard, preflight, resume
 from .data import loader_state, restore_loader, sample_offset
 from .dist import DistContext, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
 from .errors import NonFiniteLossError
@@ -119,6 +120,8 @@ class Trainer:
         import deepspeed
 
         self.cfg, self.ctx = cfg, ctx
+        self.resume_from = ckpt.resolve_resume(cfg.train.resume, cfg.run_dir, warn=self._message)
+        self.resume_notes = resume.review_checkpoint(cfg, self.resume_from, ctx.world_size)  # before set-up
         self.micro = micro_batch(cfg, ctx.world_size)
         self.gas = cfg.train.grad_accum
         self.dtype = compute_dtype(cfg, ctx.device)
@@ -130,14 +133,13 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader) // self.gas
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.distiller = build_distiller(cfg, ctx, self.task, self._to_device(next(iter(self.train_loader))))
-        self.resume_from = ckpt.resolve_resume(cfg.train.resume, cfg.run_dir)
         self.alphas = {} if self.resume_from else self._calibrate()
         optimizer = build_optimizer(self.distiller, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.schedule, total_steps=self.total_steps,
                                     steps_per_epoch=self.steps_per_epoch, base_lr=cfg.optim.lr)
         self.engine, _, _, _ = deepspeed.initialize(
             model=self.distiller, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, micro=self.micro, dtype=self.dtype))
+            config=deepspeed_config(cfg, micro=self.micro, dtype=self.dtype), mpu=ctx.groups)
         self.step, self.epoch, self.step_in_epoch = 0, 0, 0
         if self.resume_from:
             self._restore(*self.resume_from)
@@ -168,6 +170,8 @@ class Trainer:
         if self.step_in_epoch >= self.steps_per_epoch:  # saved at the end of an epoch
             self.epoch, self.step_in_epoch, self.loader_resume = self.epoch + 1, 0, None
         self._message(f"resumed from {os.path.join(root, tag)} at step {self.step} (epoch {self.epoch})")
+        for note in resume.after_load(self.cfg, self.engine, client, self.resume_notes, self.ctx.world_size):
+            self._message(f"resume: {note}")
         for name, old, new in self.distiller.apply_explicit_alphas(self.cfg.distill):
             self._message(f"alpha of {name}: the config's {new:.4g} replaces the checkpoint's {old:.4g}")
 
@@ -200,9 +204,7 @@ class Trainer:
     def fit(self) -> Dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=1)
+            resume.write_attempt_config(cfg, self.step)
         for name, value in self.alphas.items():
             self._message(f"alpha: auto for {name} -> {value:.4g}")
             self.log.log(self.step, {f"alpha/{name}": value}, kind="calibration")
@@ -245,12 +247,11 @@ class Trainer:
                 engine.backward(losses["total"])
                 micro_losses = torch.stack([losses[k].detach().double() for k in names])
                 step_losses = micro_losses if m == 0 else step_losses + micro_losses
-                if m == self.gas - 1:
-                    self._check_step(step_losses, names)  # sync + dist: once per optimizer step
-                    acc += step_losses
                 engine.step()  # DeepSpeed steps the optimizer and scheduler at the accumulation boundary only
                 if m != self.gas - 1:
                     continue
+                self._check_step(step_losses, names)  # sync + dist: once per optimizer step, after it
+                acc += step_losses
                 self.step += 1
                 self.step_in_epoch += 1
                 logged_steps += 1
@@ -284,18 +285,25 @@ class Trainer:
         return result
 
     def _check_step(self, step_losses: torch.Tensor, names: List[str]) -> None:
-        """Stop on a non-finite loss before the optimizer step (the last checkpoint stays good); also
-        carries the preemption flag so every rank agrees to stop at the same step."""
-        flags = torch.cat([(~torch.isfinite(step_losses)).double(),
+        """Stop on a non-finite loss, or on weights/optimizer state the optimizer step made non-finite, before
+        anything is checkpointed (the last checkpoint stays good); also carries the preemption flag so every
+        rank agrees to stop at the same step."""
+        state = guard.state_flag(self.engine, self.distiller, step_losses.device)  # this rank's partition
+        flags = torch.cat([(~torch.isfinite(step_losses)).double(), state.view(1),
                            torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=step_losses.device)])
         flags = all_reduce_sum(flags).tolist()  # sync + dist
         self.stop_requested = flags[-1] > 0
-        bad = [n for n, f in zip(names, flags[:-1]) if f > 0 and n != "total"] or (["total"] if flags[-2] else [])
+        kept = (f"it is not checkpointed; the last good checkpoint is kept in "
+                f"{os.path.join(self.cfg.run_dir, ckpt.SUBDIR)}")
+        bad = [n for n, f in zip(names, flags[:-2]) if f > 0 and n != "total"] or (["total"] if flags[-3] else [])
         if bad:
             raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (epoch {self.epoch}) in term(s): {', '.join(bad)}; "
-                f"the optimizer step was not taken and the last good checkpoint is kept in "
-                f"{os.path.join(self.cfg.run_dir, ckpt.SUBDIR)}")
+                f"non-finite loss at step {self.step + 1} (epoch {self.epoch}) in term(s): {', '.join(bad)}; {kept}")
+        if flags[-2]:
+            raise NonFiniteLossError(
+                f"non-finite weights or optimizer state after the optimizer step of step {self.step + 1} (epoch "
+                f"{self.epoch}), with a finite loss: the update overflowed (lower optim.lr or the alphas, or set "
+                f"train.grad_clip); {kept}")
 
     def _log_train(self, names, acc, steps, t0) -> Dict[str, float]:
         world = self.ctx.world_size
@@ -330,5 +338,6 @@ class Trainer:
 def train(cfg: Config) -> Dict[str, float]:
     """Entry point of ``fastkd train`` in every process."""
     from .dist import setup
+    preflight.check(cfg)  # bad run_dir or data file: one message before any expensive set-up
     ctx = setup(cfg.train.dist_timeout_s)
     return Trainer(cfg, ctx).fit()
