@@ -5,6 +5,7 @@
     fastkd eval cfg.yaml --weights runs/x/student.pt
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
+    fastkd convert mmdet mmdet_checkpoint.pth teacher.pt   (backbone + FPN in torchvision's layout)
     fastkd demo [--device cuda] [KEY=VALUE ...]     (the Fashion-MNIST demo, fastkd/demo.py)
 
 A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         data_cli = None
     if data_cli is not None and hasattr(data_cli, "add_parser"):
         data_cli.add_parser(sub)
+    from .models import convert_mmdet  # imports torch only; torchvision is not needed to convert
+    convert_mmdet.add_parser(sub)
     return p
 
 
