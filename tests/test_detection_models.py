@@ -140,3 +140,52 @@ def test_resnext_backbones_and_bad_names():
         build("retinanet_resnet18_fpn", in_channels=1)
     with pytest.raises(ValueError, match="one size per FPN level"):
         build("retinanet_resnet18_fpn", anchor_sizes=[8, 16])
+
+
+def scenes(n: int = 4):
+    """``n`` 64x96 images, each one bright rectangle (the object, class = its colour channel) on noise."""
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for i in range(n):
+        img = torch.rand(3, 64, 96, generator=g) * 0.2
+        x0, y0 = int(torch.randint(0, 50, (1,), generator=g)), int(torch.randint(0, 24, (1,), generator=g))
+        w, h, c = 20 + 5 * i, 16 + 4 * i, i % 3
+        img[c, y0:y0 + h, x0:x0 + w] = 1.0
+        images.append(img)
+        targets.append({"boxes": torch.tensor([[x0, y0, x0 + w, y0 + h]], dtype=torch.float32),
+                        "labels": torch.tensor([c + 1])})
+    return torch.stack(images), targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mgd", "ct"])
+def test_fpn_distillation_reduces_both_losses(kind):
+    """A few dozen steps of one MGD / CT module per FPN level (P3-P7) from a frozen teacher's backbone +
+    FPN: the detector loss and the distillation loss both go down."""
+    from fastkd.losses import CT, MGD
+
+    torch.manual_seed(0)
+    student = tiny("retinanet_resnet18_fpn").train()
+    teacher = build("retinanet_resnet18_fpn", num_classes=4, features_only=True, **SMALL).eval()
+    levels = ["fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6", "fpn.p7"]
+    losses = torch.nn.ModuleDict({
+        lv.replace(".", "_"): MGD(32, 32, mask="spatial", ratio=0.65, alpha=2e-3, seed=i) if kind == "mgd"
+        else CT(32, 32, alpha=2e-3) for i, lv in enumerate(levels)})
+    params = [p for p in student.parameters() if p.requires_grad] + list(losses.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    images, targets = scenes()
+    with torch.no_grad():
+        t_feats = fpn_features(teacher, images)
+    history = []
+    for _ in range(30):
+        det, s_feats = train_forward(student, images, [(64, 96)] * len(images), targets)
+        det = sum(det.values())
+        kd = sum(losses[lv.replace(".", "_")](s_feats[lv], t_feats[lv]) for lv in levels)
+        opt.zero_grad()
+        (det + kd).backward()
+        torch.nn.utils.clip_grad_norm_(params, 35.0)
+        opt.step()
+        history.append((det.item(), kd.item()))
+    first, last = torch.tensor(history[:5]).mean(0), torch.tensor(history[-5:]).mean(0)
+    assert last[0] < 0.95 * first[0], f"detector loss {first[0]:.4f} -> {last[0]:.4f}"
+    assert last[1] < 0.8 * first[1], f"{kind} loss {first[1]:.4f} -> {last[1]:.4f}"
