@@ -37,7 +37,7 @@ def mmdet_checkpoint(teacher: torch.nn.Module, laterals: int) -> dict:
         state[name] = v.clone()
         if name.endswith("running_var"):
             state[name.replace("running_var", "num_batches_tracked")] = torch.tensor(7)
-    state["bbox_head.retina_cls.weight"] = torch.zeros(9, 256, 3, 3)
+    state["roi_head.bbox_head.0.fc_cls.weight"] = torch.zeros(81, 1024)
     state["rpn_head.rpn_conv.weight"] = torch.zeros(256, 256, 3, 3)
     return state
 
@@ -70,7 +70,7 @@ def _check_roundtrip(teacher, laterals, expect_name, expect_kwargs):
     want = teacher.state_dict()
     assert sorted(conv.state_dict) == sorted(want)
     assert all(torch.equal(conv.state_dict[k], want[k]) for k in want)
-    assert conv.dropped.get("num_batches_tracked", 0) > 0 and {"bbox_head", "rpn_head"} <= set(conv.dropped)
+    assert conv.dropped.get("num_batches_tracked", 0) > 0 and {"roi_head", "rpn_head"} <= set(conv.dropped)
     # the model the conversion names, built with its options, loads the result strictly
     fresh = build_detector(conv.model, num_classes=2, features_only=True, **conv.kwargs)
     fresh.load_state_dict(conv.state_dict, strict=True)
@@ -88,7 +88,7 @@ def test_retinanet_resnext_on_input_extra_convs():
     teacher = build_detector("retinanet_resnext50_32x4d_fpn", num_classes=2, p6_from="c5", p7_relu=False,
                              features_only=True)
     conv = _check_roundtrip(teacher, 3, "retinanet_resnext50_32x4d_fpn", {"p6_from": "c5", "p7_relu": False})
-    assert "features_only: true" in conv.describe()
+    assert "backbone + FPN ->" in conv.describe()
 
 
 def test_fasterrcnn_dcn_stages():
@@ -139,3 +139,36 @@ def test_cli_writes_converted_file(tmp_path, capsys):
     loaded = torch.load(dst, weights_only=True)
     teacher.load_state_dict(loaded, strict=True)
     assert convert_file(str(src), str(dst)).kwargs == {"fpn_channels": 32}
+
+
+def test_retina_head_for_init_student():
+    """mmdetection's RetinaHead (no background logit) -> torchvision's head: same box deltas, and the
+    logit of mmdetection's class c is torchvision's label c + 1, anchor by anchor."""
+    torch.manual_seed(0)
+    tv = build_detector("retinanet_resnet18_fpn", num_classes=4, fpn_channels=32, p6_from="c5", p7_relu=False)
+    teacher = build_detector("retinanet_resnet18_fpn", num_classes=4, fpn_channels=32, p6_from="c5",
+                             p7_relu=False, features_only=True)
+    teacher.load_state_dict({k: v for k, v in tv.state_dict().items() if k.startswith("backbone.")})
+    state = mmdet_checkpoint(teacher, 3)
+    sd = tv.state_dict()
+    for branch, mm in (("classification_head", "cls_convs"), ("regression_head", "reg_convs")):
+        for i in range(4):
+            for p in ("weight", "bias"):
+                state[f"bbox_head.{mm}.{i}.conv.{p}"] = sd[f"head.{branch}.conv.{i}.0.{p}"]
+    for p in ("weight", "bias"):
+        state[f"bbox_head.retina_reg.{p}"] = sd[f"head.regression_head.bbox_reg.{p}"]
+        logits = sd[f"head.classification_head.cls_logits.{p}"]  # [9 anchors * 4 labels, ...]
+        state[f"bbox_head.retina_cls.{p}"] = logits.reshape(9, 4, *logits.shape[1:])[:, 1:].reshape(
+            27, *logits.shape[1:])  # mmdetection: 3 classes per anchor, no background
+    conv = convert(state)
+    assert conv.num_classes == 4 and "bbox_head" not in conv.dropped and "RetinaNet head" in conv.describe()
+    fresh = build_detector(conv.model, num_classes=conv.num_classes, **conv.kwargs)
+    fresh.load_state_dict(conv.state_dict, strict=True)
+    tv.eval(), fresh.eval()
+    feats = list(tv.backbone(torch.randn(1, 3, 64, 96)).values())
+    with torch.no_grad():
+        a, b = tv.head(feats), fresh.head(feats)
+    torch.testing.assert_close(a["bbox_regression"], b["bbox_regression"], rtol=0, atol=0)
+    ca, cb = a["cls_logits"].reshape(-1, 4), b["cls_logits"].reshape(-1, 4)   # [anchors, labels]
+    torch.testing.assert_close(ca[:, 1:], cb[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(torch.sigmoid(cb[:, 0]), torch.full_like(cb[:, 0], 0.01))

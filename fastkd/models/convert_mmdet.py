@@ -3,7 +3,8 @@
     fastkd convert mmdet cascade_mask_rcnn_x101_32x4d_fpn_dconv_c3-c5_1x_coco.pth teacher.pt
 
 MGD's detection teachers are mmdetection checkpoints; a teacher needs only its backbone and FPN, so
-those are converted and everything else (heads) is dropped and counted. The key map (:data:`KEY_MAP`)
+those are converted (plus a RetinaNet head, which MGD's RetinaNet recipe copies into the student:
+``init_neck_head``) and everything else (other heads) is dropped and counted. The key map (:data:`KEY_MAP`)
 is explicit; an unknown backbone or neck key is an error naming the key. The output is a plain
 state_dict with ``backbone.body.*`` / ``backbone.fpn.*`` keys that a ``features_only`` detector of
 :func:`fastkd.models.detection.build_detector` (or the whole detector, for those keys) loads strictly;
@@ -23,9 +24,10 @@ BatchNorm's ``num_batches_tracked`` is dropped (the teacher's BatchNorm is froze
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -56,12 +58,17 @@ class Conversion:
     model: str                      # e.g. "retinanet_resnext101_64x4d_fpn"
     kwargs: Dict[str, object]       # build_detector options the weights need (dcn_stages, p6_from, ...)
     dropped: Dict[str, int]         # top-level prefix of dropped keys -> count (heads)
+    num_classes: Optional[int] = None  # torchvision classes (with background) of a converted RetinaNet head
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}: {v}" for k, v in self.kwargs.items()) or "none"
         dropped = ", ".join(f"{k} ({n} keys)" for k, n in sorted(self.dropped.items())) or "nothing"
-        return (f"{len(self.state_dict)} backbone + FPN tensors -> model {self.model} with features_only: true "
-                f"and options {{{opts}}}; dropped: {dropped}")
+        head = any(k.startswith("head.") for k in self.state_dict)
+        what = "backbone + FPN + RetinaNet head (for init_neck_head; a teacher loads backbone + FPN)" if head \
+            else "backbone + FPN"
+        classes = f", num_classes {self.num_classes}" if self.num_classes else ""
+        return (f"{len(self.state_dict)} tensors, {what} -> model {self.model}{classes} with options {{{opts}}}; "
+                f"dropped: {dropped}")
 
 
 def map_keys(keys: List[str]) -> Dict[str, str]:
@@ -97,6 +104,41 @@ def map_keys(keys: List[str]) -> Dict[str, str]:
                 out[key] = f"backbone.fpn.extra_blocks.{extras[i - n_lat]}.{param}"
             else:
                 raise ConfigError(f"{key}: more than two extra FPN convs are not supported")
+    return out
+
+
+# mmdetection's RetinaHead -> torchvision's RetinaNetHead (v1: no norm); the class logits are expanded
+# by :func:`convert_retina_head` (mmdetection has no background logit, torchvision's label 0 is it)
+RETINA_HEAD_MAP: List[Tuple[str, str]] = [
+    (r"bbox_head\.cls_convs\.(\d+)\.conv\.(weight|bias)", r"head.classification_head.conv.\1.0.\2"),
+    (r"bbox_head\.reg_convs\.(\d+)\.conv\.(weight|bias)", r"head.regression_head.conv.\1.0.\2"),
+    (r"bbox_head\.retina_reg\.(weight|bias)", r"head.regression_head.bbox_reg.\1"),
+]
+PRIOR_PROB = 0.01  # RetinaNet's initial foreground probability, for the added background logit
+
+
+def convert_retina_head(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """mmdetection RetinaHead tensors in torchvision's layout (for ``init_neck_head``).
+
+    Both order a level's outputs anchor-major (anchors by ratio, then scale, the same ratios and
+    octave scales) with the classes (mmdetection) or the 4 box deltas (dx, dy, dw, dh; both with unit
+    weights) minor. mmdetection's class c becomes torchvision's label c + 1; label 0 (background, never a
+    training target) gets zero weights and the prior bias, as torchvision initialises it.
+    """
+    out = {}
+    for key, value in state.items():
+        for pattern, template in RETINA_HEAD_MAP:
+            if re.fullmatch(pattern, key):
+                out[re.sub(pattern, template, key)] = value
+    w, b = state["bbox_head.retina_cls.weight"], state["bbox_head.retina_cls.bias"]
+    anchors = state["bbox_head.retina_reg.weight"].shape[0] // 4
+    classes = w.shape[0] // anchors
+    w = w.reshape(anchors, classes, *w.shape[1:])
+    b = b.reshape(anchors, classes)
+    w0 = torch.zeros(anchors, 1, *w.shape[2:], dtype=w.dtype)
+    b0 = torch.full((anchors, 1), -math.log((1 - PRIOR_PROB) / PRIOR_PROB), dtype=b.dtype)
+    out["head.classification_head.cls_logits.weight"] = torch.cat([w0, w], 1).reshape(-1, *w.shape[2:])
+    out["head.classification_head.cls_logits.bias"] = torch.cat([b0, b], 1).reshape(-1)
     return out
 
 
@@ -155,13 +197,20 @@ def convert(state: Dict[str, torch.Tensor]) -> Conversion:
     """Convert an mmdetection state_dict (already unwrapped from ``{"state_dict": ...}``)."""
     name, kwargs = infer_model(state)
     mapping = map_keys(list(state))
+    out = {mapping[k]: state[k] for k in state if k in mapping}
+    used, num_classes = set(mapping), None
+    if name.startswith("retinanet_") and {"bbox_head.retina_cls.weight", "bbox_head.retina_reg.weight"} <= set(state):
+        head = convert_retina_head(state)
+        out.update(head)
+        used |= {k for k in state if k.startswith("bbox_head.")}
+        anchors = head["head.regression_head.bbox_reg.bias"].numel() // 4
+        num_classes = head["head.classification_head.cls_logits.bias"].numel() // anchors
     dropped: Dict[str, int] = {}
     for key in state:
-        if key not in mapping:
-            prefix = key.split(".")[0] if not _DROPPED.fullmatch(key) else "num_batches_tracked"
+        if key not in used:
+            prefix = "num_batches_tracked" if _DROPPED.fullmatch(key) else key.split(".")[0]
             dropped[prefix] = dropped.get(prefix, 0) + 1
-    out = {mapping[k]: state[k] for k in state if k in mapping}
-    return Conversion(out, name, kwargs, dropped)
+    return Conversion(out, name, kwargs, dropped, num_classes)
 
 
 def load_mmdet(path: str) -> Dict[str, torch.Tensor]:
