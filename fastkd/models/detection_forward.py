@@ -6,8 +6,8 @@ functions run the same steps by calling the detector's own submodules (backbone,
 anchor generator, ``compute_loss``, ``postprocess_detections``), so the backbone runs once and no hook is
 involved. The input is a batch that is already normalised and padded (fastkd's loaders resize and pad to
 bucket shapes), with each image's unpadded size: torchvision's ``GeneralizedRCNNTransform`` (normalise,
-resize, pad) is not run, and the detections stay in the resized image's pixels (``to_original`` maps them
-back as torchvision's ``transform.postprocess`` does).
+resize, pad) is not run, and the detections stay in the resized image's pixels (the COCO evaluator maps
+them back to the original image).
 
     losses, feats = train_forward(model, images, sizes, targets)   # model.train(); feats {"fpn.p3": ...}
     detections = predict(model, images, sizes)                      # model.eval(); boxes xyxy
@@ -17,12 +17,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
-from torchvision.models.detection.transform import resize_boxes
 
 from .detection import fpn_level_names
 
@@ -96,17 +94,3 @@ def _retinanet_detections(model: RetinaNet, image_list: ImageList, levels: List[
     split_outputs = {k: list(v.split(counts, dim=1)) for k, v in head_outputs.items()}
     split_anchors = [list(a.split(counts)) for a in anchors]
     return model.postprocess_detections(split_outputs, split_anchors, image_list.image_sizes)
-
-
-def to_original(detections: List[Dict[str, Tensor]], image_sizes: Sequence[Tuple[int, int]],
-                original_sizes: Sequence[Tuple[int, int]], flipped: Sequence[bool] = ()) -> List[Dict[str, Tensor]]:
-    """Boxes from the resized image's pixels back to the original image's (undoing a horizontal flip of
-    the resized image first), as torchvision's ``GeneralizedRCNNTransform.postprocess``."""
-    out = []
-    for i, (det, size, orig) in enumerate(zip(detections, image_sizes, original_sizes)):
-        boxes = det["boxes"]
-        if i < len(flipped) and flipped[i]:
-            w = float(size[1])
-            boxes = torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], dim=1)
-        out.append({**det, "boxes": resize_boxes(boxes, [int(s) for s in size], [int(s) for s in orig])})
-    return out
