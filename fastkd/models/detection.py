@@ -23,7 +23,6 @@ This module imports torchvision; ``fastkd.models.build`` imports it only for a d
 """
 from __future__ import annotations
 
-import math
 import re
 from functools import partial
 from typing import Optional, Sequence
@@ -273,7 +272,3 @@ def _extra_names(backbone: nn.Module) -> list[str]:
         return []
     return ["p6", "p7"] if hasattr(extra, "p7") else ["pool"]
 
-
-def level_strides(names: Sequence[str]) -> dict[str, int]:
-    """{"fpn.p3": 8, ...}: the stride of each level with respect to the input."""
-    return {n: int(math.pow(2, int(n.rsplit("p", 1)[1]))) for n in names}

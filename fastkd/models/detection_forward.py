@@ -12,10 +12,13 @@ them back to the original image).
     losses, feats = train_forward(model, images, sizes, targets)   # model.train(); feats {"fpn.p3": ...}
     detections = predict(model, images, sizes)                      # model.eval(); boxes xyxy
     feats = fpn_features(teacher, images)                           # backbone + FPN only
+    dense = torch.compile(partial(dense_forward, model), fullgraph=True)  # backbone + FPN (+ RetinaNet head)
+    losses, feats = train_forward(model, images, sizes, targets, dense=dense)
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FasterRCNN
@@ -47,47 +50,67 @@ def _named(model: nn.Module, feats) -> Dict[str, Tensor]:
     return dict(zip(fpn_level_names(model.backbone), feats.values()))
 
 
+def dense_forward(model: nn.Module, images: Tensor) -> Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]:
+    """The fixed-shape part of a detector: backbone + FPN (levels in torchvision's order and names) and,
+    for RetinaNet, its head outputs (None for Faster R-CNN, whose RPN and RoI heads run with their
+    data-dependent proposal steps). Traces with ``torch.compile(fullgraph=True)``: a caller compiles it,
+    e.g. ``dense=torch.compile(functools.partial(dense_forward, model))``, and passes it to
+    :func:`train_forward` / :func:`predict`; matching, sampling and NMS stay eager.
+    """
+    feats = model.backbone(images)
+    head_outputs = model.head(list(feats.values())) if isinstance(model, RetinaNet) else None
+    return feats, head_outputs
+
+
+Dense = Callable[[Tensor], Tuple[Dict[str, Tensor], Optional[Dict[str, Tensor]]]]
+
+
 def train_forward(model: nn.Module, images: Tensor, image_sizes: Sequence[Tuple[int, int]],
-                  targets: List[Dict[str, Tensor]]) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+                  targets: List[Dict[str, Tensor]], dense: Optional[Dense] = None
+                  ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """The detector's training losses and its FPN levels from one pass (``model`` in training mode).
 
     images: [N, 3, H, W] normalised, padded; image_sizes: each image's (h, w) before padding; targets: per
     image ``boxes`` float [K, 4] xyxy in those pixels and ``labels`` int64 [K] (1..C, 0 is background).
+    ``dense``: :func:`dense_forward` of ``model`` (default), or a compiled version of it.
     Returns torchvision's loss dict (RetinaNet: classification, bbox_regression; Faster R-CNN:
     loss_classifier, loss_box_reg, loss_objectness, loss_rpn_box_reg) and {"fpn.pN": [N, C, h, w]}.
     """
+    _check(model)
     image_list = ImageList(images, [(int(h), int(w)) for h, w in image_sizes])
-    feats = model.backbone(images)
+    feats, head_outputs = (dense or partial(dense_forward, model))(images)
     if isinstance(model, RetinaNet):
         levels = list(feats.values())
-        anchors = model.anchor_generator(image_list, levels)
-        losses = model.compute_loss(targets, model.head(levels), anchors)
-    elif isinstance(model, FasterRCNN):
+        losses = model.compute_loss(targets, head_outputs, model.anchor_generator(image_list, levels))
+    else:
         proposals, rpn_losses = model.rpn(image_list, feats, targets)
         _, roi_losses = model.roi_heads(feats, proposals, image_list.image_sizes, targets)
         losses = {**roi_losses, **rpn_losses}
-    else:
-        raise TypeError(f"{type(model).__name__} is neither a torchvision RetinaNet nor a FasterRCNN")
     return losses, _named(model, feats)
 
 
-def predict(model: nn.Module, images: Tensor, image_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+def predict(model: nn.Module, images: Tensor, image_sizes: Sequence[Tuple[int, int]],
+            dense: Optional[Dense] = None) -> List[Dict[str, Tensor]]:
     """Detections per image (``boxes`` xyxy in the resized image's pixels, ``scores``, ``labels``), as
     torchvision's eval forward computes them (``model`` in eval mode)."""
+    _check(model)
     image_list = ImageList(images, [(int(h), int(w)) for h, w in image_sizes])
-    feats = model.backbone(images)
+    feats, head_outputs = (dense or partial(dense_forward, model))(images)
     if isinstance(model, RetinaNet):
-        return _retinanet_detections(model, image_list, list(feats.values()))
-    if isinstance(model, FasterRCNN):
-        proposals, _ = model.rpn(image_list, feats)
-        detections, _ = model.roi_heads(feats, proposals, image_list.image_sizes)
-        return detections
-    raise TypeError(f"{type(model).__name__} is neither a torchvision RetinaNet nor a FasterRCNN")
+        return _retinanet_detections(model, image_list, list(feats.values()), head_outputs)
+    proposals, _ = model.rpn(image_list, feats)
+    detections, _ = model.roi_heads(feats, proposals, image_list.image_sizes)
+    return detections
 
 
-def _retinanet_detections(model: RetinaNet, image_list: ImageList, levels: List[Tensor]) -> List[Dict[str, Tensor]]:
+def _check(model: nn.Module) -> None:
+    if not isinstance(model, (RetinaNet, FasterRCNN)):
+        raise TypeError(f"{type(model).__name__} is neither a torchvision RetinaNet nor a FasterRCNN")
+
+
+def _retinanet_detections(model: RetinaNet, image_list: ImageList, levels: List[Tensor],
+                          head_outputs: Dict[str, Tensor]) -> List[Dict[str, Tensor]]:
     """Split the head outputs and anchors per level, then RetinaNet's own top-k, decoding and NMS."""
-    head_outputs = model.head(levels)
     anchors = model.anchor_generator(image_list, levels)
     per_location = model.anchor_generator.num_anchors_per_location()[0]
     counts = [f.shape[2] * f.shape[3] * per_location for f in levels]

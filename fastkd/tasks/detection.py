@@ -101,6 +101,10 @@ class DetectionTask(Task):
     name = "detection"
     headline = "bbox_AP"
 
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        self._compiled: Dict[int, object] = {}  # id(student) -> its compiled dense part (train.compile)
+
     # -- models ----------------------------------------------------------------------------------------
     def build_model(self, mcfg: ModelConfig, role: str) -> nn.Module:
         from .. import models
@@ -171,11 +175,28 @@ class DetectionTask(Task):
         return loss_names(_unwrap(student))
 
     def student_forward(self, student: nn.Module, batch):
+        """One pass: torchvision's losses + the FPN levels. With ``train.compile`` the fixed-shape part
+        (backbone + FPN + RetinaNet head) runs compiled, one graph per bucket shape; anchor matching,
+        sampling and the loss reductions stay eager (so the trainer does not compile this method itself)."""
         from ..models.detection_forward import train_forward
 
+        model = _unwrap(student)
         sizes = [tuple(t["size"]) for t in batch.targets]
-        losses, feats = train_forward(_unwrap(student), batch.images, sizes, train_targets(batch.targets))
+        losses, feats = train_forward(model, batch.images, sizes, train_targets(batch.targets),
+                                      dense=self._dense(model))
         return losses, None, feats
+
+    def _dense(self, model: nn.Module):
+        """The compiled dense part of ``model`` when the config asks for compilation (built once)."""
+        if self.cfg is None or not self.cfg.train.compile:
+            return None
+        if id(model) not in self._compiled:
+            from functools import partial
+
+            from ..models.detection_forward import dense_forward
+
+            self._compiled[id(model)] = torch.compile(partial(dense_forward, model), fullgraph=True, dynamic=False)
+        return self._compiled[id(model)]
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module, batch, layers: Optional[Sequence[str]] = None):
