@@ -129,11 +129,17 @@ def test_r50_layouts_are_torchvisions(name, ref):
     frozen BatchNorm as torchvision's pretrained v1 models (whose checkpoints carry no BN counters)."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    ours = build(name, num_classes=91).state_dict()
-    theirs = getattr(tv_detection, ref)(weights=None, weights_backbone=None, num_classes=91).state_dict()
+    ours_model = build(name, num_classes=91)
+    theirs_model = getattr(tv_detection, ref)(weights=None, weights_backbone=None, num_classes=91)
+    anchors = [m.anchor_generator if hasattr(m, "anchor_generator") else m.rpn.anchor_generator
+               for m in (ours_model, theirs_model)]
+    assert anchors[0].sizes == anchors[1].sizes and anchors[0].aspect_ratios == anchors[1].aspect_ratios
+    if name.startswith("retinanet"):  # v2: GIoU box loss
+        assert ours_model.head.regression_head._loss_type == theirs_model.head.regression_head._loss_type
+    ours, theirs = ours_model.state_dict(), theirs_model.state_dict()
     if not name.endswith("_v2"):
         theirs = {k: v for k, v in theirs.items() if not k.endswith("num_batches_tracked")}
-        assert isinstance(build(name, num_classes=91).backbone.body.bn1, FrozenBatchNorm2d)
+        assert isinstance(ours_model.backbone.body.bn1, FrozenBatchNorm2d)
     assert sorted(ours) == sorted(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
 
@@ -152,6 +158,8 @@ def test_frozen_stages_and_bn():
                                frozen_bn=True)
     assert all(p.requires_grad for p in trainable.backbone.body.parameters())
     assert isinstance(trainable.backbone.body.bn1, FrozenBatchNorm2d)
+    eps0 = build_detector("retinanet_resnet18_fpn", num_classes=3, frozen_bn_eps=0.0)
+    assert {m.eps for m in eps0.modules() if isinstance(m, FrozenBatchNorm2d)} == {0.0}
 
 
 def test_resnext_backbones_and_bad_names():

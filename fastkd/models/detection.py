@@ -11,7 +11,7 @@ What fastkd adds for distillation (all options of :func:`build_detector`):
 
 - ``trainable_backbone_layers`` (torchvision's meaning: 3 trains layer2..layer4, i.e. mmdetection's
   ``frozen_stages=1``) and ``frozen_bn`` (FrozenBatchNorm2d in the backbone; default as torchvision:
-  on for v1, off for v2);
+  on for v1, off for v2) with ``frozen_bn_eps`` (torchvision's v1 COCO checkpoints were evaluated with 0);
 - ``p6_from`` / ``p7_relu`` for RetinaNet's extra levels (torchvision v1: P6 from P5, v2 and
   mmdetection: from C5; mmdetection has no ReLU before the P7 conv), ``dcn_stages`` for deformable
   convolutions in the bottlenecks' 3x3 convs (mmdetection's ``dcn`` + ``stage_with_dcn``);
@@ -43,11 +43,6 @@ _DEPTHS = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]), 50: ("bottl
            101: ("bottleneck", [3, 4, 23, 3]), 152: ("bottleneck", [3, 8, 36, 3])}
 EXAMPLES = ["retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "retinanet_resnext101_64x4d_fpn",
             "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_resnext101_32x4d_fpn"]
-
-
-def is_detector_name(name: str) -> bool:
-    """Whether ``name`` follows the detector naming scheme of this module."""
-    return _NAME.match(name) is not None
 
 
 def parse_backbone(name: str) -> tuple[str, list[int], int, int]:
@@ -129,11 +124,12 @@ class P6P7(ExtraFPNBlock):
         return p + [p6, p7], names + ["p6", "p7"]
 
 
-def build_resnet(backbone: str, *, frozen_bn: bool, dcn_stages: Sequence[int] = (), dcn_modulated: bool = True):
+def build_resnet(backbone: str, *, frozen_bn: bool, frozen_bn_eps: float = 1e-5, dcn_stages: Sequence[int] = (),
+                 dcn_modulated: bool = True):
     """torchvision's ResNet / ResNeXt body (keys as torchvision's), DCN in the 3x3 convs of ``dcn_stages``."""
     kind, layers, groups, width = parse_backbone(backbone)
     block = tv_resnet.BasicBlock if kind == "basic" else tv_resnet.Bottleneck
-    norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+    norm = partial(FrozenBatchNorm2d, eps=frozen_bn_eps) if frozen_bn else nn.BatchNorm2d
     body = tv_resnet.ResNet(block, layers, groups=groups, width_per_group=width, norm_layer=norm)
     for stage in dcn_stages:
         if stage not in (1, 2, 3, 4) or kind == "basic":
@@ -156,11 +152,12 @@ def freeze_stages(body: nn.Module, trainable_layers: int) -> None:
             p.requires_grad_(False)
 
 
-def build_backbone_fpn(backbone: str, arch: str, *, v2: bool, frozen_bn: bool, trainable_backbone_layers: int,
-                       fpn_channels: int, p6_from: Optional[str], p7_relu: bool, dcn_stages: Sequence[int],
-                       dcn_modulated: bool):
+def build_backbone_fpn(backbone: str, arch: str, *, v2: bool, frozen_bn: bool, frozen_bn_eps: float,
+                       trainable_backbone_layers: int, fpn_channels: int, p6_from: Optional[str], p7_relu: bool,
+                       dcn_stages: Sequence[int], dcn_modulated: bool):
     """torchvision's ``BackboneWithFPN``: C3-C5 + P6/P7 for RetinaNet, C2-C5 + max-pool P6 for Faster R-CNN."""
-    body = build_resnet(backbone, frozen_bn=frozen_bn, dcn_stages=dcn_stages, dcn_modulated=dcn_modulated)
+    body = build_resnet(backbone, frozen_bn=frozen_bn, frozen_bn_eps=frozen_bn_eps, dcn_stages=dcn_stages,
+                        dcn_modulated=dcn_modulated)
     freeze_stages(body, trainable_backbone_layers)
     c2 = body.inplanes // 8  # torchvision's in_channels_stage2
     returned = [2, 3, 4] if arch == "retinanet" else [1, 2, 3, 4]
@@ -227,12 +224,13 @@ class DetectorFeatures(nn.Module):
 
 
 def build_detector(name: str, num_classes: int = 91, in_channels: int = 3, *, trainable_backbone_layers: int = 3,
-                   frozen_bn: Optional[bool] = None, fpn_channels: int = 256, p6_from: Optional[str] = None,
+                   frozen_bn: Optional[bool] = None, frozen_bn_eps: float = 1e-5, fpn_channels: int = 256, p6_from: Optional[str] = None,
                    p7_relu: bool = True, dcn_stages: Sequence[int] = (), dcn_modulated: bool = True,
                    anchor_sizes: Optional[Sequence[int]] = None, min_size: int = 800, max_size: int = 1333,
                    features_only: bool = False, **kwargs) -> nn.Module:
     """Build detector ``name`` (see the module docstring) with ``num_classes`` classes including the
-    background (COCO: 91 for torchvision's checkpoints, 81 for contiguous labels). Further keyword
+    background (COCO: 91 for torchvision's checkpoints, 81 for contiguous labels). ``frozen_bn_eps``:
+    torchvision evaluates its v1 COCO checkpoints with 0.0 (``overwrite_eps``); 1e-5 elsewhere. Further keyword
     arguments go to torchvision's ``RetinaNet`` / ``FasterRCNN`` (``score_thresh``, ``nms_thresh``,
     ``detections_per_img``, ...). ``features_only``: a :class:`DetectorFeatures` (backbone + FPN).
 
@@ -250,7 +248,8 @@ def build_detector(name: str, num_classes: int = 91, in_channels: int = 3, *, tr
         raise ValueError(f"{name}: num_classes counts the background too (categories + 1), got {num_classes}")
     arch, v2 = m.group("arch"), m.group("v2") is not None
     backbone = build_backbone_fpn(m.group("backbone"), arch, v2=v2, frozen_bn=(not v2) if frozen_bn is None
-                                  else frozen_bn, trainable_backbone_layers=trainable_backbone_layers,
+                                  else frozen_bn, frozen_bn_eps=frozen_bn_eps,
+                                  trainable_backbone_layers=trainable_backbone_layers,
                                   fpn_channels=fpn_channels, p6_from=p6_from, p7_relu=p7_relu,
                                   dcn_stages=tuple(dcn_stages), dcn_modulated=dcn_modulated)
     if features_only:
