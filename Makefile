@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH_SPEC ?= torch==2.13.0
+# torch 2.14.1 + torchvision 0.29.1: CUDA builds that run on the CPU (detection needs torchvision's
+# compiled ops; PyPI's torchvision does not import beside the 2.13.0 CPU wheel). ~5.5 GB in the venv.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
@@ -25,8 +27,7 @@ $(BIN)/python:
 venv: $(BIN)/python
 
 $(VENV)/.deps: requirements.txt | $(BIN)/python
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q $(TORCH_SPEC) -r requirements.txt  # one resolve: nothing re-pins torch
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h)

@@ -76,7 +76,7 @@ def make_step(distiller, optimizer, images, labels, *, with_teacher: bool) -> Ca
             t_logits, t_feats = distiller.teacher_forward(images)
         else:
             t_logits, t_feats = None, {}
-        losses = distiller(images, labels, t_logits, t_feats, seeds, 0, 1.0)
+        losses = distiller((images, labels), t_logits, t_feats, seeds, 0, 1.0)
         losses["total"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

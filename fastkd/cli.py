@@ -5,7 +5,8 @@
     fastkd eval cfg.yaml --weights runs/x/student.pt
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
-    fastkd convert mmdet mmdet_checkpoint.pth teacher.pt   (backbone + FPN in torchvision's layout)
+    fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
+    fastkd convert mmdet CKPT OUT                         (mmdetection ResNet/ResNeXt + FPN -> torchvision keys)
     fastkd demo [--device cuda] [KEY=VALUE ...]     (the Fashion-MNIST demo, fastkd/demo.py)
 
 A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
@@ -49,12 +50,10 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
     from .config import ConfigError, load_config
-    from .distill import build_model
     from .distill.models import load_state_dict_file, load_strict
-    from .engine.data import build_loaders
     from .engine.dist import setup
-    from .engine.evaluate import evaluate, model_eval_fn
     from .engine.export import student_state_dict
+    from .tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
     _quiet_deepspeed()
@@ -62,7 +61,8 @@ def cmd_eval(args) -> int:
     if args.teacher and cfg.teacher is None:
         raise ConfigError(f"--teacher: {args.config} has no teacher")
     which = cfg.teacher if args.teacher else cfg.student
-    model = build_model(which, "teacher" if args.teacher else "student")
+    task = build_task(cfg)
+    model = task.build_model(which, "teacher" if args.teacher else "student")
     if args.teacher:
         src = which.checkpoint
         state = load_state_dict_file(src, "teacher")
@@ -77,11 +77,11 @@ def cmd_eval(args) -> int:
     load_strict(model, state, src, "teacher" if args.teacher else "student")
     model = model.to(ctx.device).eval()
     micro = max(1, cfg.train.batch_size // (ctx.world_size * cfg.train.grad_accum))
-    _, val = build_loaders(cfg.data, micro=micro, grad_accum=1, rank=ctx.rank, world=ctx.world_size,
-                           seed=cfg.seed, device=ctx.device)
-    acc = evaluate(model_eval_fn(model), val, ctx.device, torch.float32)
+    _, val = task.build_loaders(micro=micro, grad_accum=1, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed,
+                                device=ctx.device, dtype=torch.float32, channels_last=False)
+    metrics = task.evaluate(model, val, ctx.device, torch.float32)
     if ctx.is_main:
-        print(f"{src}: top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% on {acc['count']} images")
+        print(f"{src}: {task.describe(metrics)}")
     return 0
 
 
@@ -154,14 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("rest", nargs=argparse.REMAINDER)
     dm.set_defaults(func=cmd_demo)
 
+    from .models import convert_mmdet, mmseg  # import torch only (no torchvision) to convert
+    convert = mmseg.add_parser(sub)
+    convert_mmdet.add_parser(convert)
+
     try:
         from .data import cli as data_cli
     except Exception:  # fastkd.data is optional here: a broken or absent data CLI must not break training
         data_cli = None
     if data_cli is not None and hasattr(data_cli, "add_parser"):
         data_cli.add_parser(sub)
-    from .models import convert_mmdet  # imports torch only; torchvision is not needed to convert
-    convert_mmdet.add_parser(sub)
     return p
 
 

@@ -191,8 +191,8 @@ class OptimConfig:
 
 @_cfg
 class ScheduleConfig:
-    name: Literal["cosine", "step", "constant"] = "cosine"
-    """Learning-rate decay after warmup."""
+    name: Literal["cosine", "step", "constant", "poly"] = "cosine"
+    """Learning-rate decay after warmup (poly: ``min_lr + (lr - min_lr) * (1 - t/T)^power``, mmseg's)."""
     warmup_epochs: float = 0.0
     """Linear warmup length in epochs (may be fractional)."""
     warmup_steps: Optional[int] = None
@@ -202,10 +202,13 @@ class ScheduleConfig:
     gamma: float = 0.1
     """Step schedule: decay factor."""
     min_lr: float = 0.0
-    """Cosine schedule: final learning rate."""
+    """Cosine and poly schedules: final learning rate."""
+    power: float = 0.9
+    """Poly schedule: exponent of the decay."""
 
     def __post_init__(self):
         _check(self.warmup_epochs >= 0, "warmup_epochs must be >= 0")
+        _check(self.power > 0, f"power must be > 0, got {self.power}")
         _check(list(self.milestones) == sorted(self.milestones), f"milestones must be increasing, got {self.milestones}")
 
 
@@ -279,6 +282,9 @@ class TrainConfig:
 class Config:
     student: ModelConfig
     """The model being trained."""
+    task: str = "classification"
+    """What is trained: classification | detection | segmentation (``fastkd.tasks``), or
+    ``package.module:Class`` (a ``fastkd.tasks.Task`` subclass)."""
     teacher: Optional[ModelConfig] = None
     """The frozen model distilled from (checkpoint required); null trains the student alone (baselines,
     or the teacher itself)."""

@@ -65,7 +65,7 @@ def test_teacher_frozen_and_outside_params_and_state(tmp_path):
     assert all(k.startswith(("student.", "losses.", "kd.")) for k in d.state_dict())
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
     t_logits, t_feats = d.teacher_forward(x)
-    out = d(x, y, t_logits, t_feats, d.next_seeds(), 0, 1.0)
+    out = d((x, y), t_logits, t_feats, d.next_seeds(), 0, 1.0)
     assert set(out) == {"ce", "kd", "mgd.layer2", "ct.layer1", "total"}
     torch.testing.assert_close(out["total"], sum(v for k, v in out.items() if k != "total"))
     out["total"].backward()
@@ -76,11 +76,11 @@ def test_alpha_auto_calibration_and_checkpointed(tmp_path):
     d, cfg = _distiller(tmp_path)
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     seeds = {k: d.losses[k].seeds.peek() for k in d.next_seeds()}  # next_seeds consumed one; peek the next
-    chosen = d.calibrate(cfg, [(x, y, 0)], lambda t: t, torch.device("cpu"))
+    chosen = d.calibrate(cfg, [((x, y), 0)], lambda t: t, torch.device("cpu"))
     assert set(chosen) == {"mgd.layer2"}
     t_logits, t_feats = d.teacher_forward(x)
     with torch.no_grad():
-        out = d(x, y, t_logits, t_feats, seeds, 0, 1.0)
+        out = d((x, y), t_logits, t_feats, seeds, 0, 1.0)
     # Same batch, same mask seed, train-mode BatchNorm: the term starts at exactly target x task loss.
     assert out["mgd.layer2"].item() == pytest.approx(0.5 * out["ce"].item(), rel=1e-4)
     d2, _ = _distiller(tmp_path, alpha="auto")

@@ -4,6 +4,9 @@ Layout follows the data's path: ``idx`` / ``imagefolder`` / ``fashion_mnist`` (s
 ``writers`` (.beton) -> ``order`` + ``base`` (which samples, in which order, where we are) ->
 ``ffcv_loader`` / ``fallback`` (loaders) -> ``transforms`` (crops, normalisation); ``build`` glues
 them to a config and ``cli`` to ``fastkd data ...``.  FFCV is imported only when used.
+Segmentation (images + label maps) has its own path: ``seg_sources`` / ``cityscapes`` (paired folders,
+Cityscapes, fashion-scenes; .beton) -> ``seg_loader`` (``SegBatch`` loaders on the same order and
+position contract) -> ``seg_transforms`` (joint, seeded rescale / crop / flip / photometric distortion).
 
 Contract (what the engine codes against)
 ----------------------------------------

@@ -9,6 +9,8 @@ The engine's CLI mounts it with ``fastkd.data.cli.add_parser(subparsers)``; the 
       OUT ending in .beton: ROOT is one split.  Otherwise OUT is a directory and every split
       folder of ROOT (train, val, ...) that holds class folders becomes OUT/<split>.beton.
   fastkd data write fashion-mnist OUT_DIR [--source-dir DIR] [--cache-dir DIR] [--force]
+  fastkd data write cityscapes ROOT OUT_DIR [--image-format png|jpg] [--splits train val] [--force]
+      leftImg8bit + gtFine labelIds -> OUT_DIR/<split>.beton (19 train ids, 255 ignored)
   fastkd data inspect FILE.beton
 """
 from __future__ import annotations
@@ -54,6 +56,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fmnist.add_argument("--cache-dir", default=None, help="download cache (default ~/.cache/fastkd)")
     _common(fmnist)
     fmnist.set_defaults(func=_write_fashion_mnist)
+
+    cs = kinds.add_parser("cityscapes", help="Cityscapes (leftImg8bit + gtFine) -> train.beton, val.beton "
+                          "(image + label map in the 19 train ids)")
+    cs.add_argument("root", help="Cityscapes root holding leftImg8bit/ and gtFine/")
+    cs.add_argument("out", help="output directory")
+    cs.add_argument("--splits", nargs="+", default=["train", "val"], help="splits to write (default train val)")
+    cs.add_argument("--image-format", choices=("png", "jpg"), default="png",
+                    help="png: the original files byte for byte (lossless); jpg: re-encoded (smaller)")
+    cs.add_argument("--jpeg-quality", type=int, default=95)
+    _common(cs)
+    cs.set_defaults(func=_write_cityscapes)
 
     inspect = sub.add_parser("inspect", help="print what a .beton holds")
     inspect.add_argument("file")
@@ -113,6 +126,26 @@ def _write_fashion_mnist(args) -> int:
     return 0
 
 
+def _write_cityscapes(args) -> int:
+    from ..config import ConfigError
+    from . import cityscapes
+    from .seg_sources import SegDataError, write_seg_beton
+
+    try:  # every split is scanned and checked (pairs, sizes) before anything is written
+        sources = {split: cityscapes.source(args.root, split) for split in args.splits}
+        outs = {split: os.path.join(args.out, f"{split}.beton") for split in args.splits}
+        existing = [o for o in outs.values() if os.path.exists(o)]
+        if existing and not args.force:
+            raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+        for split, src in sources.items():
+            n = write_seg_beton(src, outs[split], image_format=args.image_format, jpeg_quality=args.jpeg_quality,
+                                num_workers=args.num_workers, force=args.force)
+            print(f"wrote {outs[split]}: {n} images + label maps ({split})")
+    except (SegDataError, FileExistsError) as exc:
+        raise ConfigError(str(exc)) from None
+    return 0
+
+
 def _inspect(args) -> int:
     from ffcv.reader import Reader
 
@@ -121,6 +154,13 @@ def _inspect(args) -> int:
     reader = Reader(args.file)
     names = dict(zip(reader.field_names, reader.metadata.dtype.names))
     print(f"{args.file}: {reader.num_samples} samples, fields {reader.field_names}")
+    meta = sidecar(args.file)
+    if meta.get("task") == "segmentation":  # images and label maps stored as encoded bytes
+        sizes = {f: reader.metadata[names[f]] for f in ("height", "width") if f in names}
+        shape = " x ".join(f"{f} {v.min()}-{v.max()}" for f, v in sizes.items())
+        print(f"  segmentation: {meta.get('num_classes')} classes, ignore {meta.get('ignore_index')}, images "
+              f"{meta.get('image_format')}, {shape}")
+        return 0
     if "image" in names:
         img = reader.metadata[names["image"]]
         modes = Counter(int(m) for m in img["mode"])
@@ -129,7 +169,6 @@ def _inspect(args) -> int:
     if "label" in names:
         counts = Counter(int(v) for v in reader.metadata[names["label"]])
         print(f"  label: {len(counts)} classes, per class min {min(counts.values())} max {max(counts.values())}")
-    meta = sidecar(args.file)
     if meta:
         print(f"  written with write_mode={meta.get('write_mode')} max_resolution={meta.get('max_resolution')}"
               f", {len(meta.get('skipped', []))} file(s) skipped")

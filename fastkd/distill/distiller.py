@@ -2,9 +2,10 @@
 
 One step (DESIGN.md "Data flow"):
 
-    t_logits, t_feats = distiller.teacher_forward(images)          # eval, no grad
+    batch = task.to_device(batch, ...)                             # the task's batch (fastkd.tasks)
+    t_logits, t_feats = distiller.teacher_forward(batch)           # eval, no grad
     seeds = distiller.next_seeds()                                 # host ints, outside torch.compile
-    losses = engine(images, labels, t_logits, t_feats, seeds, sample_offset, scale)
+    losses = engine(batch, t_logits, t_feats, seeds, sample_offset, scale)
     total = losses["total"]                                        # sum of the named terms
 
 Only the student and the loss modules are parameters of the Distiller, so DeepSpeed, the optimizer and
@@ -16,11 +17,10 @@ import dataclasses
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, DistillConfig, PairConfig
-from ..losses import CT, MGD, LogitKD
+from ..losses import CT, MGD
 
 
 @dataclasses.dataclass
@@ -86,19 +86,27 @@ def build_losses(specs: Sequence[PairSpec], *, seed: int, backend: str) -> nn.Mo
 
 
 class Distiller(nn.Module):
-    """Student + distillation modules; ``forward`` returns the named losses and their ``total``."""
+    """Student + distillation modules; ``forward`` returns the named losses and their ``total``.
+
+    The task (``fastkd.tasks``) supplies the student's training forward (task-loss terms, logits,
+    features), the teacher's forward and the logit loss; the Distiller adds the feature pairs.
+    """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], specs: Sequence[PairSpec], losses: nn.ModuleDict,
-                 cfg: DistillConfig, *, compile: bool = False):
+                 cfg: DistillConfig, *, task=None, compile: bool = False):
         super().__init__()
+        if task is None:
+            from ..tasks.classification import ClassificationTask
+            task = ClassificationTask(label_smoothing=cfg.label_smoothing)
         self.student = student
         self.losses = losses
-        self.kd = LogitKD(temperature=cfg.kd.temperature, alpha=1.0 if cfg.kd.alpha == "auto" else cfg.kd.alpha,
-                          backend=cfg.backend) if cfg.kd is not None else None
+        self.kd = task.logit_loss(cfg.kd, cfg.backend)
         self.specs = list(specs)
-        self.label_smoothing, self.task_weight = cfg.label_smoothing, cfg.task_weight
+        self.task_weight = cfg.task_weight
         self.teacher_layers = sorted({sp.cfg.teacher for sp in self.specs})
-        object.__setattr__(self, "_teacher", teacher)  # not a submodule: no params, no state_dict, no optimizer
+        self.task_names = list(task.loss_names(student))
+        object.__setattr__(self, "task", task)  # plain attributes: not submodules, no params, no state_dict
+        object.__setattr__(self, "_teacher", teacher)  # never handed to the optimizer or the checkpoints
         self._fn = torch.compile(self._losses) if compile else self._losses
 
     @property
@@ -106,24 +114,24 @@ class Distiller(nn.Module):
         return self._teacher
 
     @torch.no_grad()
-    def teacher_forward(self, images: torch.Tensor) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
+    def teacher_forward(self, batch) -> Tuple[Optional[torch.Tensor], Dict[str, torch.Tensor]]:
         """Teacher logits and the features the pairs need, in the student's dtype, without grad."""
         t = self._teacher
         if t is None:  # no teacher: plain supervised training (baselines)
             return None, {}
-        p = next(t.parameters())
-        logits, feats = t(images.to(p.dtype), features=True)
-        dtype = images.dtype
-        return logits.to(dtype), {k: feats[k].to(dtype).contiguous() for k in self.teacher_layers}
+        logits, feats = self.task.teacher_forward(t, batch, self.teacher_layers)
+        dtype = next(self.student.parameters()).dtype
+        return (None if logits is None else logits.to(dtype)), {k: feats[k].to(dtype).contiguous()
+                                                                for k in self.teacher_layers}
 
     def next_seeds(self) -> Dict[str, int]:
         """One mask seed per MGD pair for this optimizer step (host ints; call outside torch.compile)."""
         return {sp.key: self.losses[sp.key].next_seed() for sp in self.specs if sp.cfg.loss == "mgd"}
 
-    def forward(self, images, labels, t_logits, t_feats, seeds: Dict[str, int], sample_offset: int = 0,
+    def forward(self, batch, t_logits, t_feats, seeds: Dict[str, int], sample_offset: int = 0,
                 scale: float = 1.0, *, eager: bool = False) -> Dict[str, torch.Tensor]:
         fn = self._losses if eager else self._fn
-        out, s_feats = fn(images, labels, t_logits, t_feats)
+        out, s_feats = fn(batch, t_logits, t_feats)
         # MGD runs after the compiled region: its mask seed changes every step and would be traced as a
         # constant (a recompile per step); the op is a fused kernel of its own anyway.
         for sp in self.specs:
@@ -136,12 +144,12 @@ class Distiller(nn.Module):
         return out
 
     def loss_names(self) -> List[str]:
-        return ["ce"] + (["kd"] if self.kd is not None else []) + [sp.name for sp in self.specs]
+        return self.task_names + (["kd"] if self.kd is not None else []) + [sp.name for sp in self.specs]
 
-    def _losses(self, images, labels, t_logits, t_feats):
-        """Student forward + task, KD and CT losses (the torch.compile region)."""
-        logits, s_feats = self.student(images, features=True)
-        out = {"ce": self.task_weight * F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)}
+    def _losses(self, batch, t_logits, t_feats):
+        """Student forward + task, logit-KD and CT losses (the torch.compile region)."""
+        terms, logits, s_feats = self.task.student_forward(self.student, batch)
+        out = {k: self.task_weight * terms[k] for k in self.task_names}
         if self.kd is not None:
             out["kd"] = self.kd(logits, t_logits)
         for sp in self.specs:
@@ -161,7 +169,7 @@ class Distiller(nn.Module):
                   device: torch.device) -> Dict[str, float]:
         """Set each ``alpha: auto`` so that the term starts at ``target`` x the task loss.
 
-        ``batches`` yields (images, labels, sample_offset). Measured with alpha = 1 on the first batches,
+        ``batches`` yields (batch on the device, sample_offset). Measured with alpha = 1 on the first batches,
         averaged over batches and processes (so every
         rank picks the same alpha). The chosen alphas live in the modules' extra state: checkpoints keep them.
         """
@@ -175,11 +183,11 @@ class Distiller(nn.Module):
         sums = torch.zeros(len(terms) + 1, dtype=torch.float64, device=device)
         seeds = {sp.key: self.losses[sp.key].seeds.peek() for sp in self.specs if sp.cfg.loss == "mgd"}
         count = 0
-        for images, labels, offset in batches:
-            images, labels = images.to(device), labels.to(device)
-            t_logits, t_feats = self.teacher_forward(images)
-            out = self.forward(images, labels, t_logits, t_feats, seeds, offset, 1.0, eager=True)
-            sums += torch.stack([out["ce"]] + [out[k] for k in terms]).double()
+        for batch, offset in batches:
+            t_logits, t_feats = self.teacher_forward(batch)
+            out = self.forward(batch, t_logits, t_feats, seeds, offset, 1.0, eager=True)
+            task_loss = sum(out[k] for k in self.task_names)
+            sums += torch.stack([task_loss] + [out[k] for k in terms]).double()
             count += 1
         self.train(was_training)
         means = reduce_mean(sums / count).tolist()  # host sync: once, at start-up

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -87,12 +87,14 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_teacher(cfg: ModelConfig, device: torch.device, *, gpu_fast: bool = True) -> nn.Module:
-    """Build the teacher, load its checkpoint strictly, freeze it; bf16 + channels_last on GPU."""
+def load_teacher(cfg: ModelConfig, device: torch.device, *, gpu_fast: bool = True,
+                 build: Callable[[ModelConfig, str], nn.Module] = None) -> nn.Module:
+    """Build the teacher (``build``: a task's model builder), load its checkpoint strictly, freeze it;
+    bf16 + channels_last on GPU."""
     if not cfg.checkpoint:
         raise ConfigError("teacher.checkpoint is required (a state_dict file of the teacher)")
     state = load_state_dict_file(cfg.checkpoint, "teacher")
-    teacher = build_model(cfg, "teacher")
+    teacher = (build or build_model)(cfg, "teacher")
     load_strict(teacher, state, cfg.checkpoint, "teacher")
     teacher = freeze(teacher).to(device)
     if device.type == "cuda" and gpu_fast:

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule (warmup + cosine | step | constant), stepped per optimizer step."""
+"""Optimizer and learning-rate schedule (warmup + cosine | step | constant | poly), stepped per optimizer step."""
 from __future__ import annotations
 
 import math
@@ -37,6 +37,8 @@ def lr_factor(cfg: ScheduleConfig, *, total_steps: int, steps_per_epoch: int, ba
             return cfg.gamma ** sum(step >= m for m in milestones)
         span = max(1, total_steps - warmup)
         progress = min(1.0, (step - warmup) / span)
+        if cfg.name == "poly":  # mmseg's PolyLrUpdaterHook (by iteration)
+            return floor + (1.0 - floor) * (1.0 - progress) ** cfg.power
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, to_dict
-from ..distill import Distiller, build_losses, build_model, check_pairs, load_teacher
+from ..distill import Distiller, build_losses, check_pairs
 from ..distill.models import maybe_load_student
+from ..tasks import Task, build_task
 from . import checkpoint as ckpt
-from .data import build_loaders, loader_state, restore_loader, sample_offset
+from .data import loader_state, restore_loader, sample_offset
 from .dist import DistContext, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
 from .errors import NonFiniteLossError
-from .evaluate import evaluate, model_eval_fn
 from .metrics import MetricsLogger
 from .schedules import build_optimizer, build_scheduler
 
@@ -47,10 +47,10 @@ def micro_batch(cfg: Config, world: int) -> int:
     return cfg.train.batch_size // per_step
 
 
-def build_distiller(cfg: Config, ctx: DistContext, probe: torch.Tensor) -> Distiller:
-    """Student + teacher + one loss module per pair, after checking the pairs on a real batch."""
+def build_distiller(cfg: Config, ctx: DistContext, task: Task, probe) -> Distiller:
+    """Student + teacher + one loss module per pair, after checking the pairs on a real batch (on the device)."""
     torch.manual_seed(cfg.seed)  # same student initialisation on every rank
-    student = build_model(cfg.student, "student")
+    student = task.build_model(cfg.student, "student")
     maybe_load_student(student, cfg.student)
     if cfg.train.sync_bn and ctx.world_size > 1:
         if ctx.device.type != "cuda":
@@ -60,17 +60,16 @@ def build_distiller(cfg: Config, ctx: DistContext, probe: torch.Tensor) -> Disti
     if cfg.train.channels_last and ctx.device.type == "cuda":
         student = student.to(memory_format=torch.channels_last)
     if cfg.teacher is None:
-        return Distiller(student, None, [], nn.ModuleDict(), cfg.distill, compile=cfg.train.compile)
-    teacher = load_teacher(cfg.teacher, ctx.device)
+        return Distiller(student, None, [], nn.ModuleDict(), cfg.distill, task=task, compile=cfg.train.compile)
+    teacher = task.load_teacher(cfg.teacher, ctx.device)
     was = student.training
     student.eval()  # the probe must not touch BatchNorm running statistics
-    with torch.no_grad():
-        _, s_feats = student(probe.to(ctx.device), features=True)
-        _, t_feats = teacher(probe.to(ctx.device, next(teacher.parameters()).dtype), features=True)
+    _, s_feats = task.teacher_forward(student, probe, None)
+    _, t_feats = task.teacher_forward(teacher, probe, None)
     student.train(was)
     specs = check_pairs(cfg.distill.pairs, s_feats, t_feats)
     losses = build_losses(specs, seed=cfg.seed, backend=cfg.distill.backend).to(ctx.device)
-    distiller = Distiller(student, teacher, specs, losses, cfg.distill, compile=cfg.train.compile)
+    distiller = Distiller(student, teacher, specs, losses, cfg.distill, task=task, compile=cfg.train.compile)
     if cfg.train.compile and cfg.train.compile_teacher and teacher is not None:
         object.__setattr__(distiller, "_teacher", torch.compile(teacher))
     return distiller
@@ -103,13 +102,13 @@ def _merge(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def calibration_batches(loader, cfg: Config, ctx: DistContext, micro: int):
-    """The first ``calibration_batches`` global batches, as (images, labels, sample_offset) of this rank."""
+def calibration_batches(loader, cfg: Config, ctx: DistContext, micro: int, to_device):
+    """The first ``calibration_batches`` global batches, as (batch on the device, sample_offset) of this rank."""
     n = cfg.distill.calibration_batches * cfg.train.grad_accum
-    for i, (images, labels) in enumerate(loader):
+    for i, batch in enumerate(loader):
         if i >= n:
             break
-        yield images, labels, sample_offset(i % cfg.train.grad_accum, ctx.rank, ctx.world_size, micro)
+        yield to_device(batch), sample_offset(i % cfg.train.grad_accum, ctx.rank, ctx.world_size, micro)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,13 +123,13 @@ class Trainer:
         self.gas = cfg.train.grad_accum
         self.dtype = compute_dtype(cfg, ctx.device)
         self.channels_last = cfg.train.channels_last and ctx.device.type == "cuda"
-        self.train_loader, self.val_loader = build_loaders(
-            cfg.data, micro=self.micro, grad_accum=self.gas, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed,
+        self.task = build_task(cfg)
+        self.train_loader, self.val_loader = self.task.build_loaders(
+            micro=self.micro, grad_accum=self.gas, rank=ctx.rank, world=ctx.world_size, seed=cfg.seed,
             device=ctx.device, dtype=self.dtype, channels_last=self.channels_last)
         self.steps_per_epoch = len(self.train_loader) // self.gas
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        probe, _ = next(iter(self.train_loader))
-        self.distiller = build_distiller(cfg, ctx, probe)
+        self.distiller = build_distiller(cfg, ctx, self.task, self._to_device(next(iter(self.train_loader))))
         self.resume_from = ckpt.resolve_resume(cfg.train.resume, cfg.run_dir)
         self.alphas = {} if self.resume_from else self._calibrate()
         optimizer = build_optimizer(self.distiller, cfg.optim)
@@ -147,12 +146,15 @@ class Trainer:
         self.stop_requested = False
 
     # -- start-up ------------------------------------------------------------------------------------------
+    def _to_device(self, batch):
+        return self.task.to_device(batch, self.ctx.device, self.dtype, self.channels_last)
+
     def _calibrate(self) -> Dict[str, float]:
         self.train_loader.set_epoch(0) if hasattr(self.train_loader, "set_epoch") else None
         student = self.distiller.student
         buffers = {k: v.clone() for k, v in student.state_dict().items()}  # keep BN statistics untouched
-        chosen = self.distiller.calibrate(self.cfg.distill, calibration_batches(self.train_loader, self.cfg, self.ctx,
-                                          self.micro), all_reduce_mean, self.ctx.device)
+        batches = calibration_batches(self.train_loader, self.cfg, self.ctx, self.micro, self._to_device)
+        chosen = self.distiller.calibrate(self.cfg.distill, batches, all_reduce_mean, self.ctx.device)
         student.load_state_dict(buffers)
         return chosen
 
@@ -178,7 +180,7 @@ class Trainer:
     def _eval(self, model: nn.Module) -> Dict[str, float]:
         was = model.training
         model.eval()
-        result = evaluate(model_eval_fn(model), self.val_loader, self.ctx.device, self.dtype)  # dist: counts summed
+        result = self.task.evaluate(model, self.val_loader, self.ctx.device, self.dtype)  # dist: every rank, same result
         model.train(was)
         return result
 
@@ -206,7 +208,7 @@ class Trainer:
             self.log.log(self.step, {f"alpha/{name}": value}, kind="calibration")
         if cfg.train.eval_teacher and self.distiller.teacher is not None:
             acc = self._eval(self.distiller.teacher)
-            self._message(f"teacher val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% on {acc['count']} images")
+            self._message(f"teacher val {self.task.describe(acc)}")
             self.log.log(self.step, {f"teacher/{k}": v for k, v in acc.items()}, kind="teacher")
         old_handlers = self._install_signal_handlers()
         try:
@@ -230,17 +232,16 @@ class Trainer:
             self.loader_resume = None
             if self.step_in_epoch and skip == 0 and not hasattr(self.train_loader, "load_state_dict"):
                 skip = self.step_in_epoch * self.gas
-            for i, (images, labels) in enumerate(self.train_loader):
+            for i, batch in enumerate(self.train_loader):
                 if i < skip:  # a loader that cannot seek: fast-forward to the saved position
                     continue
                 m = i % self.gas  # micro-step within the optimizer step (positions are step-aligned)
                 if m == 0:
                     seeds = distiller.next_seeds()  # host ints, outside the compiled region
-                images = images.to(ctx.device, self.dtype, non_blocking=True)
-                labels = labels.to(ctx.device, non_blocking=True)
-                t_logits, t_feats = distiller.teacher_forward(images)
-                losses = engine(images, labels, t_logits, t_feats, seeds,
-                                sample_offset(m, ctx.rank, ctx.world_size, self.micro), labels.shape[0] / self.micro)
+                batch = self._to_device(batch)
+                t_logits, t_feats = distiller.teacher_forward(batch)
+                losses = engine(batch, t_logits, t_feats, seeds, sample_offset(m, ctx.rank, ctx.world_size, self.micro),
+                                self.task.batch_size(batch) / self.micro)
                 engine.backward(losses["total"])
                 micro_losses = torch.stack([losses[k].detach().double() for k in names])
                 step_losses = micro_losses if m == 0 else step_losses + micro_losses
@@ -309,8 +310,7 @@ class Trainer:
     def _log_eval(self) -> Dict[str, float]:
         with averaged_norm_buffers(self.distiller.student):  # dist: every rank evaluates the same model
             acc = self._eval(self.distiller.student)
-        self._message(f"step {self.step} epoch {self.epoch}: val top1 {acc['top1']:.2f}% top5 {acc['top5']:.2f}% "
-                      f"({acc['count']} images)")
+        self._message(f"step {self.step} epoch {self.epoch}: val {self.task.describe(acc)}")
         self.log.log(self.step, {**{f"val/{k}": v for k, v in acc.items()}, "epoch": self.epoch}, kind="eval")
         return {f"val/{k}": v for k, v in acc.items()}
 

@@ -2,6 +2,7 @@
 from .ct import CT
 from .kd import LogitKD
 from .mgd import MGD
+from .seg_kd import ChannelWiseKD
 from .seeds import SeedStream
 
-__all__ = ["MGD", "CT", "LogitKD", "SeedStream"]
+__all__ = ["MGD", "CT", "LogitKD", "ChannelWiseKD", "SeedStream"]

@@ -23,6 +23,7 @@ BatchNorm's ``num_batches_tracked`` is dropped (the teacher's BatchNorm is froze
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -240,11 +241,10 @@ def convert_file(src: str, dst: str) -> Conversion:
     return conv
 
 
-def add_parser(sub) -> None:
-    """``fastkd convert mmdet CKPT OUT``."""
-    c = sub.add_parser("convert", help="convert a foreign checkpoint to fastkd's (torchvision's) layout")
-    kinds = c.add_subparsers(dest="kind", required=True)
-    m = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN) -> backbone + FPN state_dict")
+def add_parser(convert: argparse.ArgumentParser) -> None:
+    """``fastkd convert mmdet CKPT OUT``, beside the other kinds of the ``convert`` command's parser."""
+    kinds = next(a for a in convert._actions if isinstance(a, argparse._SubParsersAction))
+    m = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN, RetinaNet head) -> torchvision layout")
     m.add_argument("checkpoint", help="mmdetection .pth")
     m.add_argument("out", help="output state_dict (.pt)")
     m.set_defaults(func=_cmd_mmdet)

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 from torch import nn
 
-from . import cifar_resnet, convnet, mobilenet, resnet
+from . import cifar_resnet, convnet, mobilenet, resnet, segmentation
 from .adapter import FeatureAdapter
 
 _NATIVE: dict[str, Callable[..., nn.Module]] = {
@@ -31,6 +31,10 @@ _NATIVE: dict[str, Callable[..., nn.Module]] = {
     # plain ConvNets for Fashion-MNIST-sized inputs; stages stage1..stage3
     "convnet_tiny": convnet.convnet_tiny, "convnet_small": convnet.convnet_small,
     "convnet_base": convnet.convnet_base,
+    # semantic segmentation (dense logits): dilated ResNet-V1c D8 + PSP / ASPP head (+ FCN aux on layer3)
+    "pspnet_r18": segmentation.pspnet_r18, "pspnet_r50": segmentation.pspnet_r50,
+    "pspnet_r101": segmentation.pspnet_r101, "deeplabv3_r18": segmentation.deeplabv3_r18,
+    "deeplabv3_r101": segmentation.deeplabv3_r101,
 }
 
 _PREFIXES = {"tv": "torchvision", "timm": "timm"}

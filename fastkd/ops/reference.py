@@ -11,6 +11,9 @@ CT:   S' = W2 relu(W1 S + b1) + b2              (per-pixel MLP over channels)
       loss = alpha * sum((S' - T)^2) / N        (reduction 'sum_over_batch')
            = alpha * mean((S' - T)^2)           (reduction 'mean')
 KD:   loss = alpha * T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), mean over the batch
+CWD:  channel-wise KD of dense logits [N, C, H, W] (Shu et al., ICCV 2021; MGD's segmentation distiller):
+      per (n, c), p = softmax over the H*W positions of z/T;
+      loss = alpha * T^2 * sum_{n,c} KL(p_t[n,c] || p_s[n,c]) / (N * C)
 """
 from __future__ import annotations
 
@@ -82,3 +85,15 @@ def kd_loss(student_logits, teacher_logits, *, temperature=4.0, alpha=1.0,
     log_pt = F.log_softmax(zt / temperature, dim=1)
     kl = F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True)
     return (alpha * temperature * temperature) * kl.to(acc)
+
+
+def channel_kd_loss(student_logits, teacher_logits, *, temperature=4.0, alpha=3.0,
+                    upcast: bool = True) -> torch.Tensor:
+    """Channel-wise spatial-softmax KD of [N, C, H, W] logits (see the module docstring)."""
+    acc = _acc_dtype(student_logits)
+    n, c = student_logits.shape[:2]
+    zs = (student_logits.to(acc) if upcast else student_logits).flatten(2) / temperature
+    zt = teacher_logits.detach().to(zs.dtype).flatten(2) / temperature
+    log_ps, log_pt = F.log_softmax(zs, dim=2), F.log_softmax(zt, dim=2)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum()
+    return (alpha * temperature * temperature / (n * c)) * kl.to(acc)

@@ -1,0 +1,148 @@
+"""Segmentation loaders: ``SegBatch`` es of images and label maps, sharded, seeded, resumable.
+
+``for batch in loader``: ``batch.images`` uint8 [N, 3, H, W] (pinned on a CUDA run; normalised on the
+device by the task's ``to_device``), ``batch.labels`` uint8 [N, H, W] (255 = ignored).  Training: every
+sample through :class:`fastkd.data.seg_transforms.SegTrainTransform` (the crop size fixes H, W); eval:
+images and labels as stored, a batch padded at the bottom/right to its largest image (image 0, label
+255, so padding is never scored).
+
+Order, sharding, ``set_epoch``, ``len``, ``state_dict`` / ``load_state_dict`` are the classification
+loaders' (:class:`fastkd.data.base.EpochLoader`): the same seed gives the same samples, crops, flips
+and colours on every run, any worker count, and after a resume.  Decoding and augmentation run in
+PyTorch DataLoader workers; ``.beton`` files are read by random access (:class:`BetonSegSource`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .base import EpochLoader, cpu_count
+from .fallback import _KeySampler
+from .seg_transforms import IGNORE_INDEX, SegTrainTransform
+
+
+@dataclass
+class SegBatch:
+    images: torch.Tensor
+    """uint8 [N, 3, H, W] from the loader; float, normalised, on the device after ``to_device``."""
+    labels: torch.Tensor
+    """uint8 [N, H, W] from the loader (int64 after ``to_device``); 255 = ignored."""
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def pin_memory(self) -> "SegBatch":
+        return SegBatch(self.images.pin_memory(), self.labels.pin_memory())
+
+
+class _Samples(Dataset):
+    def __init__(self, source, transform: Optional[SegTrainTransform]):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        image, label = self.source[index]
+        if self.transform is not None:
+            image, label = self.transform(image, label, index, epoch)
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(label))
+
+
+def collate(samples, ignore_index: int = IGNORE_INDEX) -> SegBatch:
+    """Stack (HxWx3, HxW) pairs into a SegBatch, padding to the largest H and W (image 0, label ignore)."""
+    h = max(s[1].shape[0] for s in samples)
+    w = max(s[1].shape[1] for s in samples)
+    images = torch.zeros(len(samples), 3, h, w, dtype=torch.uint8)
+    labels = torch.full((len(samples), h, w), ignore_index, dtype=torch.uint8)
+    for i, (image, label) in enumerate(samples):
+        images[i, :, :image.shape[0], :image.shape[1]] = image.permute(2, 0, 1)
+        labels[i, :label.shape[0], :label.shape[1]] = label
+    return SegBatch(images, labels)
+
+
+class SegLoader(EpochLoader):
+    """A segmentation source through the train transform (``transform``) or as stored (None)."""
+
+    backend = "torch"
+
+    def __init__(self, source, *, transform: Optional[SegTrainTransform], batch_size: int, num_workers: int = 2,
+                 device="cpu", seed: int = 0, rank: int = 0, world_size: int = 1, drop_last: bool = True,
+                 shuffle: Optional[bool] = None, prefetch_factor: int = 2):
+        device = torch.device(device)
+        self.source, self.transform = source, transform
+        self.num_classes, self.classes = source.num_classes, tuple(source.classes)
+        self._sampler = _KeySampler()
+        workers = max(0, min(int(num_workers), cpu_count()))
+        self._loader = DataLoader(_Samples(source, transform), batch_size=batch_size, sampler=self._sampler,
+                                  num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                                  drop_last=False, persistent_workers=workers > 0,
+                                  prefetch_factor=prefetch_factor if workers > 0 else None)
+        train = transform is not None
+        super().__init__(len(source), batch_size=batch_size, shuffle=train if shuffle is None else shuffle,
+                         drop_last=drop_last, seed=seed, rank=rank, world_size=world_size, device=device,
+                         resolution=lambda epoch: 0)
+
+    def _iterate(self, order: np.ndarray, epoch: int, resolution: int):
+        self._sampler.keys = [(int(i), epoch) for i in order]
+        yield from self._loader
+
+
+def resolve_split(path: str, split: str) -> str:
+    """``path`` when it is a .beton file, else ``path/<split>.beton`` (val also finds test.beton)."""
+    if os.path.isfile(path):
+        return path
+    names = (split,) if split == "train" else (split, "val", "test")
+    for name in names:
+        candidate = os.path.join(path, f"{name}.beton")
+        if os.path.isfile(candidate):
+            return candidate
+    raise FileNotFoundError(f"no segmentation .beton for split {split!r} under {path} "
+                            "(write them with `fastkd data write cityscapes|seg-folder`)")
+
+
+def make_source(kind: str, path: str, split: str):
+    """``kind``: 'ffcv' (.beton written by fastkd), 'cityscapes' (a Cityscapes tree), 'fashion-scenes'."""
+    if kind == "ffcv":
+        from .seg_sources import BetonSegSource
+
+        return BetonSegSource(resolve_split(path, split))
+    if kind == "cityscapes":
+        from . import cityscapes
+
+        return cityscapes.source(path, split)
+    if kind == "fashion-scenes":
+        from .seg_sources import fashion_scenes
+
+        return fashion_scenes(path, split)
+    raise ValueError(f"segmentation data source {kind!r} is not one of 'ffcv', 'cityscapes', 'fashion-scenes'")
+
+
+TRANSFORM_KEYS = ("crop_size", "img_scale", "ratio_range", "cat_max_ratio", "flip_prob", "photometric")
+
+
+def build_seg_loaders(kind: str, path: str, *, val_path: Optional[str] = None, micro: int, val_batch: int = 1,
+                      rank: int = 0, world: int = 1, seed: int = 0, device="cpu", num_workers: int = 2,
+                      options: Optional[Dict[str, Any]] = None) -> Tuple[SegLoader, SegLoader]:
+    """(train, val) loaders of one rank. ``options``: the SegTrainTransform fields (crop_size, img_scale,
+    ratio_range, cat_max_ratio, flip_prob, photometric); an unknown key is an error naming it."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(TRANSFORM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown segmentation data option(s) {unknown}; known: {list(TRANSFORM_KEYS)}")
+    for key in ("crop_size", "img_scale", "ratio_range"):
+        if isinstance(options.get(key), Sequence):
+            options[key] = tuple(options[key])
+    transform = SegTrainTransform(seed=seed, **options)
+    common = dict(num_workers=num_workers, device=device, seed=seed, rank=rank, world_size=world)
+    train = SegLoader(make_source(kind, path, "train"), transform=transform, batch_size=micro, drop_last=True,
+                      **common)
+    val = SegLoader(make_source(kind, val_path or path, "val"), transform=None, batch_size=val_batch,
+                    drop_last=False, **common)
+    return train, val

@@ -1,0 +1,134 @@
+"""The semantic segmentation task: dense logits, cross-entropy with ignored pixels, mIoU.
+
+- batch: :class:`fastkd.data.seg_loader.SegBatch` (uint8 images and label maps; normalised here on the device);
+- student forward: ``model(x, features=True)`` -> stride-8 logits and the stage features; task losses
+  ``ce`` (decode head) and ``aux_ce`` (auxiliary FCN head on layer3, already weighted by ``aux_weight``,
+  0.4 in every mmseg recipe), each the cross-entropy of the logits upsampled (bilinear) to the label
+  map, summed over labelled pixels and divided by all pixels of the micro-batch (mmseg's default,
+  ``avg_non_ignore=False``);
+- teacher forward: the same call without gradients: its logits (for the logit loss) and the features asked for;
+- logit loss: channel-wise spatial-softmax KD (:class:`fastkd.losses.ChannelWiseKD`, MGD's ``use_logit``);
+- evaluation: whole images at their stored resolution, argmax of the upsampled logits, mIoU / mAcc /
+  aAcc / per-class IoU summed over every rank (:mod:`fastkd.engine.miou`).
+
+Data config (``data:``): ``source`` ffcv | cityscapes | fashion-scenes, ``path`` (a folder of
+``train.beton`` / ``val.beton``, a Cityscapes root, or a fashion-scenes root), ``val_path``, ``mean`` /
+``std`` (default ImageNet's, as mmseg's Cityscapes configs), ``num_workers``, ``image_size`` (the crop
+side unless ``kwargs.crop_size`` is given) and ``kwargs``: ``crop_size``, ``img_scale``, ``ratio_range``,
+``cat_max_ratio``, ``flip_prob``, ``photometric`` (:class:`fastkd.data.seg_transforms.SegTrainTransform`)
+and ``val_batch_size`` (default 1: whole images of any size).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError, KDConfig
+from ..data.seg_loader import SegBatch, build_seg_loaders
+from ..data.seg_transforms import IGNORE_INDEX
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
+from ..engine.miou import MIoU
+from ..losses import ChannelWiseKD
+from .base import Features, Task
+
+
+def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """CE of ``logits`` [N, K, h, w] upsampled to ``labels`` [N, H, W]: sum over labelled pixels / all pixels."""
+    up = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(up.float(), labels, ignore_index=ignore_index, reduction="sum")
+    return loss / labels.numel()
+
+
+class SegmentationTask(Task):
+    """Semantic segmentation as a fastkd task (see the module docstring)."""
+
+    name = "segmentation"
+    headline = "mIoU"
+
+    def __init__(self, cfg=None, *, aux_weight: float = 0.4, ignore_index: int = IGNORE_INDEX):
+        super().__init__(cfg)
+        self.aux_weight, self.ignore_index = float(aux_weight), int(ignore_index)
+        data = cfg.data if cfg is not None else None
+        custom = data is not None and data.mean is not None and data.std is not None
+        self.mean = tuple(data.mean) if custom else IMAGENET_MEAN
+        self.std = tuple(data.std) if custom else IMAGENET_STD
+        self._coeffs: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int, device,
+                      dtype=torch.float32, channels_last: bool = False):
+        if self.cfg is None:
+            raise ConfigError("the segmentation task needs the run's config to build its loaders")
+        data = self.cfg.data
+        options = dict(data.kwargs)
+        val_batch = int(options.pop("val_batch_size", 1))
+        options.setdefault("crop_size", (data.image_size, data.image_size))
+        if data.path is None:
+            raise ConfigError("data.path is not set (a folder of train/val .beton, a Cityscapes root or a "
+                              "fashion-scenes root)")
+        try:
+            return build_seg_loaders(data.source, data.path, val_path=data.val_path, micro=micro,
+                                     val_batch=val_batch, rank=rank, world=world, seed=seed, device=device,
+                                     num_workers=data.num_workers, options=options)
+        except ValueError as exc:  # unknown source or option, a malformed dataset: name it, no traceback
+            raise ConfigError(f"data: {exc}") from None
+
+    def to_device(self, batch: SegBatch, device, dtype=torch.float32, channels_last: bool = False) -> SegBatch:
+        device = torch.device(device)
+        if device not in self._coeffs:
+            self._coeffs[device] = normalize_coefficients(self.mean, self.std, device)
+        scale, shift = self._coeffs[device]
+        non_blocking = device.type == "cuda"
+        images = batch.images.to(device, non_blocking=non_blocking)
+        images = torch.addcmul(shift, images.float(), scale).to(dtype)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return SegBatch(images, batch.labels.to(device, non_blocking=non_blocking).long())
+
+    def batch_size(self, batch: SegBatch) -> int:
+        return int(batch.images.shape[0])
+
+    # -- forward passes -------------------------------------------------------------------------------------
+    def loss_names(self, student: nn.Module) -> List[str]:
+        return ["ce", "aux_ce"] if getattr(student, "auxiliary_head", None) is not None else ["ce"]
+
+    def student_forward(self, student: nn.Module, batch: SegBatch):
+        logits, feats = student(batch.images, features=True)
+        losses = {"ce": seg_cross_entropy(logits, batch.labels, self.ignore_index)}
+        if "auxiliary_head" in feats:
+            aux = seg_cross_entropy(feats["auxiliary_head"], batch.labels, self.ignore_index)
+            losses["aux_ce"] = self.aux_weight * aux
+        return losses, logits, feats
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: nn.Module, batch: SegBatch,
+                        layers: Optional[Sequence[str]]) -> Tuple[torch.Tensor, Features]:
+        images = batch.images.to(next(teacher.parameters()).dtype)  # a GPU teacher runs in bf16
+        logits, feats = teacher(images, features=True)
+        return logits, feats if layers is None else {name: feats[name] for name in layers}
+
+    def logit_loss(self, kd: Optional[KDConfig], backend: str = "auto") -> Optional[nn.Module]:
+        """The channel-wise spatial-softmax KD (one pure-PyTorch implementation: ``backend`` is not used)."""
+        if kd is None:
+            return None
+        return ChannelWiseKD(temperature=kd.temperature, alpha=1.0 if kd.alpha == "auto" else float(kd.alpha))
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, val_loader, device, dtype=torch.float32) -> Dict[str, float]:
+        """mIoU over the whole validation set; every rank returns the same dict."""
+        device = torch.device(device)
+        num_classes = getattr(val_loader, "num_classes", None) or model.num_classes
+        metric = MIoU(num_classes, self.ignore_index, device, getattr(val_loader, "classes", None) or None)
+        for batch in val_loader:
+            batch = self.to_device(batch, device, dtype)
+            logits = model(batch.images)
+            metric.update(logits.argmax(dim=1), batch.labels)
+        return metric.compute()
+
+    def describe(self, metrics: Dict[str, float]) -> str:
+        return (f"mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
+                f"({int(metrics['pixels'])} labelled pixels)")
