@@ -13,7 +13,8 @@ layout, e.g. torchvision's ``IMAGENET1K_V1`` file, as mmdetection's recipes star
 and ``init_neck_head: PATH``: start the FPN and the heads from that detector checkpoint (MGD's RetinaNet
 recipe initialises the student's neck and head from the teacher's). Data options
 (``data.kwargs``): ``min_size`` / ``max_size`` (resize, default 800 / 1333), ``flip_prob`` (default 0.5),
-``max_dets`` (COCO maxDets, default 100), ``results_path`` (write the COCO results JSON there).
+``val_batch_size``, ``max_dets`` (COCO maxDets, default 100), ``results_path`` (write the COCO results
+JSON there).
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class DetectionTask(Task):
 
     name = "detection"
     headline = "bbox_AP"
+    compiles_itself = True  # train.compile: the dense part only (see student_forward), not the whole forward
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
@@ -143,19 +145,17 @@ class DetectionTask(Task):
         return teacher
 
     # -- data ------------------------------------------------------------------------------------------
-    def build_loaders(self, cfg=None, *, micro: int, grad_accum: int, rank: int, world: int, seed: int,
-                      device: torch.device, dtype: torch.dtype, channels_last: bool) -> Tuple[object, object]:
-        cfg = cfg if cfg is not None else self.cfg
-        data = cfg.data
-        opts = {k: data.kwargs[k] for k in ("min_size", "max_size") if k in data.kwargs}
-        common = dict(source=data.source, seed=seed, rank=rank, world_size=world, **opts)
+    def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int,
+                      device: torch.device, dtype: torch.dtype = torch.float32,
+                      channels_last: bool = False) -> Tuple[object, object]:
+        if self.cfg is None:
+            raise ConfigError("the detection task needs the run's config to build its loaders")
+        data = self.cfg.data
         if data.path is None:
             raise ConfigError("data.path: the detection task needs a COCO .beton (fastkd data write coco)")
-        train = _detection_loader(data.path, train=True, batch_size=micro,
-                                  flip_prob=data.kwargs.get("flip_prob"), num_workers=data.num_workers, **common)
-        val = _detection_loader(data.val_path or data.path, train=False, batch_size=micro,
-                                num_workers=data.num_workers, **common)
-        return train, val
+        opts = {k: data.kwargs[k] for k in ("min_size", "max_size", "flip_prob", "val_batch_size") if k in data.kwargs}
+        return _detection_loaders(data.path, data.val_path or data.path, batch_size=micro, source=data.source,
+                                  num_workers=data.num_workers, seed=seed, rank=rank, world_size=world, **opts)
 
     def to_device(self, batch, device: torch.device, dtype: torch.dtype, channels_last: bool):
         from ..data.detection import to_device
@@ -177,7 +177,8 @@ class DetectionTask(Task):
     def student_forward(self, student: nn.Module, batch):
         """One pass: torchvision's losses + the FPN levels. With ``train.compile`` the fixed-shape part
         (backbone + FPN + RetinaNet head) runs compiled, one graph per bucket shape; anchor matching,
-        sampling and the loss reductions stay eager (so the trainer does not compile this method itself)."""
+        sampling and the loss reductions stay eager (``compiles_itself``: the Distiller does not compile
+        this method as a whole)."""
         from ..models.detection_forward import train_forward
 
         model = _unwrap(student)
@@ -200,11 +201,16 @@ class DetectionTask(Task):
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module, batch, layers: Optional[Sequence[str]] = None):
+        from ..models.detection import DetectorFeatures
         from ..models.detection_forward import fpn_features
 
         model = _unwrap(teacher)
         p = next(model.parameters())
-        feats = fpn_features(model, batch.images.to(p.dtype))
+        images = batch.images.to(p.dtype)
+        # a teacher (DetectorFeatures) is called as a module, so that its torch.compile wrapper runs;
+        # a whole detector (the trainer probes the student's levels this way) through its backbone
+        is_features = isinstance(getattr(model, "_orig_mod", model), DetectorFeatures)
+        feats = model(images) if is_features else fpn_features(model, images)
         if layers is None:
             return None, feats
         missing = [n for n in layers if n not in feats]
@@ -234,13 +240,13 @@ class DetectionTask(Task):
         return _coco_metrics(results, image_ids, loader, self.cfg)
 
 
-# -- the coupling to fastkd.data's COCO loader and evaluator, kept here in three small functions ----------
-def _detection_loader(path: str, **kwargs):
-    from ..data.detection_loader import build_detection_loader
+# -- the coupling to fastkd.data's COCO loaders and evaluator, kept here in three small functions ----------
+def _detection_loaders(train_path: str, val_path: str, **kwargs):
+    from ..data.detection_loader import build_detection_loaders
 
     try:
-        return build_detection_loader(path, **{k: v for k, v in kwargs.items() if v is not None})
-    except ValueError as exc:
+        return build_detection_loaders(train_path, val_path, **kwargs)
+    except ValueError as exc:  # a malformed .beton or option: name it, no traceback
         raise ConfigError(f"data: {exc}") from None
 
 
