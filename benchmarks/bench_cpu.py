@@ -11,7 +11,16 @@ so that load from other processes on a shared machine falls on all of them alike
 
 Shapes. Demo: Fashion-MNIST students at 28x28 input whose last stage is 7x7, batch 128, teacher
 features of 128 channels (MGD channel mask, as METHODS.md uses for classification), and a narrower
-student (64 -> 128 channels, align layer). Mid: N=32, C=64, 14x14 (MGD spatial mask).
+student (64 -> 128 channels, align layer). Mid: N=32, C=64, 14x14 (MGD spatial mask). The ImageNet
+recipes' own shapes (issue 15): ResNet-34 -> ResNet-18 [8,512,7,7] and ResNet-50 -> MobileNetV1
+[8,1024->2048,7,7] (channel mask), and a detection FPN level [2,256,64,64] (spatial mask); fewer
+rounds there (seconds per call).
+
+The 'auto' row is ``backend="auto"`` as a user gets it: the measured choice (fastkd/ops/_auto.py),
+made during its warm-up by a trial in this run (a fresh temporary cache directory, so no decision from
+an earlier run is reused); the 'auto chose' column names the backend and the trial's own timings. It
+must be within 5 % of the fastest backend auto can choose from (csrc, eager = the reference) at every
+shape: column 'auto ok'.
 
 torch.compile(reference.mgd_loss) does not finish compiling on torch 2.13 CPU (inductor's lowering
 recurses through the 10 inlined Philox rounds of the mask, > 7 min at N=4, C=8 without an end in
@@ -27,6 +36,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -35,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import environment, peak_memory_bytes, write_results  # noqa: E402
-from fastkd.ops import ct_loss, mgd_loss, reference  # noqa: E402
+from fastkd.ops import _auto, ct_loss, explain, mgd_loss, reference  # noqa: E402
 from fastkd.ops.mask import mgd_keep_mask  # noqa: E402
 from fastkd.testing import assert_close_scaled  # noqa: E402
 
@@ -50,6 +60,7 @@ class Case:
     h: int
     w: int
     mask: str = "channel"
+    rounds: int = 0  # 0: --rounds; else at most this many (slow shapes)
 
     def flops_fwd(self) -> float:
         m = self.n * self.h * self.w
@@ -63,6 +74,9 @@ CASES = [
     Case("mgd", "demo 7x7 N128 C128", 128, 128, 128, 7, 7, "channel"),
     Case("mgd", "demo 7x7 N128 C64->128 (align)", 128, 64, 128, 7, 7, "channel"),
     Case("mgd", "mid 14x14 N32 C64", 32, 64, 64, 14, 14, "spatial"),
+    Case("mgd", "cls R34->R18 7x7 N8 C512", 8, 512, 512, 7, 7, "channel", rounds=7),
+    Case("mgd", "cls R50->MBv1 7x7 N8 C1024->2048 (align)", 8, 1024, 2048, 7, 7, "channel", rounds=5),
+    Case("mgd", "det FPN 64x64 N2 C256", 2, 256, 256, 64, 64, "spatial", rounds=5),
     Case("ct", "demo 7x7 N128 C128", 128, 128, 128, 7, 7),
     Case("ct", "demo 7x7 N128 C256", 128, 256, 256, 7, 7),
     Case("ct", "mid 14x14 N32 C64", 32, 64, 64, 14, 14),
@@ -127,6 +141,7 @@ def implementations(case: Case, student, teacher, params):
             "csrc (direct conv)": csrc_direct,
             "eager": lambda: mgd_loss(student, teacher, *p, backend="reference", **kw),
             "compile": compiled_mgd,
+            "auto": lambda: mgd_loss(student, teacher, *p, backend="auto", **kw),
         }
     p = [params[k] for k in ("w1", "b1", "w2", "b2")]
     compiled = torch.compile(reference.ct_loss, dynamic=False)
@@ -134,7 +149,20 @@ def implementations(case: Case, student, teacher, params):
         "csrc": lambda: ct_loss(student, teacher, *p, alpha=1e-3, backend="csrc"),
         "eager": lambda: ct_loss(student, teacher, *p, alpha=1e-3, backend="reference"),
         "compile": lambda: compiled(student, teacher, *p, alpha=1e-3),
+        "auto": lambda: ct_loss(student, teacher, *p, alpha=1e-3, backend="auto"),
     }
+
+
+def auto_choice(case: Case, student, teacher, params) -> str:
+    """What ``auto`` chose for this case and the trial's timings, from ``explain``."""
+    op = "mgd_loss" if case.op == "mgd" else "ct_loss"
+    inputs = dict(student=student, teacher=teacher, w1=params.get("w1"), w2=params.get("w2"))
+    if case.op == "mgd":
+        inputs = dict(student=student, teacher=teacher, gen_w1=params["gen_w1"], align_w=params.get("align_w"),
+                      mask=case.mask)
+    report = explain(op, "cpu", **inputs)
+    trial = ", ".join(f"{k} {v:.1f}" for k, v in report.ms.items())
+    return f"{report.choice} ({report.how}{': ' + trial + ' ms' if trial else ''})"
 
 
 def stats(times):
@@ -143,13 +171,16 @@ def stats(times):
     return statistics.median(times), q(0.2), q(0.8)
 
 
-def run_case(case: Case, rounds: int):
+def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3):
+    rounds = min(rounds, case.rounds) if case.rounds else rounds
     student, teacher, params = make_inputs(case)
     wrt = [student] + [t for t in params.values() if t is not None]
     impls = implementations(case, student, teacher, params)
+    if only_impls:  # csrc, eager and auto always (the columns compare against them)
+        impls = {k: v for k, v in impls.items() if k in set(only_impls) | {"csrc", "eager", "auto"}}
     for name, fn in impls.items():  # warm up (compiles the torch.compile variants: forward and backward)
         t0 = time.perf_counter()
-        for _ in range(3):
+        for _ in range(warmup if name != "compile" else max(warmup, 2)):
             torch.autograd.grad(fn(), wrt)
         print(f"# {case.op} {case.name}: {name} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
     times = {k: {"fwd": [], "bwd": [], "full": []} for k in impls}
@@ -166,7 +197,23 @@ def run_case(case: Case, rounds: int):
             times[name]["bwd"].append((t2 - t1) * 1e3)
             times[name]["full"].append((t3 - t2) * 1e3)
     peaks = {k: peak_memory_bytes(lambda: torch.autograd.grad(fn(), wrt), "cpu") for k, fn in impls.items()}
-    return {k: {part: stats(v) for part, v in t.items()} for k, t in times.items()}, peaks
+    chose = auto_choice(case, student, teacher, params)
+    return {k: {part: stats(v) for part, v in t.items()} for k, t in times.items()}, peaks, chose
+
+
+def profile_case(case: Case, impl: str) -> None:
+    """Where the time of one implementation goes: torch.profiler over two forward+backward calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    student, teacher, params = make_inputs(case)
+    wrt = [student] + [t for t in params.values() if t is not None]
+    fn = implementations(case, student, teacher, params)[impl]
+    torch.autograd.grad(fn(), wrt)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            torch.autograd.grad(fn(), wrt)
+    print(f"## {case.op} {case.name}: {impl}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
 def fmt(s):
@@ -177,33 +224,55 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--only", default=None, help="run cases whose op/name contains this string")
+    ap.add_argument("--only", default=None, help="run cases whose op/name contains one of these comma-separated "
+                    "strings")
     ap.add_argument("--out", default=None, help="append the table to this markdown file")
+    ap.add_argument("--impls", default=None, help="comma-separated implementations to run besides csrc, eager, "
+                    "auto (default: all; e.g. 'compile' or 'none')")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation first")
+    ap.add_argument("--profile", default=None, metavar="IMPL", help="print torch.profiler's table of two "
+                    "forward+backward calls of IMPL (e.g. csrc) for each selected case, then exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        for case in CASES:
+            if not args.only or any(part in f"{case.op} {case.name}" for part in args.only.split(",")):
+                profile_case(case, args.profile)
+        return
+    # auto measures in this run (fresh cache directory), whatever the caller's environment says
+    os.environ["FASTKD_AUTO_TRIAL"] = "1"
+    cache = tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-")  # removed at exit
+    os.environ["FASTKD_CACHE_DIR"] = cache.name
     columns = ["op", "case", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "x eager", "x compile",
-               "GFLOP/s", "peak MiB", "peak vs eager", "target met"]
+               "GFLOP/s", "peak MiB", "peak vs eager", "target met", "auto chose", "auto ok"]
     rows = []
     load_before = os.getloadavg()
     for case in CASES:
-        if args.only and args.only not in f"{case.op} {case.name}":
+        if args.only and not any(part in f"{case.op} {case.name}" for part in args.only.split(",")):
             continue
-        res, peaks = run_case(case, args.rounds)
+        res, peaks, chose = run_case(case, args.rounds, args.impls.split(",") if args.impls else None, args.warmup)
         full = {k: v["full"][0] for k, v in res.items()}
         for impl, r in res.items():
-            x_eager, x_comp = full["eager"] / full[impl], full["compile"] / full[impl]
+            x_eager = full["eager"] / full[impl]
+            x_comp = full["compile"] / full[impl] if "compile" in full else float("nan")
             peak_ratio = peaks[impl] / peaks["eager"] if peaks[impl] and peaks["eager"] else float("nan")
             met = "-"
-            if impl == "csrc":
+            if impl == "csrc" and "compile" in full:
                 ok = x_eager >= 1.3 and x_comp >= 1.0 and peak_ratio < 1.0
                 met = "yes" if ok else "NO"
+            auto_ok = "-"
+            if impl == "auto":  # within 5 % of the fastest backend auto chooses from
+                auto_ok = "yes" if full["auto"] <= 1.05 * min(full["csrc"], full["eager"]) else "NO"
             rows.append([case.op, case.name, impl, fmt(r["fwd"]), fmt(r["bwd"]), fmt(r["full"]),
                          f"{x_eager:.2f}", f"{x_comp:.2f}", f"{3 * case.flops_fwd() / full[impl] / 1e6:.0f}",
-                         f"{(peaks[impl] or 0) / 2**20:.1f}", f"{peak_ratio:.2f}", met])
+                         f"{(peaks[impl] or 0) / 2**20:.1f}", f"{peak_ratio:.2f}", met,
+                         chose if impl == "auto" else "-", auto_ok])
             print(" | ".join(str(v) for v in rows[-1]), flush=True)
     load_after = os.getloadavg()
     env = environment("cpu")
+    model, vector = _auto._cpu_model()
+    env["device"] = f"CPU {model} [{' '.join(vector)}] x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
     env["load avg (1 min) before/after"] = f"{load_before[0]:.1f}/{load_after[0]:.1f}"
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -215,7 +284,9 @@ def main():
              "convolutions (an effective rate: csrc's MGD runs its 3x3 convolutions by Winograd F(4x4,3x3), "
              "~1/3 of those FLOPs; 'csrc (direct conv)' is the same kernels with oneDNN's direct convolutions, "
              "FASTKD_CSRC_MGD_ALGO=direct); target (csrc row): >= 1.3x eager, >= 1.0x compile, less peak "
-             "memory than eager.")
+             "memory than eager; auto ok (auto row): its fwd+bwd median within 5 % of the faster of csrc and eager "
+             "(the backends it chooses from), the choice made by its own trial in this run ('auto chose': the "
+             "backend, and the trial's best ms of one forward+backward).")
     if args.out:
         cmd = "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:])
         write_results(args.out, "CPU: csrc vs reference eager vs torch.compile(reference), float32", columns,

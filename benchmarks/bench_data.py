@@ -12,6 +12,16 @@ batches (the default 1024 images): with a handful of batches per epoch the fill,
 throughput, dominates the figure (an ImageNet epoch is 20,000 batches).
 
   python benchmarks/bench_data.py --images 1024 --workers 2 --epochs 3 --out benchmarks/results/data_cpu.md
+
+With --detection: the detection pipeline instead (fastkd.data.detection_loader), on fashion-scenes
+(--images scenes of 5 canvas sizes, 160x320 .. 320x240, JPEG q90, 1-8 garments with boxes) written
+with `fastkd data write coco` to one .beton that both loaders read: decode, aspect-keeping resize
+(--min-size / --max-size), seeded flip of image and boxes, pad to the batch's bucket, batches grouped
+by orientation, uint8 batches with their targets (normalisation is ``to_device``'s, on the GPU in
+training, the same for both, and not timed).  FFCV decodes + resizes + pads in its
+JIT-compiled pass; the DataLoader does the same with OpenCV in its worker processes.
+
+  python benchmarks/bench_data.py --detection --images 512 --batch-size 16 --epochs 3 --out benchmarks/results/data_cpu.md
 """
 from __future__ import annotations
 
@@ -61,6 +71,54 @@ def run_epochs(loader, epochs: int) -> tuple:
     return rates, firsts
 
 
+def run_detection_epochs(loader, epochs: int) -> tuple:
+    """Like run_epochs for detection batches (uint8, as the loaders hand them to ``to_device``)."""
+    rates, firsts = [], []
+    for epoch in range(epochs + 1):
+        loader.set_epoch(epoch)
+        n, t0, first = 0, time.perf_counter(), None
+        for batch in loader:
+            if first is None:
+                first = time.perf_counter() - t0
+            n += len(batch)
+        if epoch:
+            rates.append(n / (time.perf_counter() - t0))
+            firsts.append(1e3 * first)
+    return rates, firsts
+
+
+def detection(args, work: str) -> tuple:
+    """FFCV vs DataLoader on one COCO .beton of fashion-scenes; returns (results, data line)."""
+    from fastkd.data.coco import write_coco_beton
+    from fastkd.data.detection_loader import build_detection_loader
+    from fastkd.data.scenes import ScenesConfig, write_fashion_scenes
+
+    scenes = os.path.join(work, f"scenes-{args.images}")
+    if not os.path.isdir(scenes):
+        write_fashion_scenes(scenes, ScenesConfig(train=args.images, val=0))
+    beton = os.path.join(work, f"scenes-{args.images}.beton")
+    if not os.path.exists(beton):
+        write_coco_beton(os.path.join(scenes, "train"), os.path.join(scenes, "annotations", "instances_train.json"),
+                         beton)
+    files = [os.path.join(scenes, "train", f) for f in os.listdir(os.path.join(scenes, "train"))]
+    jpeg_kb = np.mean([os.path.getsize(f) for f in files]) / 1024
+    results = {}
+    for name, source in (("ffcv (detection, jpg .beton)", "ffcv"), ("torch DataLoader (detection, same .beton)", "torch")):
+        loader = build_detection_loader(beton, source=source, train=True, batch_size=args.batch_size,
+                                        num_workers=args.workers, min_size=args.min_size, max_size=args.max_size, seed=0)
+        rates, firsts = run_detection_epochs(loader, args.epochs)
+        results[name] = (statistics.median(rates), min(rates), max(rates), statistics.median(firsts))
+        print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f}), "
+              f"first batch after {results[name][3]:.0f} ms")
+        del loader
+    line = (f"- data: {args.images} fashion-scenes JPEGs (160x320 to 320x240, mean {jpeg_kb:.0f} KB, q90) with "
+            f"1-8 boxes each, one COCO .beton; output: resize to shorter side {args.min_size} / longer at most "
+            f"{args.max_size}, seeded flip of image and boxes, padded to the orientation bucket, uint8 "
+            f"(to_device's normalisation not timed), batch {args.batch_size}, {args.workers} workers each, median of {args.epochs} epochs "
+            f"after 1 warm-up")
+    return results, line
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
@@ -72,14 +130,18 @@ def main() -> None:
     p.add_argument("--ffcv-modes", default="raw,jpg", help="write modes of the .beton files to compare")
     p.add_argument("--dir", default=None, help="working directory (default: a temporary one)")
     p.add_argument("--out", default=None, help="append the result table to this markdown file")
+    p.add_argument("--detection", action="store_true", help="benchmark the detection loaders instead")
+    p.add_argument("--min-size", type=int, default=320, help="detection: shorter side after resizing")
+    p.add_argument("--max-size", type=int, default=512, help="detection: longer side at most")
     args = p.parse_args()
 
-    import torch
-
     from fastkd.data import build_loader, write_imagefolder_beton
-    from fastkd.data.base import cpu_count
 
     work = args.dir or tempfile.mkdtemp(prefix="fastkd-bench-data-")
+    if args.detection:
+        results, data_line = detection(args, work)
+        report(args, results, data_line)
+        return
     folder = os.path.join(work, "train")
     if not os.path.isdir(folder):
         make_folder(folder, args.images)
@@ -101,21 +163,31 @@ def main() -> None:
         print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f}), "
               f"first batch after {results[name][3]:.0f} ms")
         del loader
-    base = results[runs[-1][0]][0]
-    for name, _, _ in runs[:-1]:
-        print(f"{name} / torch: {results[name][0] / base:.2f}x")
+    data_line = (f"- data: {args.images} synthetic JPEGs, 300-400 x 400 px, mean {jpeg_kb:.0f} KB (q90); "
+                 f"output {args.size}x{args.size} RandomResizedCrop(0.08-1) + flip + normalise, float32"
+                 f"{' channels_last' if args.channels_last else ''}, batch {args.batch_size}, {args.workers} workers "
+                 f"each, median of {args.epochs} epochs after 1 warm-up")
+    report(args, results, data_line)
 
+
+def report(args, results: dict, data_line: str) -> None:
+    """Print the ratios to the DataLoader (the last entry); append the table to --out."""
+    import torch
+
+    from fastkd.data.base import cpu_count
+
+    names = list(results)
+    base = results[names[-1]][0]
+    for name in names[:-1]:
+        print(f"{name} / torch: {results[name][0] / base:.2f}x")
     if args.out:
         cmd = "python benchmarks/bench_data.py " + " ".join(sys.argv[1:])
         load = os.getloadavg()
-        rows = [f"## {datetime.date.today().isoformat()} - {platform.processor() or platform.machine()}, "
-                f"{cpu_count()} CPU cores, no GPU", "",
+        rows = [f"## {datetime.date.today().isoformat()} - {_cpu_model()}, {cpu_count()} CPU cores, no GPU", "",
                 f"- versions: Python {platform.python_version()}, torch {torch.__version__}, ffcv {importlib.metadata.version('ffcv')}, "
                 f"numpy {np.__version__}",
                 f"- command: `{cmd}`",
-                f"- data: {args.images} synthetic JPEGs, 300-400 x 400 px, mean {jpeg_kb:.0f} KB (q90); "
-                f"output {args.size}x{args.size} RandomResizedCrop(0.08-1) + flip + normalise, float32{' channels_last' if args.channels_last else ''}, "
-                f"batch {args.batch_size}, {args.workers} workers each, median of {args.epochs} epochs after 1 warm-up",
+                data_line,
                 f"- load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
                 + ("(other jobs were running: absolute numbers are noisy, compare the ratios)"
                    if load[0] > 1.5 else f"(about idle for {cpu_count()} cores)"), "",
@@ -126,6 +198,17 @@ def main() -> None:
         rows += ["", ""]
         with open(args.out, "a") as f:
             f.write("\n".join(rows))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import torch
 # any module that defines @triton.jit kernels is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# ``backend="auto"`` takes the static order in tests (no timing trials, no cache file in the user's
+# home); tests/test_dispatch_auto.py switches the measurement on with a temporary cache directory.
+os.environ.setdefault("FASTKD_AUTO_TRIAL", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -42,8 +42,14 @@ ignored, an unknown override is an error.
 
 Writing: ``write_beton(source, out, ...)``, ``write_imagefolder_beton(root, out, ...)``,
 ``fashion_mnist.write_fashion_mnist_beton(out_dir, ...)`` -> train.beton / test.beton;
-``fashion_mnist.locate(cache_dir=None)``.  CLI: ``fastkd.data.cli.add_parser(subparsers)`` adds
-``data write imagefolder|fashion-mnist`` and ``data inspect``; it sets ``func`` to the handler.
+``fashion_mnist.locate(cache_dir=None)``.
+
+Detection (COCO): ``scenes.write_fashion_scenes`` (Fashion-MNIST garments on canvases -> COCO JSON +
+JPEG, label PNGs), ``coco.write_coco_beton`` (COCO -> .beton + category map), ``detection``
+(``DetectionBatch``, resize / bucket / flip geometry, ``to_device``), ``detection_loader``
+(``build_detection_loader(s)``: FFCV and DataLoader over the same .beton); evaluation in
+``fastkd.tasks.coco_eval``.  Imported on use only.  CLI: ``fastkd.data.cli.add_parser(subparsers)`` adds
+``data write imagefolder|fashion-mnist|fashion-scenes|coco`` and ``data inspect``; it sets ``func`` to the handler.
 """
 from .build import build_loader, build_loaders, ffcv_available
 from .fashion_mnist import locate as locate_fashion_mnist

@@ -11,6 +11,14 @@ The engine's CLI mounts it with ``fastkd.data.cli.add_parser(subparsers)``; the 
   fastkd data write fashion-mnist OUT_DIR [--source-dir DIR] [--cache-dir DIR] [--force]
   fastkd data write cityscapes ROOT OUT_DIR [--image-format png|jpg] [--splits train val] [--force]
       leftImg8bit + gtFine labelIds -> OUT_DIR/<split>.beton (19 train ids, 255 ignored)
+  fastkd data write fashion-scenes OUT_DIR [--train 512] [--val 128] [--seed 0] [--max-garments 8]
+                    [--masks] [--jpeg-quality 90] [--source-dir DIR] [--force]
+      COCO-style detection scenes of Fashion-MNIST garments: OUT_DIR/{train,val}/*.jpg,
+      OUT_DIR/annotations/instances_{train,val}.json (and masks/{train,val}/*.png with --masks).
+  fastkd data write coco --images DIR --annotations instances_x.json OUT.beton [--jpeg-quality 90]
+                    [--max-side N] [--max-boxes K] [--num-workers N] [--force]
+      COCO detection -> .beton + OUT.beton.json (category map).  Bad input: exit status 2 and one
+      message naming the file and the entry; clipped / skipped boxes are counted and listed.
   fastkd data inspect FILE.beton
 """
 from __future__ import annotations
@@ -67,6 +75,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     cs.add_argument("--jpeg-quality", type=int, default=95)
     _common(cs)
     cs.set_defaults(func=_write_cityscapes)
+    scenes = kinds.add_parser("fashion-scenes", help="detection scenes of Fashion-MNIST garments (COCO JSON + JPEG)")
+    scenes.add_argument("out", help="output directory")
+    scenes.add_argument("--train", type=int, default=512, help="training scenes (default 512)")
+    scenes.add_argument("--val", type=int, default=128, help="validation scenes (default 128)")
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--max-garments", type=int, default=8, help="garments per scene: 1..this")
+    scenes.add_argument("--jpeg-quality", type=int, default=90)
+    scenes.add_argument("--masks", action="store_true", help="also write per-pixel label PNGs (class 1..10, 0 = background)")
+    scenes.add_argument("--source-dir", default=None, help="Fashion-MNIST IDX directory (default: located)")
+    scenes.add_argument("--force", action="store_true", help="replace an existing output directory")
+    scenes.set_defaults(func=_write_fashion_scenes)
+
+    coco = kinds.add_parser("coco", help="COCO images + instances JSON -> .beton (detection)")
+    coco.add_argument("--images", required=True, help="directory the JSON's file_name entries are relative to")
+    coco.add_argument("--annotations", required=True, help="instances_*.json")
+    coco.add_argument("out", help="FILE.beton (the category map goes to FILE.beton.json)")
+    coco.add_argument("--jpeg-quality", type=int, default=90)
+    coco.add_argument("--max-side", type=int, default=None, help="shrink images whose longest side exceeds this")
+    coco.add_argument("--max-boxes", type=int, default=None, help="boxes per image (default: the most in the file)")
+    _common(coco)
+    coco.set_defaults(func=_write_coco)
 
     inspect = sub.add_parser("inspect", help="print what a .beton holds")
     inspect.add_argument("file")
@@ -146,6 +175,47 @@ def _write_cityscapes(args) -> int:
     return 0
 
 
+def _user_error(e: Exception) -> int:
+    print(f"fastkd data: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _write_fashion_scenes(args) -> int:
+    from .scenes import ScenesConfig, write_fashion_scenes
+
+    try:
+        cfg = ScenesConfig(train=args.train, val=args.val, seed=args.seed, max_garments=args.max_garments,
+                           jpeg_quality=args.jpeg_quality, masks=args.masks)
+        paths = write_fashion_scenes(args.out, cfg, source_dir=args.source_dir, force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        return _user_error(e)
+    for split, path in paths.items():
+        print(f"wrote {split}: {path}")
+    return 0
+
+
+def _write_coco(args) -> int:
+    from .coco import write_coco_beton
+
+    if not args.out.endswith(".beton"):
+        return _user_error(ValueError(f"OUT must be a FILE.beton, got {args.out!r}"))
+    try:
+        r = write_coco_beton(args.images, args.annotations, args.out, jpeg_quality=args.jpeg_quality,
+                             max_side=args.max_side, max_boxes=args.max_boxes, num_workers=args.num_workers,
+                             force=args.force)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        return _user_error(e)
+    print(f"wrote {r.path}: {r.num_images} images ({r.empty_images} without boxes), {r.num_boxes} boxes, "
+          f"{r.seconds:.1f} s; category map in {r.path}.json")
+    if r.clipped:
+        print(f"clipped {len(r.clipped)} box(es) to their image (annotation ids {r.clipped[:10]}"
+              f"{' ...' if len(r.clipped) > 10 else ''})", file=sys.stderr)
+    if r.skipped:
+        print(f"skipped {len(r.skipped)} empty box(es) (annotation id, why: {r.skipped[:10]}"
+              f"{' ...' if len(r.skipped) > 10 else ''})", file=sys.stderr)
+    return 0
+
+
 def _inspect(args) -> int:
     from ffcv.reader import Reader
 
@@ -161,6 +231,13 @@ def _inspect(args) -> int:
         print(f"  segmentation: {meta.get('num_classes')} classes, ignore {meta.get('ignore_index')}, images "
               f"{meta.get('image_format')}, {shape}")
         return 0
+
+    if meta.get("kind") == "coco-detection":
+        print(f"  COCO detection from {meta['annotations']}: {meta['num_boxes']} boxes (at most "
+              f"{meta['max_boxes']} per image), {meta['empty_images']} image(s) without boxes, "
+              f"{len(meta['categories'])} categories (label: COCO id) "
+              + ", ".join(f"{c['label']}: {c['id']}" for c in meta["categories"][:12])
+              + (" ..." if len(meta["categories"]) > 12 else ""))
     if "image" in names:
         img = reader.metadata[names["image"]]
         modes = Counter(int(m) for m in img["mode"])
@@ -169,7 +246,7 @@ def _inspect(args) -> int:
     if "label" in names:
         counts = Counter(int(v) for v in reader.metadata[names["label"]])
         print(f"  label: {len(counts)} classes, per class min {min(counts.values())} max {max(counts.values())}")
-    if meta:
+    if meta and "write_mode" in meta:
         print(f"  written with write_mode={meta.get('write_mode')} max_resolution={meta.get('max_resolution')}"
               f", {len(meta.get('skipped', []))} file(s) skipped")
     return 0

@@ -35,11 +35,16 @@ def mgd_loss(student: torch.Tensor, teacher: torch.Tensor, gen_w1: torch.Tensor,
     """
     checks.check_mgd(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask, ratio,
                      alpha, seed, sample_offset)
+    args = dict(student=student, teacher=teacher, gen_w1=gen_w1, gen_b1=gen_b1, gen_w2=gen_w2, gen_b2=gen_b2,
+                align_w=align_w, align_b=align_b, mask=mask, ratio=float(ratio), alpha=float(alpha), seed=seed,
+                sample_offset=sample_offset)
     impl = dispatch.select("mgd_loss", backend, student.device, dict(
-        student=student, teacher=teacher, gen_w1=gen_w1, align_w=align_w, mask=mask))
-    return impl.mgd_loss(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w=align_w, align_b=align_b,
-                         mask=mask, ratio=float(ratio), alpha=float(alpha), seed=seed,
-                         sample_offset=sample_offset)
+        student=student, teacher=teacher, gen_w1=gen_w1, align_w=align_w, mask=mask), _run_mgd, args)
+    return _run_mgd(impl, **args)
+
+
+def _run_mgd(impl, student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, **kw) -> torch.Tensor:
+    return impl.mgd_loss(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, **kw)
 
 
 def ct_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
@@ -51,9 +56,15 @@ def ct_loss(student: torch.Tensor, teacher: torch.Tensor, w1: torch.Tensor, b1: 
     w2 [Ct, Ch] (or [Ct, Ch, 1, 1]), b2 [Ct]. ``reduction="mean"`` divides by N*Ct*H*W instead of N.
     """
     checks.check_ct(student, teacher, w1, b1, w2, b2, alpha, reduction)
+    args = dict(student=student, teacher=teacher, w1=w1, b1=b1, w2=w2, b2=b2, alpha=float(alpha),
+                reduction=reduction)
     impl = dispatch.select("ct_loss", backend, student.device, dict(
-        student=student, teacher=teacher, w1=w1, w2=w2))
-    return impl.ct_loss(student, teacher, w1, b1, w2, b2, alpha=float(alpha), reduction=reduction)
+        student=student, teacher=teacher, w1=w1, w2=w2), _run_ct, args)
+    return _run_ct(impl, **args)
+
+
+def _run_ct(impl, student, teacher, w1, b1, w2, b2, **kw) -> torch.Tensor:
+    return impl.ct_loss(student, teacher, w1, b1, w2, b2, **kw)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float = 4.0,

@@ -6,15 +6,20 @@ A backend is an object with
     refuse(op, **inputs) -> str | None    why it cannot run these inputs (device, dtype, shape, ...)
     mgd_loss / ct_loss / kd_loss(...)     the ops it implements (same signature as fastkd.ops)
 Backends are imported lazily, so a missing optional dependency never breaks ``import fastkd``.
-``auto`` tries the device's preference list in order and takes the first that accepts the inputs;
-``explain`` reports why every other backend was refused.
+``auto`` considers the backends of the device's preference list that accept the inputs; when more than
+one does, it runs the one measured fastest on this machine for the inputs' shape bucket (a short trial
+at first use, cached in memory and on disk, the same on every rank: ``fastkd.ops._auto``), else the
+first of the list (the static order, also what FASTKD_AUTO_TRIAL=0 and torch.compile traces without a
+decision use). ``explain`` reports why every other backend was refused, and the choice with its timings.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from . import _auto
 
 # name -> "module:attribute" of the backend object. Other backends add themselves here.
 _REGISTRY: Dict[str, str] = {
@@ -22,10 +27,11 @@ _REGISTRY: Dict[str, str] = {
     "triton": "fastkd.ops._triton_backend:BACKEND",
     "csrc": "fastkd.ops._csrc_backend:BACKEND",
 }
-# Preference order of ``auto`` per device type (first acceptable wins; "reference" always accepts),
-# with per-op exceptions keyed "device:op" (none at present). Chosen by measurement
-# (benchmarks/results/cpu.md, 2-core runs): on the CPU the csrc MGD (Winograd) is 1.6-2.0x the eager
-# reference and the csrc CT 1.3-1.7x at every benchmarked shape.
+# Static preference order of ``auto`` per device type ("reference" always accepts), with per-op
+# exceptions keyed "device:op" (none at present). The candidates of the measured ``auto`` and, without
+# a measurement, the order itself (first acceptable wins). From benchmarks/results/cpu.md (2-core
+# runs): on the CPU csrc is the faster at the demo's shapes; at 7x7 maps with 512+ channels the eager
+# reference can be faster (issue 15), which the measurement finds per machine.
 AUTO_ORDER: Dict[str, List[str]] = {
     "cuda": ["triton", "reference"],
     "cpu": ["csrc", "reference"],
@@ -73,9 +79,11 @@ def preload(op: Optional[str] = None) -> None:
     """Import every registered backend (and the kernel module of ``op``) now, eagerly.
 
     torch.compile cannot trace ``importlib``: the loss modules call this at construction so that the
-    first call of an op inside a compiled region finds everything already imported. Import failures
-    are recorded (and reported by ``explain``), never raised.
+    first call of an op inside a compiled region finds everything already imported (and ``auto``'s
+    decisions cached on disk already read). Import failures are recorded (and reported by ``explain``),
+    never raised.
     """
+    _auto.preload(("cuda", "cpu") if torch.cuda.is_available() else ("cpu",))
     for name in _REGISTRY:
         backend = _load(name)
         if backend is None:
@@ -101,28 +109,80 @@ def refusal(name: str, op: str, inputs: dict) -> Optional[str]:
     return backend.refuse(op, **inputs)
 
 
-def explain(op: str, device: torch.device | str, **inputs) -> List[Tuple[str, Optional[str]]]:
-    """[(backend, reason or None)] in ``auto`` order for this device, then the remaining backends."""
+class Explanation(list):
+    """``explain``'s answer: [(backend, reason refused or None)], plus what ``auto`` runs and why.
+
+    choice   the backend ``auto`` runs for these inputs now (None if none accepts)
+    how      "static order ...", "only one accepts", "measured", "disk cache", or "rank N" (agreed
+             across ranks: that rank's measurement)
+    ms       {backend: best ms of one call in the trial} behind a measured choice ({} otherwise)
+    """
+
+    def __init__(self, rows, choice: Optional[str], how: str, ms: Dict[str, float]):
+        super().__init__(rows)
+        self.choice, self.how, self.ms = choice, how, dict(ms)
+
+    def __str__(self) -> str:
+        lines = [f"auto -> {self.choice} ({self.how})"]
+        for name, why in self:
+            timing = f"{self.ms[name]:.3f} ms" if name in self.ms else "-"
+            lines.append(f"  {name:<10} {'accepts' if why is None else 'refused: ' + why}  [{timing}]")
+        return "\n".join(lines)
+
+
+def _auto_how(op: str, dev_type: str, inputs: dict, accepted: List[str]) -> Tuple[Optional[str], str, dict]:
+    if not accepted:
+        return None, "no backend accepts", {}
+    if len(accepted) == 1:
+        return accepted[0], "only one accepts", {}
+    if not _auto.enabled():
+        return accepted[0], "static order (FASTKD_AUTO_TRIAL=0)", {}
+    d = _auto.status(op, dev_type, inputs)
+    if d is not None and d.source == "pending":
+        return accepted[0], "static order: measured here, agreed across ranks at this op's next 2^k-th call", d.ms
+    if d is None or d.choice not in accepted:
+        return accepted[0], "static order: not measured yet (measured at the first auto call)", {}
+    return d.choice, d.source, d.ms
+
+
+def explain(op: str, device: torch.device | str, **inputs) -> Explanation:
+    """[(backend, reason or None)] in ``auto`` order for this device, then the remaining backends;
+    ``.choice``, ``.how`` and ``.ms`` say what ``auto`` runs for these inputs and the timings behind it
+    (``print(explain(...))`` shows it all)."""
     dev_type = torch.device(device).type
-    order = [b for b in auto_order(op, dev_type) if b in _REGISTRY]
-    order += [b for b in _REGISTRY if b not in order]
-    return [(b, refusal(b, op, inputs)) for b in order]
+    candidates = [b for b in auto_order(op, dev_type) if b in _REGISTRY]
+    order = candidates + [b for b in _REGISTRY if b not in candidates]
+    rows = [(b, refusal(b, op, inputs)) for b in order]
+    accepted = [b for b, why in rows if why is None and b in candidates]
+    return Explanation(rows, *_auto_how(op, dev_type, inputs, accepted))
 
 
-def select(op: str, backend: str, device: torch.device | str, inputs: dict):
-    """The backend object to run ``op``: the named one, or the first acceptable one for ``auto``."""
+def select(op: str, backend: str, device: torch.device | str, inputs: dict,
+           run: Optional[Callable] = None, args: Optional[dict] = None):
+    """The backend object to run ``op``: the named one, or for ``auto`` the accepting backend measured
+    fastest (when ``run(backend, **args)`` can run the op for a trial), else the first accepting one.
+
+    ``inputs`` are what backends judge and what keys the shape bucket; ``args`` all the op's tensor and
+    other arguments that ``run`` takes (copied, detached, for the trial).
+    """
     if backend != "auto":
         why = refusal(backend, op, inputs)
         if why:
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run these inputs: {why}")
         return _LOADED[backend]
     dev_type = torch.device(device).type
+    accepted: Dict[str, object] = {}
     reasons = []
     for name in auto_order(op, dev_type):
         if name not in _REGISTRY:
             continue
         why = refusal(name, op, inputs)
         if why is None:
-            return _LOADED[name]
-        reasons.append(f"{name}: {why}")
-    raise BackendUnavailableError(f"{op}: no backend accepts these inputs on {dev_type}: " + "; ".join(reasons))
+            accepted[name] = _LOADED[name]
+        else:
+            reasons.append(f"{name}: {why}")
+    if not accepted:
+        raise BackendUnavailableError(f"{op}: no backend accepts these inputs on {dev_type}: " + "; ".join(reasons))
+    if run is None or len(accepted) == 1:
+        return next(iter(accepted.values()))
+    return accepted[_auto.choose(op, dev_type, inputs, accepted, run, args or {})]
