@@ -8,7 +8,8 @@ tv_detection = pytest.importorskip("torchvision.models.detection", reason="torch
 
 from fastkd.models import build  # noqa: E402
 from fastkd.models.detection import build_detector, fpn_level_names  # noqa: E402
-from fastkd.models.detection_forward import dense_forward, fpn_features, loss_names, predict, train_forward  # noqa: E402
+from fastkd.models.detection_forward import (  # noqa: E402
+    dense_forward, fpn_features, loss_names, predict, train_forward)
 
 VARIANTS = ["retinanet_resnet18_fpn", "retinanet_resnet18_fpn_v2", "fasterrcnn_resnet18_fpn",
             "fasterrcnn_resnet18_fpn_v2"]

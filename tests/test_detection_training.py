@@ -1,6 +1,6 @@
 """Detection through the one trainer on Fashion-MNIST scenes (COCO JSON -> .beton -> loader -> RetinaNet
--> pycocotools): MGD + CT on FPN levels, two processes equal one, a resumed run continues exactly, and
-the exported student loads strictly.
+-> pycocotools): MGD + CT on FPN levels, two processes equal one, a resumed run continues exactly,
+``fastkd eval`` gives the trainer's AP, and the exported student loads strictly.
 
 One process runs micro-batches of 4, two run 2 each: the detection loader groups a global batch of
 world x micro images by orientation, so these see the same global batches (with grad_accum the
@@ -73,6 +73,9 @@ def test_two_processes_equal_one_resume_eval_export(work):
     for key in KEYS:
         for ra, rb in zip(a, b):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (key, ra["step"], ra[key], rb[key])
+    # fastkd eval on the trained student: the trainer's final evaluation, on the same model
+    res = _ok(fastkd("eval", str(work / "det.yaml"), f"run_dir={work / 'one'}", cwd=work))
+    assert f"bbox_AP {eb['val/bbox_AP']:.4g} " in res.stdout
     # stop after 2 steps, resume, finish: the same 4 steps as one uninterrupted run
     train(work, "resumed", "train.session_steps=2")
     train(work, "resumed")

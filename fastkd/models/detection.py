@@ -224,8 +224,9 @@ class DetectorFeatures(nn.Module):
 
 
 def build_detector(name: str, num_classes: int = 91, in_channels: int = 3, *, trainable_backbone_layers: int = 3,
-                   frozen_bn: Optional[bool] = None, frozen_bn_eps: float = 1e-5, fpn_channels: int = 256, p6_from: Optional[str] = None,
-                   p7_relu: bool = True, dcn_stages: Sequence[int] = (), dcn_modulated: bool = True,
+                   frozen_bn: Optional[bool] = None, frozen_bn_eps: float = 1e-5, fpn_channels: int = 256,
+                   p6_from: Optional[str] = None, p7_relu: bool = True, dcn_stages: Sequence[int] = (),
+                   dcn_modulated: bool = True,
                    anchor_sizes: Optional[Sequence[int]] = None, min_size: int = 800, max_size: int = 1333,
                    features_only: bool = False, **kwargs) -> nn.Module:
     """Build detector ``name`` (see the module docstring) with ``num_classes`` classes including the

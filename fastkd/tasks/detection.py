@@ -220,7 +220,8 @@ class DetectionTask(Task):
 
     def logit_loss(self, kd=None, backend: Optional[str] = None) -> Optional[nn.Module]:
         if kd is not None:
-            raise ConfigError("distill.kd: logit KD is not used for detection (distil the FPN levels); remove distill.kd")
+            raise ConfigError("distill.kd: logit KD is not used for detection (distil the FPN levels); "
+                              "remove distill.kd")
         return None
 
     # -- evaluation ------------------------------------------------------------------------------------
