@@ -6,6 +6,7 @@
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
     fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
+    fastkd convert mmdet CKPT OUT                         (mmdetection ResNet/ResNeXt + FPN -> torchvision keys)
     fastkd demo [--device cuda] [KEY=VALUE ...]     (the Fashion-MNIST demo, fastkd/demo.py)
 
 A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
@@ -156,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("rest", nargs=argparse.REMAINDER)
     dm.set_defaults(func=cmd_demo)
 
-    from .models import mmseg
-    mmseg.add_parser(sub)
+    from .models import convert_mmdet, mmseg  # import torch only (no torchvision) to convert
+    convert = mmseg.add_parser(sub)
+    convert_mmdet.add_parser(convert)
 
     try:
         from .data import cli as data_cli

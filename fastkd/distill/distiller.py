@@ -107,7 +107,10 @@ class Distiller(nn.Module):
         self.task_names = list(task.loss_names(student))
         object.__setattr__(self, "task", task)  # plain attributes: not submodules, no params, no state_dict
         object.__setattr__(self, "_teacher", teacher)  # never handed to the optimizer or the checkpoints
-        self._fn = torch.compile(self._losses) if compile else self._losses
+        # a task whose training forward has data-dependent steps (detection: matching, sampling) compiles
+        # its fixed-shape part itself and says so with ``compiles_itself``
+        whole = compile and not getattr(task, "compiles_itself", False)
+        self._fn = torch.compile(self._losses) if whole else self._losses
 
     @property
     def teacher(self) -> Optional[nn.Module]:

@@ -1,0 +1,89 @@
+"""Detection through the one trainer on Fashion-MNIST scenes (COCO JSON -> .beton -> loader -> RetinaNet
+-> pycocotools): MGD + CT on FPN levels, two processes equal one, a resumed run continues exactly,
+``fastkd eval`` gives the trainer's AP, and the exported student loads strictly.
+
+One process runs micro-batches of 4, two run 2 each: the detection loader groups a global batch of
+world x micro images by orientation, so these see the same global batches (with grad_accum the
+grouping is per micro-batch, other batches: not compared here)."""
+import os
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("torchvision.ops", reason="torchvision does not import here")
+pytest.importorskip("fastkd.data.detection_loader", reason="the COCO detection loader is not in this checkout")
+
+from fastkd import models  # noqa: E402
+from fastkd.cli import main as cli_main  # noqa: E402
+from tests.test_engine_deepspeed import _ok, fastkd, metrics  # noqa: E402
+
+pytestmark = [pytest.mark.slow]
+
+SIZES = {"fpn_channels": 32, "anchor_sizes": [16, 32, 64, 128, 256]}
+# frozen BatchNorm (the recipes'): no batch statistics, so a split of the batch changes nothing
+STUDENT = {**SIZES, "detections_per_img": 100}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    d = tmp_path_factory.mktemp("det")
+    assert cli_main(["data", "write", "fashion-scenes", str(d / "scenes"), "--train", "16", "--val", "6"]) == 0
+    for split in ("train", "val"):
+        assert cli_main(["data", "write", "coco", "--images", str(d / "scenes" / split), "--annotations",
+                         str(d / "scenes" / "annotations" / f"instances_{split}.json"), str(d / f"{split}.beton")]) == 0
+    torch.manual_seed(0)
+    torch.save(models.build("retinanet_resnet34_fpn", num_classes=11, **SIZES).state_dict(), d / "teacher.pt")
+    cfg = {"task": "detection", "seed": 3,
+           "student": {"name": "retinanet_resnet18_fpn", "num_classes": 11, "kwargs": STUDENT},
+           "teacher": {"name": "retinanet_resnet34_fpn", "num_classes": 11, "checkpoint": str(d / "teacher.pt"),
+                       "kwargs": SIZES},
+           "data": {"source": "torch", "path": str(d / "train.beton"), "val_path": str(d / "val.beton"),
+                    "num_workers": 0, "kwargs": {"min_size": 96, "max_size": 160}},
+           "distill": {"pairs": [
+               {"student": "fpn.p3", "teacher": "fpn.p3", "loss": "mgd", "ratio": 0.65, "alpha": 2.0e-5},
+               {"student": "fpn.p4", "teacher": "fpn.p4", "loss": "ct", "alpha": 2.0e-6}]},
+           "optim": {"name": "sgd", "lr": 0.01},
+           "schedule": {"name": "constant"},
+           "train": {"epochs": 2, "max_steps": 4, "batch_size": 4, "grad_clip": 35.0, "progress": False,
+                     "log_every": 1, "eval_every": 0, "eval_teacher": False},
+           "deepspeed": {"config": os.path.join(os.getcwd(), "configs", "deepspeed", "zero0.json")}}
+    with open(d / "det.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    return d
+
+
+def train(work, name, *overrides, procs=1):
+    return _ok(fastkd("train", str(work / "det.yaml"), f"run_dir={work / name}", *overrides, cwd=work,
+                      procs=procs, timeout=600))
+
+
+KEYS = ("loss/total", "loss/classification", "loss/bbox_regression", "loss/mgd.fpn.p3", "loss/ct.fpn.p4")
+
+
+def test_two_processes_equal_one_resume_eval_export(work):
+    train(work, "one")
+    b = metrics(work / "one")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor([r[k] for k in KEYS])).all() for r in b)
+    (eb,) = metrics(work / "one", "eval")
+    assert 0 <= eb["val/bbox_AP"] <= 1
+    train(work, "two", procs=2)
+    a = metrics(work / "two")
+    for key in KEYS:
+        for ra, rb in zip(a, b):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (key, ra["step"], ra[key], rb[key])
+    # fastkd eval on the trained student: the trainer's final evaluation, on the same model
+    res = _ok(fastkd("eval", str(work / "det.yaml"), f"run_dir={work / 'one'}", cwd=work))
+    assert f"bbox_AP {eb['val/bbox_AP']:.4g} " in res.stdout
+    # stop after 2 steps, resume, finish: the same 4 steps as one uninterrupted run
+    train(work, "resumed", "train.session_steps=2")
+    train(work, "resumed")
+    c = [r for r in metrics(work / "resumed") if r["step"] > 2]
+    for key in KEYS:
+        for rc, rb in zip(c, b[2:]):
+            assert rc[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-8), (key, rc["step"], rc[key], rb[key])
+    # the student alone, in torchvision's keys, loads strictly into the same detector
+    _ok(fastkd("export", str(work / "one"), "--out", str(work / "student.pt"), cwd=work))
+    student = models.build("retinanet_resnet18_fpn", num_classes=11, **STUDENT)
+    student.load_state_dict(torch.load(work / "student.pt", weights_only=True), strict=True)
