@@ -122,6 +122,21 @@ def test_grouped_order_shards_and_groups():
     assert sorted(np.concatenate(evals).tolist()) == list(range(50))
 
 
+def test_grouped_order_same_steps_for_any_split_of_processes_and_accumulation():
+    # One optimizer step = grad_accum x world x batch samples; micro-step m of rank r reads chunk
+    # m * world + r (the engine's convention), so 1 process x 2 accumulation steps and 2 processes x 1
+    # see the same samples in every step, one orientation per micro-batch.
+    rng = np.random.default_rng(3)
+    land, cand = rng.random(64) < 0.5, np.arange(64)
+    kw = dict(seed=5, epoch=1, shuffle=True, batch_size=2, drop_last=True)
+    one = grouped_order(land, cand, rank=0, world_size=1, grad_accum=2, **kw).reshape(-1, 2, 2)  # [step, m, b]
+    two = [grouped_order(land, cand, rank=r, world_size=2, grad_accum=1, **kw).reshape(-1, 2) for r in range(2)]
+    np.testing.assert_array_equal(one[:, 0], two[0])
+    np.testing.assert_array_equal(one[:, 1], two[1])
+    for step in one:
+        assert land[step.reshape(-1)].all() or not land[step.reshape(-1)].any()
+
+
 # -- write -> load -> map back --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def val_batches(betons):

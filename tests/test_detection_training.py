@@ -2,9 +2,9 @@
 -> pycocotools): MGD + CT on FPN levels, two processes equal one, a resumed run continues exactly,
 ``fastkd eval`` gives the trainer's AP, and the exported student loads strictly.
 
-One process runs micro-batches of 4, two run 2 each: the detection loader groups a global batch of
-world x micro images by orientation, so these see the same global batches (with grad_accum the
-grouping is per micro-batch, other batches: not compared here)."""
+One process runs micro-batches of 4, two run 2 each, and one process accumulates two micro-batches of 2:
+the detection loader groups each optimizer step's grad_accum x world x micro images by orientation and
+hands micro-step m of rank r chunk m x world + r, so all three see the same steps (frozen BatchNorm)."""
 import os
 
 import pytest
@@ -69,10 +69,13 @@ def test_two_processes_equal_one_resume_eval_export(work):
     (eb,) = metrics(work / "one", "eval")
     assert 0 <= eb["val/bbox_AP"] <= 1
     train(work, "two", procs=2)
-    a = metrics(work / "two")
-    for key in KEYS:
-        for ra, rb in zip(a, b):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (key, ra["step"], ra[key], rb[key])
+    train(work, "accum", "train.grad_accum=2")
+    for other in ("two", "accum"):
+        a = metrics(work / other)
+        assert len(a) == len(b)
+        for key in KEYS:
+            for ra, rb in zip(a, b):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (other, key, ra["step"], ra[key], rb[key])
     # fastkd eval on the trained student: the trainer's final evaluation, on the same model
     res = _ok(fastkd("eval", str(work / "det.yaml"), f"run_dir={work / 'one'}", cwd=work))
     assert f"bbox_AP {eb['val/bbox_AP']:.4g} " in res.stdout

@@ -70,31 +70,34 @@ def flip_draw(seed: int, epoch: int, index: int, prob: float) -> bool:
 
 
 def grouped_order(landscape: np.ndarray, candidates: np.ndarray, *, seed: int, epoch: int, shuffle: bool,
-                  rank: int, world_size: int, batch_size: int, drop_last: bool) -> np.ndarray:
+                  rank: int, world_size: int, batch_size: int, drop_last: bool, grad_accum: int = 1) -> np.ndarray:
     """Sample indices rank ``rank`` reads in ``epoch``, batch after batch (``batch_size`` each, the
     last one possibly shorter), grouped by orientation.
 
     drop_last (training): the epoch's permutation of ``candidates`` is split by orientation, each
-    part cut into global batches of ``world_size * batch_size`` (the remainders are dropped), the
-    global batches are shuffled together, and rank r reads the r-th chunk of each: every batch is one
-    orientation, every rank runs the same number of steps.  Otherwise (evaluation): landscape
+    part cut into global batches of ``grad_accum * world_size * batch_size`` (one optimizer step; the
+    remainders are dropped), the global batches are shuffled together, and micro-step m of rank r reads
+    chunk ``m * world_size + r`` of each (the engine's sharding convention, ``fastkd/engine/data.py``):
+    every batch is one orientation, every rank runs the same number of steps, and a step sees the same
+    samples whatever the split between processes and accumulation.  Otherwise (evaluation): landscape
     samples first, then portrait ones, in file order (or the permutation's, with shuffle); rank r
     reads every ``world_size``-th of them, so the ranks cover the set exactly once and a rank's
     batches mix orientations at most once.
     """
-    if world_size < 1 or not 0 <= rank < world_size or batch_size < 1:
-        raise ValueError(f"bad shard: rank {rank}, world_size {world_size}, batch_size {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size or batch_size < 1 or grad_accum < 1:
+        raise ValueError(f"bad shard: rank {rank}, world_size {world_size}, batch_size {batch_size}, "
+                         f"grad_accum {grad_accum}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(epoch)]))
     seq = candidates[rng.permutation(len(candidates))] if shuffle else candidates
     groups = [seq[landscape[seq]], seq[~landscape[seq]]]
     if not drop_last:
         return np.concatenate(groups)[rank::world_size].astype(np.int64)
-    step = world_size * batch_size
-    chunks = [g[:len(g) // step * step].reshape(-1, world_size, batch_size) for g in groups]
+    step = grad_accum * world_size * batch_size
+    chunks = [g[:len(g) // step * step].reshape(-1, grad_accum, world_size, batch_size) for g in groups]
     chunks = np.concatenate(chunks)
     if shuffle:
         chunks = chunks[rng.permutation(len(chunks))]
-    return chunks[:, rank].reshape(-1).astype(np.int64)
+    return chunks[:, :, rank].reshape(-1).astype(np.int64)
 
 
 @dataclass

@@ -64,7 +64,7 @@ class DetectionLoader(abc.ABC):
     def __init__(self, path: str, *, train: bool, batch_size: int, min_size: int = 800, max_size: int = 1333,
                  flip_prob: Optional[float] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle: Optional[bool] = None, drop_last: Optional[bool] = None,
-                 skip_empty: Optional[bool] = None):
+                 skip_empty: Optional[bool] = None, grad_accum: int = 1):
         if not 0 < min_size <= max_size:
             raise ValueError(f"need 0 < min_size <= max_size, got {min_size} and {max_size}")
         self.path, self.meta, self.index = path, read_sidecar(path), _Index(path)
@@ -72,6 +72,7 @@ class DetectionLoader(abc.ABC):
         self.min_size, self.max_size = int(min_size), int(max_size)
         self.flip_prob = (0.5 if train else 0.0) if flip_prob is None else float(flip_prob)
         self.batch_size, self.seed, self.rank, self.world_size = int(batch_size), int(seed), int(rank), int(world_size)
+        self.grad_accum = int(grad_accum)
         self.shuffle = train if shuffle is None else bool(shuffle)
         self.drop_last = train if drop_last is None else bool(drop_last)
         idx = self.index
@@ -98,7 +99,7 @@ class DetectionLoader(abc.ABC):
     def order(self, epoch: int) -> np.ndarray:
         return grouped_order(self.landscape, self.candidates, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
                              rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-                             drop_last=self.drop_last)
+                             drop_last=self.drop_last, grad_accum=self.grad_accum)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._start_batch, self._position = int(epoch), 0, 0
@@ -110,10 +111,10 @@ class DetectionLoader(abc.ABC):
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self._position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "num_samples": self.num_samples}
+                "world_size": self.world_size, "grad_accum": self.grad_accum, "num_samples": self.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "world_size", "num_samples"):
+        for key in ("seed", "batch_size", "world_size", "grad_accum", "num_samples"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"data position was saved with {key}={state[key]} but this loader has "
                                  f"{key}={getattr(self, key)}: the batch position would not mean the same images")
@@ -285,12 +286,13 @@ def build_detection_loader(path: str, *, source: str = "ffcv", **kwargs) -> Dete
 def build_detection_loaders(train_path: str, val_path: str, *, batch_size: int, val_batch_size: Optional[int] = None,
                             source: str = "ffcv", num_workers: Optional[int] = None, min_size: int = 800,
                             max_size: int = 1333, flip_prob: float = 0.5, seed: int = 0, rank: int = 0,
-                            world_size: int = 1) -> tuple:
+                            world_size: int = 1, grad_accum: int = 1) -> tuple:
     """(train, val) loaders for a detection task: train shuffled, flipped, grouped, empty images skipped,
     drop_last; val in file order, no flip, every image once over all ranks."""
     common = dict(source=source, min_size=min_size, max_size=max_size, seed=seed, rank=rank, world_size=world_size)
     if num_workers is not None:
         common["num_workers"] = num_workers
-    train = build_detection_loader(train_path, train=True, batch_size=batch_size, flip_prob=flip_prob, **common)
+    train = build_detection_loader(train_path, train=True, batch_size=batch_size, flip_prob=flip_prob,
+                                   grad_accum=grad_accum, **common)
     val = build_detection_loader(val_path, train=False, batch_size=val_batch_size or batch_size, **common)
     return train, val

@@ -155,7 +155,8 @@ class DetectionTask(Task):
             raise ConfigError("data.path: the detection task needs a COCO .beton (fastkd data write coco)")
         opts = {k: data.kwargs[k] for k in ("min_size", "max_size", "flip_prob", "val_batch_size") if k in data.kwargs}
         return _detection_loaders(data.path, data.val_path or data.path, batch_size=micro, source=data.source,
-                                  num_workers=data.num_workers, seed=seed, rank=rank, world_size=world, **opts)
+                                  num_workers=data.num_workers, seed=seed, rank=rank, world_size=world,
+                                  grad_accum=grad_accum, **opts)
 
     def to_device(self, batch, device: torch.device, dtype: torch.dtype, channels_last: bool):
         from ..data.detection import to_device
