@@ -135,8 +135,8 @@ def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str
         raise ConfigError(f"{run_dir}/metrics.jsonl has no segmentation evaluation: the {name} run did not finish")
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
-    last = evals[-1]
-    return {"name": name, "model": cfg["student"]["name"], "width": cfg["student"].get("kwargs", {}).get("base_channels", 64),
+    last, width = evals[-1], cfg["student"].get("kwargs", {}).get("base_channels", 64)
+    return {"name": name, "model": cfg["student"]["name"], "width": width,
             "params": _parameters(cfg["student"]), "mIoU": last["val/mIoU"], "aAcc": last["val/aAcc"],
             "mAcc": last["val/mAcc"], "val_pixels": int(last["val/pixels"]), "steps": last["step"],
             "images": last["step"] * cfg["train"]["batch_size"],
@@ -219,7 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             os.makedirs(args.out, exist_ok=True)
             picture = draw_masks(run_configs, args.data_dir, os.path.join(args.out, "masks.png"), args.images)
             used_threads = torch.get_num_threads()
-    except (ConfigError, SegDataError) as exc:
+    except (ConfigError, SegDataError, FileNotFoundError) as exc:  # the last: Fashion-MNIST is not installed
         print(f"fastkd demo_seg: error: {exc}", file=sys.stderr)
         return 2
     command = "python -m fastkd.demo_seg " + " ".join(sys.argv[1:] if argv is None else argv)
