@@ -61,6 +61,7 @@ def test_scaled_scenes():
         ScenesConfig(scale=0.1)
 
 
+@pytest.mark.slow
 def test_demo_seg_end_to_end(tmp_path, capsys):
     _fashion_mnist()
     data, out = tmp_path / "scenes", tmp_path / "runs"
