@@ -10,7 +10,7 @@ SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup sysdeps venv test demo bench clean gpu-wheels gpu-check
+.PHONY: setup sysdeps venv test demo demo-seg bench clean gpu-wheels gpu-check
 
 # Debian packages FFCV builds against, and Fashion-MNIST for the demo.
 sysdeps:
@@ -43,6 +43,11 @@ test: setup
 # More: make demo DEMO_ARGS="--device cuda --students train.max_steps=null train.epochs=10"
 demo: setup
 	$(BIN)/python -m fastkd.demo $(DEMO_ARGS)
+
+# Segmentation: fashion-scenes label maps, PSPNet teacher, one student three ways, mIoU table + masks.png
+# (fastkd/demo_seg.py). On a busy CPU: make demo-seg DEMO_SEG_ARGS="--threads 1"
+demo-seg: setup
+	$(BIN)/python -m fastkd.demo_seg $(DEMO_SEG_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastkd/_C*.so $(VENV)

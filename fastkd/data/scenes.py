@@ -59,6 +59,9 @@ class ScenesConfig:
     """JPEG quality of the written images."""
     masks: bool = False
     """Also write per-pixel label PNGs (class id 1..10, background 0) under masks/<split>/."""
+    scale: float = 1.0
+    """Canvas and garment sizes times this (0.4: canvases 64x128 .. 128x96, garments 10-38 px, for runs
+    on a CPU); 1.0 writes the scenes described above, unchanged."""
 
     def __post_init__(self):
         if self.train < 0 or self.val < 0 or self.train + self.val == 0:
@@ -67,6 +70,8 @@ class ScenesConfig:
             raise ValueError(f"max_garments must be in [1, 32], got {self.max_garments}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+        if not 0.25 <= self.scale <= 4.0:
+            raise ValueError(f"scale must be in [0.25, 4], got {self.scale}")
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -83,18 +88,23 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def _scaled(n: int, scale: float) -> int:
+    return max(1, int(round(n * scale)))
+
+
 def render_scene(garments: np.ndarray, labels: np.ndarray, *, seed: int, split: str, index: int,
-                 max_garments: int = 8) -> Tuple[np.ndarray, np.ndarray, List[int]]:
+                 max_garments: int = 8, scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray, List[int]]:
     """One scene: (RGB uint8 [H,W,3], instance map int32 [H,W] (0 = background, k = k-th garment),
-    class ids of the garments, 1..10, in drawing order)."""
+    class ids of the garments, 1..10, in drawing order). ``scale`` multiplies the canvas and garment sizes."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_KEYS[split], int(index)]))
-    h, w = CANVASES[int(rng.integers(len(CANVASES)))]
+    h, w = (_scaled(n, scale) for n in CANVASES[int(rng.integers(len(CANVASES)))])
+    smallest, largest = _scaled(_SCALES[0], scale), _scaled(_SCALES[1], scale)
     image = _background(rng, h, w)
     instances = np.zeros((h, w), np.int32)
     classes: List[int] = []
     for _ in range(int(rng.integers(1, max_garments + 1))):
         for _try in range(_TRIES):
-            size = int(rng.integers(_SCALES[0], min(_SCALES[1], h, w) + 1))
+            size = int(rng.integers(smallest, min(largest, h, w) + 1))
             top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
             pick = int(rng.integers(len(garments)))
             grey = _resize(garments[pick], size)
@@ -149,7 +159,7 @@ def _write_split(root: str, split: str, count: int, cfg: ScenesConfig, source_di
     images, anns = [], []
     for i in range(count):
         image, instances, classes = render_scene(garments, labels, seed=cfg.seed, split=split, index=i,
-                                                 max_garments=cfg.max_garments)
+                                                 max_garments=cfg.max_garments, scale=cfg.scale)
         name = f"{i:06d}.jpg"
         ok = cv2.imwrite(os.path.join(root, split, name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                          [int(cv2.IMWRITE_JPEG_QUALITY), cfg.jpeg_quality])

@@ -1,0 +1,74 @@
+"""Pieces the demos share (``fastkd.demo_seg`` uses them; ``fastkd.demo`` has its own copies for now).
+
+- :func:`select_device`: hide or require GPUs before torch initialises CUDA, and pick DeepSpeed's accelerator;
+- :func:`machine`: one line naming the CPU (cores, load average) or the GPU, for result tables;
+- :func:`replace_run_dir`: a demo always starts a run over (``resume: auto`` would pick up an old one);
+- :func:`median_rate`: the median training throughput of a run's metrics rows, start-up window left out;
+- :func:`threads`: a context manager setting torch's intra-op threads for the runs and restoring them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import statistics
+from typing import Dict, Iterator, List, Optional
+
+
+def select_device(choice: str) -> Optional[str]:
+    """``choice`` auto | cpu | cuda; returns an error message, or None when the choice can be honoured."""
+    if choice == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if choice == "cuda" else "cpu")
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but no CUDA device is visible"
+    if choice != "cuda" and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    return None
+
+
+def machine() -> str:
+    """``<CPU model>, N cores, no GPU (load average at the end 1/5/15 min)`` or ``<GPU name> GPU``."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} GPU"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU (load average at the end {load_average()})"
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages as ``a/b/c`` (``?`` where the platform has none)."""
+    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def replace_run_dir(run_dir: str) -> None:
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+
+
+def median_rate(train_rows: List[Dict[str, object]]) -> float:
+    """Median ``images_per_s`` of the training rows; the first window (start-up) is left out when there are more."""
+    return statistics.median(r["images_per_s"] for r in train_rows[1:] or train_rows)
+
+
+@contextlib.contextmanager
+def threads(count: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` (None: left alone) inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,247 @@
+"""The segmentation demo: fashion-scenes label maps, a PSPNet teacher, one student three ways, one table.
+
+    python -m fastkd.demo_seg                  (add --threads 1 on a loaded CPU)
+
+1. write small fashion-scenes with per-pixel labels (``--scale 0.4``: 64x128 .. 128x96 canvases; 400
+   train / 100 val scenes) to ``--data-dir`` unless its label maps are there;
+2. train the teacher (``configs/demo_seg/teacher.yaml``: PSPNet-R18 D8 at half width) and export it to
+   ``OUT/teacher.pt``;
+3. train the same student (PSPNet-R18 D8 at quarter width) three ways from the same seed: ``baseline``,
+   ``mgd`` (spatial mask on layer4, 1x1 align, + MGD's channel-wise logit loss) and ``ct`` (layer4),
+   each reading the exported teacher;
+4. print one table (mIoU, pixel accuracy, mean class accuracy of the whole val set, training images/s,
+   wall time), also written to ``OUT/results.md`` / ``.json``, and draw ``OUT/masks.png``: a few val
+   images, their label maps and every run's predicted masks.
+
+Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
+one side (put these list options after the plain overrides), e.g.
+
+    python -m fastkd.demo_seg --device cuda --students train.max_steps=2000
+
+Runs happen in this one process, one after the other.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from .demo_common import machine, median_rate, replace_run_dir, select_device, threads
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
+STUDENTS = ("baseline", "mgd", "ct")
+RUNS = ("teacher",) + STUDENTS
+DESCRIPTIONS = {
+    "teacher": "teacher, trained from scratch",
+    "baseline": "student, no distillation",
+    "mgd": "student + MGD (layer4, spatial mask) + channel-wise logit KD",
+    "ct": "student + CT (layer4)",
+}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastkd.demo_seg", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all four runs")
+    p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
+    p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for the three student runs")
+    p.add_argument("--data-dir", default="data/fashion-scenes-small",
+                   help="the fashion-scenes root (written there when its label maps are absent)")
+    p.add_argument("--train-scenes", type=int, default=400, help="training scenes to write (default 400)")
+    p.add_argument("--val-scenes", type=int, default=100, help="validation scenes to write (default 100)")
+    p.add_argument("--scale", type=float, default=0.4, help="scene size factor (default 0.4: 64..128 px canvases)")
+    p.add_argument("--out", default="runs/demo_seg", help="parent of the run directories and the results files")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the runs (default: torch's own; 1 is faster on a loaded CPU)")
+    p.add_argument("--only", nargs="+", choices=RUNS, default=None,
+                   help="run only these; the table and picture also show earlier runs found in their run directories")
+    p.add_argument("--images", type=int, default=4, help="val images in masks.png (default 4)")
+    p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.images < 1:
+        p.error(f"--images must be >= 1, got {args.images}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def prepare_data(args: argparse.Namespace) -> str:
+    """Write the scenes with label maps unless both splits' label maps are there; returns a log line."""
+    from .data.scenes import ScenesConfig, write_fashion_scenes
+
+    masks = [os.path.join(args.data_dir, "masks", s) for s in ("train", "val")]
+    if all(os.path.isdir(m) for m in masks):
+        counts = [len(os.listdir(m)) for m in masks]
+        return f"fashion-scenes with label maps present in {args.data_dir} ({counts[0]} train / {counts[1]} val)"
+    cfg = ScenesConfig(train=args.train_scenes, val=args.val_scenes, masks=True, scale=args.scale)
+    t0 = time.time()
+    write_fashion_scenes(args.data_dir, cfg, force=True)
+    return (f"wrote {cfg.train} train / {cfg.val} val fashion-scenes (scale {cfg.scale}, label maps) to "
+            f"{args.data_dir} in {time.time() - t0:.0f} s")
+
+
+def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
+    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
+    from .config import load_config
+
+    side = args.teacher if name == "teacher" else args.students
+    uses_teacher = name not in ("teacher", "baseline")
+    overrides = [f"run_dir={os.path.join(args.out, name)}", f"data.path={args.data_dir}",
+                 *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
+    return load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
+
+
+def train_one(name: str, cfg) -> Dict[str, object]:
+    """Train one run from scratch (an earlier run directory of the same name is replaced)."""
+    from .engine.trainer import train
+
+    replace_run_dir(cfg.run_dir)
+    print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
+    t0 = time.time()
+    train(cfg)
+    return summarize(name, cfg.run_dir, time.time() - t0)
+
+
+def _parameters(model_cfg: Dict[str, object]) -> int:
+    from .models import build
+
+    model = build(model_cfg["name"], model_cfg["num_classes"], **model_cfg.get("kwargs", {}))
+    return sum(p.numel() for p in model.parameters())
+
+
+def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str, object]:
+    """mIoU, accuracies and throughput of a finished run from its metrics.jsonl and config.json."""
+    from .config import ConfigError
+    from .engine.metrics import read_metrics
+
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise ConfigError(f"no finished {name} run in {run_dir}")
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if r.get("kind") == "eval" and "val/mIoU" in r]
+    if not evals:
+        raise ConfigError(f"{run_dir}/metrics.jsonl has no segmentation evaluation: the {name} run did not finish")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    last, width = evals[-1], cfg["student"].get("kwargs", {}).get("base_channels", 64)
+    return {"name": name, "model": cfg["student"]["name"], "width": width,
+            "params": _parameters(cfg["student"]), "mIoU": last["val/mIoU"], "aAcc": last["val/aAcc"],
+            "mAcc": last["val/mAcc"], "val_pixels": int(last["val/pixels"]), "steps": last["step"],
+            "images": last["step"] * cfg["train"]["batch_size"],
+            "images_per_s": median_rate([r for r in rows if r.get("kind") == "train"]),
+            "wall_s": wall if wall is not None else rows[-1]["time"] - rows[0]["time"], "run_dir": run_dir,
+            "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
+                       for k, v in r.items() if k.startswith("alpha/")}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+
+
+def table(results: List[Dict[str, object]]) -> str:
+    base = next((r for r in results if r["name"] == "baseline"), None)
+    head = ["run", "model", "params", "mIoU %", "vs baseline", "pixel acc %", "mean class acc %",
+            "train images", "images/s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        delta = "" if base is None or r["name"] in ("teacher", "baseline") else f"{r['mIoU'] - base['mIoU']:+.2f}"
+        lines.append(f"| {r['name']} | {r['model']} (base {r['width']}) | {r['params'] / 1e6:.2f} M | "
+                     f"{r['mIoU']:.2f} | {delta} | {r['aAcc']:.2f} | {r['mAcc']:.2f} | {r['images']} | "
+                     f"{r['images_per_s']:.1f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def report(results: List[Dict[str, object]], command: str, total_s: float, picture: str, n_val: int,
+           torch_threads: int) -> str:
+    import torch
+
+    alphas = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
+                       for r in results if r["alphas"])
+    return "\n".join([
+        f"Segmentation demo (fashion-scenes), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine: {machine()}; torch {torch.__version__}, python {platform.python_version()}, "
+        f"torch threads {torch_threads}",
+        f"command: `{command}`; total {total_s:.0f} s",
+        f"mIoU / pixel acc / mean class acc over the {n_val} val scenes ({results[0]['val_pixels']} pixels, "
+        "11 classes with background); images/s = median training throughput (teacher forward included for "
+        "distilled students)",
+        "",
+        table(results),
+        "",
+        f"alpha: auto chose: {alphas}" if alphas else "",
+        f"masks: {picture}",
+    ])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    problem = select_device(args.device)
+    if problem:
+        print(f"fastkd demo_seg: {problem}", file=sys.stderr)
+        return 2
+    import torch
+
+    from .config import ConfigError
+    from .data.seg_sources import SegDataError
+    from .engine.export import export_student
+    from .engine.seg_picture import draw_masks
+
+    t_start = time.time()
+    teacher_pt = os.path.join(args.out, "teacher.pt")
+    names = [n for n in RUNS if args.only is None or n in args.only]
+    try:
+        configs = {n: run_config(n, args, teacher_pt) for n in names}  # all validated before anything runs
+        print(prepare_data(args), flush=True)
+        results, run_configs = [], {}
+        with threads(args.threads):
+            for name in RUNS:
+                if name in configs:
+                    results.append(train_one(name, configs[name]))
+                    run_configs[name] = configs[name]
+                    if name == "teacher":
+                        export_student(configs[name].run_dir, teacher_pt)
+                        print(f"exported the teacher to {teacher_pt}", flush=True)
+                elif os.path.isfile(os.path.join(args.out, name, "metrics.jsonl")):  # an earlier run: into the table
+                    results.append(summarize(name, os.path.join(args.out, name)))
+                    run_configs[name] = run_config(name, args, teacher_pt)
+            os.makedirs(args.out, exist_ok=True)
+            picture = draw_masks(run_configs, args.data_dir, os.path.join(args.out, "masks.png"), args.images)
+            used_threads = torch.get_num_threads()
+    except (ConfigError, SegDataError, FileNotFoundError) as exc:  # the last: Fashion-MNIST is not installed
+        print(f"fastkd demo_seg: error: {exc}", file=sys.stderr)
+        return 2
+    command = "python -m fastkd.demo_seg " + " ".join(sys.argv[1:] if argv is None else argv)
+    n_val = len(os.listdir(os.path.join(args.data_dir, "masks", "val")))
+    text = report(results, command.strip(), time.time() - t_start, picture, n_val, used_threads)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})", flush=True)
+    return 0
+
+
+def cli() -> int:
+    """``python -m fastkd.demo_seg``: main, then leave the process group (DeepSpeed keeps it between runs)."""
+    from .engine.dist import teardown
+
+    try:
+        return main()
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
