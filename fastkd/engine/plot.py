@@ -89,6 +89,8 @@ def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher_top1: Opti
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if any(len(dirs) > 1 for dirs in runs.values()):
+        fig.suptitle("lines: mean over seeds; bands: min-max over seeds", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
