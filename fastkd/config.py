@@ -254,6 +254,9 @@ class TrainConfig:
     """Log metrics every this many optimizer steps."""
     eval_every: int = 1
     """Evaluate every this many epochs (0: only at the end)."""
+    eval_every_steps: int = 0
+    """Also evaluate after every this many optimizer steps within an epoch (0: never); at an epoch's
+    end ``eval_every`` decides.  For accuracy curves of short runs."""
     eval_teacher: bool = True
     """Report the teacher's validation accuracy once at start."""
     ckpt_every: int = 0
@@ -275,6 +278,7 @@ class TrainConfig:
         _check(self.batch_size % self.grad_accum == 0,
                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
         _check(self.grad_clip >= 0, "grad_clip must be >= 0")
+        _check(self.eval_every_steps >= 0, f"eval_every_steps must be >= 0, got {self.eval_every_steps}")
         _check(self.keep_last >= 1, "keep_last must be >= 1")
 
 

@@ -1,21 +1,25 @@
-"""The demo: Fashion-MNIST teacher, then one student distilled four ways, one table.
+"""The demo: Fashion-MNIST teacher, then one student distilled four ways, one table and one picture.
 
     python -m fastkd.demo                      (or: make demo / fastkd demo)
+    python -m fastkd.demo --seeds 3            (every student for seeds 0, 1, 2: mean and spread)
 
 1. locate Fashion-MNIST (Debian package, cache, or a verified download) and write ``train.beton`` /
    ``test.beton`` (skipped when present);
 2. train the teacher (``configs/demo/teacher.yaml``, no teacher of its own) and export it to
    ``OUT/teacher.pt``;
-3. train the same student four ways from the same seed: ``baseline`` (no distillation), ``mgd``,
-   ``ct``, ``mgd_kd`` (``configs/demo/*.yaml``), each reading the exported teacher;
-4. render each run's curves (``fastkd plot``) and print one table: top-1 of the teacher and of each
-   student, training images/s, wall time, run directory; also written to ``OUT/results.md`` / ``.json``.
+3. train the same student four ways: ``baseline`` (no distillation), ``mgd``, ``ct``, ``mgd_kd``
+   (``configs/demo/*.yaml``), each reading the exported teacher, for each student seed;
+4. render each run's curves (``fastkd plot``), one comparison ``OUT/compare.png`` (validation accuracy
+   and task loss over steps, every student on the same axes) and print one table: top-1 of the teacher
+   and of each student (mean and min-max over seeds), training images/s, wall time; also written to
+   ``OUT/results.md`` / ``.json``; then where the time went.
 
-The defaults fit a 2-core CPU in minutes. The same configs take more: every ``KEY=VALUE`` overrides all
-five runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...`` one side (put these list options
-after the plain overrides), e.g.
+Augmentation, data order, initialisation and masks all follow the seed: the same command prints the same
+accuracies on every run.  The defaults fit a 2-core CPU in minutes.  Every ``KEY=VALUE`` overrides all
+runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...`` one side (put these list options after
+the plain overrides), e.g.
 
-    python -m fastkd.demo --device cuda --students train.max_steps=null train.epochs=10
+    python -m fastkd.demo --device cuda --students train.epochs=10
 
 Runs happen in this one process (one DeepSpeed process group of one, kept between runs and between calls
 of :func:`main`), one after the other.
@@ -23,6 +27,7 @@ of :func:`main`), one after the other.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -47,10 +52,13 @@ DESCRIPTIONS = {
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="fastkd demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all five runs")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all runs")
     p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
     p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides for the four student runs")
+                   help="overrides for the student runs")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every student for N seeds (the config's seed, +1, ...; same teacher); the table "
+                        "shows the mean and the min-max spread")
     p.add_argument("--data-dir", default="data/fashion-mnist",
                    help="where train.beton / test.beton are (written there when absent); with "
                         "data.source=torch, the directory of the four IDX files")
@@ -60,7 +68,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=("teacher",) + STUDENTS, default=None,
                    help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,15 +94,22 @@ def prepare_data(cfg) -> str:
     return f"wrote {', '.join(files)} from {source} in {time.time() - t0:.0f} s"
 
 
-def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
-    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
+def run_dir(args: argparse.Namespace, name: str, seed_index: int) -> str:
+    """``OUT/<name>`` for the first seed, ``OUT/<name>_seed<k>`` for the k-th further one."""
+    return os.path.join(args.out, name if seed_index == 0 else f"{name}_seed{seed_index}")
+
+
+def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
+    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
+    the k-th further seed adds k to the configured seed."""
     from .config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
-    overrides = [f"run_dir={os.path.join(args.out, name)}", f"data.path={args.data_dir}",
+    overrides = [f"run_dir={run_dir(args, name, seed_index)}", f"data.path={args.data_dir}",
                  *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
-    return load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
+    cfg = load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
+    return dataclasses.replace(cfg, seed=cfg.seed + seed_index) if seed_index else cfg
 
 
 def train_one(name: str, cfg) -> Dict[str, object]:
@@ -103,7 +121,7 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 
     if os.path.isdir(cfg.run_dir):
         shutil.rmtree(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
-    print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
+    print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
     t0 = time.time()
     train(cfg)
     wall = time.time() - t0
@@ -129,7 +147,7 @@ def summarize(name: str, run_dir: str, wall: Optional[float] = None, plot: Optio
         wall = rows[-1]["time"] - rows[0]["time"]
     with open(os.path.join(run_dir, "config.json")) as f:
         cfg = json.load(f)
-    return {"name": name, "model": cfg["student"]["name"], "top1": evals[-1]["val/top1"],
+    return {"name": name, "seed": cfg["seed"], "model": cfg["student"]["name"], "top1": evals[-1]["val/top1"],
             "top5": evals[-1]["val/top5"], "val_images": evals[-1]["val/count"], "steps": evals[-1]["step"],
             "images": evals[-1]["step"] * cfg["train"]["batch_size"], "images_per_s": statistics.median(rates),
             "wall_s": wall, "run_dir": run_dir,
@@ -153,38 +171,106 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{cpu}, {os.cpu_count()} cores, no GPU (load average at the end {load})"
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def group(results: List[Dict[str, object]]) -> Dict[str, List[Dict[str, object]]]:
+    """Runs by name, in the order of the table."""
+    out: Dict[str, List[Dict[str, object]]] = {}
+    for r in results:
+        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def spread(runs: List[Dict[str, object]]) -> float:
+    """max - min of top-1 over the seeds (0 for one seed)."""
+    top1 = [r["top1"] for r in runs]
+    return max(top1) - min(top1)
+
+
+def mean_top1(runs: List[Dict[str, object]]) -> float:
+    return statistics.fmean(r["top1"] for r in runs)
 
 
 def table(results: List[Dict[str, object]]) -> str:
-    base = next((r for r in results if r["name"] == "baseline"), None)
-    head = ["run", "model", "top-1 %", "vs baseline", "train images", "images/s", "wall s", "run dir"]
+    runs = group(results)
+    base = runs.get("baseline")
+    head = ["run", "model", "seeds", "top-1 %", "min-max", "vs baseline", "train images", "images/s", "wall s",
+            "run dir"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        delta = "" if base is None or r["name"] in ("teacher", "baseline") else f"{r['top1'] - base['top1']:+.2f}"
-        lines.append(f"| {r['name']} | {r['model']} | {r['top1']:.2f} | {delta} | {r['images']} | "
-                     f"{r['images_per_s']:.0f} | {r['wall_s']:.0f} | {r['run_dir']} |")
+    for name, rs in runs.items():
+        seeds = ",".join(str(r["seed"]) for r in rs)
+        span = f"{min(r['top1'] for r in rs):.2f}-{max(r['top1'] for r in rs):.2f}" if len(rs) > 1 else ""
+        delta = "" if base is None or name in ("teacher", "baseline") else f"{mean_top1(rs) - mean_top1(base):+.2f}"
+        dirs = rs[0]["run_dir"] + (f" (+{len(rs) - 1})" if len(rs) > 1 else "")
+        lines.append(f"| {name} | {rs[0]['model']} | {seeds} | {mean_top1(rs):.2f} | {span} | {delta} | "
+                     f"{rs[0]['images']} | {statistics.median(r['images_per_s'] for r in rs):.0f} | "
+                     f"{sum(r['wall_s'] for r in rs):.0f} | {dirs} |")
     return "\n".join(lines)
 
 
-def report(results: List[Dict[str, object]], command: str, total_s: float) -> str:
+def verdict(results: List[Dict[str, object]]) -> str:
+    """Does every method beat the baseline by more than the seed spread (max - min of either)?"""
+    runs = group(results)
+    base = runs.get("baseline")
+    methods = [n for n in STUDENTS if n in runs and n != "baseline"]
+    if base is None or not methods or min(len(base), *(len(runs[n]) for n in methods)) < 2:
+        return ""
+    parts, ok = [], True
+    for name in methods:
+        gain, noise = mean_top1(runs[name]) - mean_top1(base), max(spread(runs[name]), spread(base))
+        ok &= gain > noise
+        parts.append(f"{name} {gain:+.2f} vs spread {noise:.2f}")
+    return (f"every method above the baseline by more than the seed spread: {'yes' if ok else 'NO'} "
+            f"({'; '.join(parts)})")
+
+
+def report(results: List[Dict[str, object]], command: str, total_s: float, load_start: str) -> str:
     import torch
 
-    alphas = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
+    alphas = "; ".join(f"{r['name']} seed {r['seed']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
                        for r in results if r["alphas"])
-    return "\n".join([
+    seeds = max(len(rs) for rs in group(results).values())
+    return "\n".join(line for line in [
         f"Fashion-MNIST demo, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"machine: {machine()}; torch {torch.__version__}, python {platform.python_version()}",
+        f"machine: {machine()}; load average {load_start} at the start, {load_average()} at the end; "
+        f"torch {torch.__version__}, python {platform.python_version()}",
         f"command: `{command}`; total {total_s:.0f} s",
-        f"top-1 on the {results[0]['val_images']} test images; images/s = median training throughput "
-        "(teacher forward included for distilled students)",
+        f"top-1 on the {results[0]['val_images']} test images" + (
+            f"; students: mean over {seeds} seeds, min-max = the spread" if seeds > 1 else "")
+        + "; images/s = median training throughput (teacher forward included for distilled students); "
+        "wall s = all seeds together",
         "",
         table(results),
         "",
+        verdict(results),
         f"alpha: auto chose: {alphas}" if alphas else "",
-        "plots: " + ", ".join(str(r["plot"]) for r in results),
-    ])
+    ] if line is not None)
+
+
+class Timer:
+    """Wall and CPU seconds per phase.  CPU / wall far below the core count means the machine was busy."""
+
+    def __init__(self):
+        self.phases: List[tuple] = []
+        self._t, self._c = time.time(), time.process_time()
+
+    def lap(self, label: str) -> None:
+        t, c = time.time(), time.process_time()
+        self.phases.append((label, t - self._t, c - self._c))
+        self._t, self._c = t, c
+
+    def summary(self) -> str:
+        total = sum(w for _, w, _ in self.phases)
+        lines = [f"where the time went (wall s, CPU s of this process; {os.cpu_count()} cores):"]
+        for label, wall, cpu in self.phases:
+            lines.append(f"  {label:<28} {wall:7.1f} s wall {cpu:7.1f} s CPU ({cpu / max(wall, 1e-9):.1f} cores busy)")
+        lines.append(f"  {'total':<28} {total:7.1f} s")
+        return "\n".join(lines)
 
 
 def _hide_numba_finalizer_noise(unraisable) -> None:
@@ -200,8 +286,38 @@ def _hide_numba_finalizer_noise(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+def _earlier(args: argparse.Namespace, name: str, seed_index: int) -> Optional[Dict[str, object]]:
+    path = run_dir(args, name, seed_index)
+    return summarize(name, path) if os.path.isfile(os.path.join(path, "metrics.jsonl")) else None
+
+
+def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:
+    """Validate every config, write the data, train the teacher and the students; their summaries."""
+    from .engine.export import export_student
+
+    teacher_pt = os.path.join(args.out, "teacher.pt")
+    plan = [("teacher", 0)] + [(n, k) for k in range(args.seeds) for n in STUDENTS]
+    chosen = [(n, k) for n, k in plan if args.only is None or n in args.only]
+    configs = {(n, k): run_config(n, args, teacher_pt, k) for n, k in chosen}  # all validated before anything runs
+    timer.lap("start-up, config checks")
+    print(prepare_data(configs[chosen[0]]), flush=True)
+    timer.lap("data (.beton files)")
+    results = []
+    for name, k in plan:
+        if (name, k) in configs:
+            results.append(train_one(name, configs[name, k]))
+            if name == "teacher":
+                export_student(configs[name, k].run_dir, teacher_pt)
+                print(f"exported the teacher to {teacher_pt}", flush=True)
+            timer.lap(f"{name} (seed {configs[name, k].seed})")
+        elif (earlier := _earlier(args, name, k)) is not None:  # an earlier run: into the table
+            results.append(earlier)
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    timer, load_start = Timer(), load_average()
     sys.unraisablehook = _hide_numba_finalizer_noise
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
@@ -214,34 +330,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device != "cuda" and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
     from .config import ConfigError
-    from .engine.export import export_student
+    from .engine.plot import plot_compare
 
     t_start = time.time()
-    teacher_pt = os.path.join(args.out, "teacher.pt")
-    names = [n for n in ("teacher",) + STUDENTS if args.only is None or n in args.only]
     try:
-        configs = {n: run_config(n, args, teacher_pt) for n in names}  # all validated before anything runs
-        print(prepare_data(configs[names[0]]), flush=True)
-        results = []
-        for name in ("teacher",) + STUDENTS:
-            if name in configs:
-                results.append(train_one(name, configs[name]))
-                if name == "teacher":
-                    export_student(configs[name].run_dir, teacher_pt)
-                    print(f"exported the teacher to {teacher_pt}", flush=True)
-            elif os.path.isfile(os.path.join(args.out, name, "metrics.jsonl")):  # an earlier run: into the table
-                results.append(summarize(name, os.path.join(args.out, name)))
+        results = run_all(args, timer)
     except ConfigError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
         return 2
+    students = {n: [r["run_dir"] for r in rs] for n, rs in group(results).items() if n != "teacher"}
+    teacher = next((r for r in results if r["name"] == "teacher"), None)
+    compare = plot_compare(students, os.path.join(args.out, "compare.png"),
+                           teacher_top1=teacher["top1"] if teacher else None) if students else None
     command = "python -m fastkd.demo " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(results, command.strip(), time.time() - t_start)
+    text = report(results, command.strip(), time.time() - t_start, load_start)
+    text += "\nplots: " + ", ".join([str(compare)] * bool(compare) + [str(r["plot"]) for r in results])
+    timer.lap("plots, report")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+        f.write(text + "\n\n" + timer.summary() + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})", flush=True)
+    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})\n\n" + timer.summary(), flush=True)
     return 0
 
 

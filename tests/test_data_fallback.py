@@ -9,7 +9,8 @@ from PIL import Image
 
 from fastkd.data import ResolutionSchedule, build_loader, build_loaders
 from fastkd.data.idx import write_idx
-from fastkd.data.transforms import center_crop_box, random_resized_crop_box
+from fastkd.data.seeded import crop_box, seed_key
+from fastkd.data.transforms import center_crop_box
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +103,10 @@ def test_build_loaders_config_handling(tree):
 
 def test_crop_boxes_stay_inside_and_match_the_recipe():
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        h, w = rng.integers(5, 60, 2)
-        i, j, ch, cw = random_resized_crop_box(int(h), int(w), rng=rng)
+    k0, k1 = seed_key(3)
+    for index in range(200):
+        h, w = (int(v) for v in rng.integers(5, 60, 2))
+        i, j, ch, cw = crop_box(h, w, 0.08, 1.0, 3 / 4, 4 / 3, k0, k1, 0, index)
         assert 0 <= i and 0 <= j and 0 < ch and 0 < cw and i + ch <= h and j + cw <= w
     assert center_crop_box(256, 320, 224 / 256) == (16, 48, 224, 224)
 

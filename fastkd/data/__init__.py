@@ -2,7 +2,8 @@
 
 Layout follows the data's path: ``idx`` / ``imagefolder`` / ``fashion_mnist`` (sources) ->
 ``writers`` (.beton) -> ``order`` + ``base`` (which samples, in which order, where we are) ->
-``ffcv_loader`` / ``fallback`` (loaders) -> ``transforms`` (crops, normalisation); ``build`` glues
+``ffcv_loader`` / ``fallback`` (loaders) -> ``ffcv_seeded`` (FFCV's seeded crop + flip decoder),
+``transforms`` (crops, normalisation), ``seeded`` (per-sample draws); ``build`` glues
 them to a config and ``cli`` to ``fastkd data ...``.  FFCV is imported only when used.
 Segmentation (images + label maps) has its own path: ``seg_sources`` / ``cityscapes`` (paired folders,
 Cityscapes, fashion-scenes; .beton) -> ``seg_loader`` (``SegBatch`` loaders on the same order and
@@ -33,8 +34,10 @@ flip=True, center_ratio=None, os_cache=True, batches_ahead=3, on_corrupt="error"
 - ``set_epoch(e)``: next iteration reads epoch e from its start; a fully consumed epoch advances
   the epoch by itself.  ``skip_batches(k)``: next iteration starts at batch k.
   ``state_dict() -> {"epoch", "batch", ...}`` / ``load_state_dict(sd)``: exact mid-epoch resume.
-- Reproducibility: order is exact on both backends; the torch fallback also reproduces every crop
-  and flip (drawn from seed, epoch, sample); FFCV's augmentation draws are not reproducible.
+- Reproducibility: order, crops and flips are functions of (seed, epoch, sample index) on both
+  backends (:mod:`fastkd.data.seeded`, Philox per sample): the same seed gives the same batches on every
+  run, on any number of loader threads, after a mid-epoch resume, and (pixels from the same file) on
+  either backend.
 
 ``build_loaders(cfg=None, **overrides) -> (train_loader, val_loader)``: the same keys plus
 ``val_path``, ``val_batch_size``, ``train_split``, ``val_split``; a config object's other keys are

@@ -1,7 +1,7 @@
 """FFCV loader: .beton -> normalised batches on the device.
 
-Train pipeline: RandomResizedCrop decoder (decode + crop + resize in one JIT-compiled pass per image,
-numba threads) -> random horizontal flip -> tensor -> device (pinned, non-blocking, on FFCV's own
+Train pipeline: seeded RandomResizedCrop + flip decoder (decode + crop + resize + flip in one
+JIT-compiled pass per image, numba threads; :mod:`fastkd.data.ffcv_seeded`) -> tensor -> device (pinned, non-blocking, on FFCV's own
 CUDA stream) -> NCHW view -> normalise into a preallocated float / bf16 buffer (on CPU in float32: FFCV's
 table-lookup normalisation before the tensor conversion instead).  Val: centre crop.
 
@@ -9,8 +9,9 @@ The order is fastkd's (:mod:`fastkd.data.order`), not FFCV's: FFCV's distributed
 shards with repeated samples; ours gives disjoint shards and an exact mid-epoch resume.
 
 Output buffers are FFCV's: a batch's tensors are overwritten ``batches_ahead + 2`` batches later;
-``.clone()`` what must outlive that.  Augmentation draws (crop boxes, flips) come from numba's
-per-thread generators and are not reproducible; the order is.
+``.clone()`` what must outlive that.  Augmentation draws (crop boxes, flips) are functions of (seed,
+epoch, sample index), as in the PyTorch loader: the same seed gives the same batches on every run and
+after a resume.
 """
 from __future__ import annotations
 
@@ -21,16 +22,17 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
-from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from ffcv.traversal_order.base import TraversalOrder
 
 from .base import EpochLoader, cpu_count
+from .ffcv_seeded import SeededRandomResizedCrop
 from .transforms import (DEFAULT_CENTER_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, check_mean_std, normalize_coefficients,
                          normalize_into)
 
@@ -138,9 +140,9 @@ class FFCVLoader(EpochLoader):
         device = torch.device(device)
         workers = max(1, min(int(num_workers) if num_workers else cpu_count(), cpu_count()))
         if train:
-            decoder = RandomResizedCropRGBImageDecoder((image_size, image_size), scale=tuple(scale),
-                                                       ratio=tuple(ratio))
-            image_ops = [decoder] + ([RandomHorizontalFlip()] if flip else [])
+            decoder = SeededRandomResizedCrop((image_size, image_size), seed=seed, scale=scale, ratio=ratio,
+                                              flip_prob=0.5 if flip else 0.0)
+            image_ops = [decoder]
         else:
             decoder = CenterCropRGBImageDecoder((image_size, image_size), ratio=center_ratio)
             image_ops = [decoder]
@@ -172,6 +174,8 @@ class FFCVLoader(EpochLoader):
             self.decoder.output_size = (resolution, resolution)
             self._loader.generate_code()
         self._loader.traversal_order.next_order = order
+        if isinstance(self.decoder, SeededRandomResizedCrop):
+            self.decoder.epoch = epoch  # read by the decoder at each batch of this epoch
         it = iter(self._loader)
         try:
             for images, labels in it:

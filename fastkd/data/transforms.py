@@ -1,18 +1,20 @@
 """Image transforms shared by the FFCV and fallback loaders (numpy / torch only).
 
 Crop geometry follows FFCV's decoders (which follow torchvision): RandomResizedCrop draws up to 10
-(area, log-aspect) pairs, then falls back to a centre crop clamped to the aspect range; the centre
-crop for evaluation takes ``ratio * min(H, W)`` square pixels.  Crops are resized with OpenCV's
+(area, log-aspect) pairs, then falls back to a centre crop clamped to the aspect range
+(:func:`fastkd.data.seeded.crop_box`, seeded per sample); the centre crop for evaluation takes
+``ratio * min(H, W)`` square pixels.  Crops are resized with OpenCV's
 INTER_AREA like FFCV's ``resize_crop`` (PIL's antialiased bilinear when OpenCV is absent).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from . import seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,31 +61,6 @@ def normalize_into(images: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
     return out.copy_(torch.addcmul(shift, images.float(), scale))
 
 
-def random_resized_crop_box(height: int, width: int, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
-                            rng: Optional[np.random.Generator] = None) -> Tuple[int, int, int, int]:
-    """(top, left, h, w) of a RandomResizedCrop window (same algorithm as FFCV's decoder)."""
-    rng = rng if rng is not None else np.random.default_rng()
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            i = int(rng.uniform(0, height - h + 1))
-            j = int(rng.uniform(0, width - w + 1))
-            return i, j, h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def center_crop_box(height: int, width: int, ratio: float = DEFAULT_CENTER_RATIO) -> Tuple[int, int, int, int]:
     """(top, left, c, c) of the evaluation centre crop, ``c = ratio * min(H, W)`` (as FFCV)."""
     c = max(1, int(ratio * min(height, width)))
@@ -107,8 +84,8 @@ def crop_resize(image: np.ndarray, box: Tuple[int, int, int, int], size: int) ->
 class SampleTransform:
     """Per-sample train / eval transform of the fallback loader: HxWx3 uint8 -> SxSx3 uint8.
 
-    Randomness is drawn from ``SeedSequence([seed, epoch, index])``, so a sample's crop and flip
-    depend only on the run seed, the epoch and the sample: reproducible across workers and resumes.
+    Crop and flip are drawn by :mod:`fastkd.data.seeded` from (seed, epoch, sample index), exactly as
+    the FFCV decoder draws them: reproducible across workers, resumes and the two loaders.
     """
 
     train: bool
@@ -124,9 +101,10 @@ class SampleTransform:
         h, w = image.shape[:2]
         if not self.train:
             return crop_resize(image, center_crop_box(h, w, self.center_ratio), size)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index, 0x5EED]))
-        out = crop_resize(image, random_resized_crop_box(h, w, self.scale, self.ratio, rng), size)
-        if self.flip and rng.random() < 0.5:
+        k0, k1 = seeded.seed_key(self.seed)
+        box = seeded.crop_box(h, w, *self.scale, *self.ratio, k0, k1, int(epoch), int(index))
+        out = crop_resize(image, box, size)
+        if self.flip and seeded.flips(k0, k1, int(epoch), int(index), 0.5):
             out = np.ascontiguousarray(out[:, ::-1])
         return out
 

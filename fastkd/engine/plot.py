@@ -1,24 +1,33 @@
-"""``fastkd plot RUN_DIR``: loss terms, learning rate, accuracy and throughput curves to one PNG."""
+"""``fastkd plot RUN_DIR``: loss terms, learning rate, accuracy and throughput curves to one PNG;
+``plot_compare``: several runs (and seeds of each) on the same axes."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..config import ConfigError
 from .metrics import read_metrics
 
 
-def plot_run(run_dir: str, out: Optional[str] = None) -> str:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise ConfigError(f"no metrics.jsonl in {run_dir}")
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("fastkd plot needs matplotlib (pip install matplotlib)") from None
-    rows = read_metrics(run_dir)
+    return plt
+
+
+def _rows(run_dir: str) -> list:
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise ConfigError(f"no metrics.jsonl in {run_dir}")
+    return read_metrics(run_dir)
+
+
+def plot_run(run_dir: str, out: Optional[str] = None) -> str:
+    rows = _rows(run_dir)
+    plt = _pyplot()
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
@@ -52,3 +61,45 @@ def _curve(ax, rows, key, title):
     if pts:
         ax.plot(*zip(*pts))
     ax.set(title=title, xlabel="step")
+
+
+def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher_top1: Optional[float] = None,
+                 loss: str = "loss/ce") -> str:
+    """Validation top-1 and the task loss over steps, one line per label (its runs' mean over seeds, with
+    the min-max band when there are several), all on the same two axes."""
+    plt = _pyplot()
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for label, dirs in runs.items():
+        rows = [_rows(d) for d in dirs]
+        seeds = f" ({len(dirs)} seeds)" if len(dirs) > 1 else ""
+        for ax, kind, key, marker in ((acc_ax, "eval", "val/top1", "o"), (loss_ax, "train", loss, None)):
+            steps, values = _aligned([[(r["step"], r[key]) for r in rs if r.get("kind") == kind and key in r]
+                                      for rs in rows])
+            if not steps:
+                continue
+            mean = [sum(v) / len(v) for v in values]
+            line, = ax.plot(steps, mean, marker=marker, ms=3, label=label + seeds)
+            if len(dirs) > 1:
+                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
+                                color=line.get_color(), lw=0)
+    if teacher_top1 is not None:
+        acc_ax.axhline(teacher_top1, ls="--", c="gray", label="teacher")
+    acc_ax.set(title="validation top-1 (%)", xlabel="step")
+    loss_ax.set(title=f"task loss ({loss.split('/')[-1]}, training)", xlabel="step", yscale="log")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if any(len(dirs) > 1 for dirs in runs.values()):
+        fig.suptitle("lines: mean over seeds; bands: min-max over seeds", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _aligned(curves: List[List[tuple]]):
+    """Steps present in every curve, and the values of each curve there."""
+    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves))) if curves else []
+    lookup = [dict(c) for c in curves]
+    return steps, [[d[s] for d in lookup] for s in steps]

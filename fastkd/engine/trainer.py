@@ -260,6 +260,9 @@ class Trainer:
                     result = self._log_train(names, acc, logged_steps, t_log)
                     acc.zero_()
                     logged_steps, t_log = 0, time.time()
+                mid_epoch = self.step_in_epoch < self.steps_per_epoch and self.step < self.total_steps
+                if cfg.train.eval_every_steps and self.step % cfg.train.eval_every_steps == 0 and mid_epoch:
+                    result.update(self._log_eval())  # sync + dist: every rank evaluates
                 if self.stop_requested or self.step == session_end:
                     if self.step < self.total_steps:
                         self._save()
