@@ -515,9 +515,9 @@ PARTS: List[Part] = [
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
     Part("step", training_step, limit_s=130, dry_limit_s=300, targets=step_targets(),
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
-    Part("detection", detection_step, limit_s=240, dry_limit_s=300, window=2,
+    Part("detection", detection_step, limit_s=230, dry_limit_s=300, window=2,
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
-    Part("segmentation", segmentation_step, limit_s=150, dry_limit_s=300, window=2,
+    Part("segmentation", segmentation_step, limit_s=170, dry_limit_s=300, window=2,
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
 ]
 # The second device window: python benchmarks/gpu_check.py --parts environment,detection,segmentation
