@@ -256,4 +256,4 @@ def auto_decisions() -> str:
     for key, d in sorted(_auto._decided.items()):
         ms = ", ".join(f"{k} {v:.1f} ms" for k, v in d.ms.items())
         lines.append(f"- `{key}`: {d.choice} ({d.source}{'; ' + ms if ms else ''})")
-    return "\n".join(lines) or "- (no auto decision taken)"
+    return "\n".join(lines) or "- (no trial taken: one backend accepted these inputs, or FASTKD_AUTO_TRIAL=0)"
