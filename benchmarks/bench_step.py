@@ -16,6 +16,19 @@ GPU (bf16, channels_last, batch 256, 224 px; the real measurement):
 CPU smoke test (tiny shapes, fp32; checks the script, not a measurement):
     python benchmarks/bench_step.py --device cpu --tiny
 
+Detection (``--task detection``, benchmarks/step_detection.py: RetinaNet, MGD on FPN P3-P7 as
+configs/coco/retinanet_x101_r50_mgd.yaml, the detection task's forwards, synthetic DetectionBatch):
+    python benchmarks/bench_step.py --task detection --out benchmarks/results/step_det_gpu.md
+        # GPU: R50 <- X101-64x4d at 1333x800 (padded 1344x800), batch 2, bf16: student, kd-ref, kd-auto
+        # (fused losses, eager), kd-fused (fused losses + the task's compiled dense part + compiled teacher)
+    python benchmarks/bench_step.py --task detection --device cpu --out benchmarks/results/step_det_cpu.md
+        # CPU: R18 <- R50 at 320x320, batch 2, fp32: student, kd-ref, kd-auto, timed round-robin
+    python benchmarks/bench_step.py --task segmentation --out benchmarks/results/step_seg_gpu.md
+        # PSPNet-R18 <- PSPNet-R101 at 512x512, batch 8, bf16, MGD on layer4 + the channel-wise logit loss
+        # (benchmarks/step_segmentation.py); kd-fused: the Distiller's compiled forward + compiled teacher
+Each distilled row comes with the teacher forward alone and the five MGD losses alone (forward + backward),
+and their shares: of the student step (teacher) and of the row's own step (losses).
+
 DeepSpeed is not used (the GPU machines may lack it): the optimizer is torch SGD over the student's and
 the loss modules' parameters, as the engine's optimizer; DeepSpeed's bf16 optimizer additionally keeps
 fp32 master weights (one more elementwise pass over the parameters per step, not timed here).
@@ -140,6 +153,10 @@ def measure(recipe: str, args, device, dtype) -> List[Dict[str, object]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=("classification", "detection", "segmentation"), default="classification")
+    p.add_argument("--dense-shape", choices=("gpu", "cpu", "tiny"), default=None,
+                   help="detection/segmentation: models and image size (default: gpu on CUDA, cpu on the CPU, "
+                        "tiny with --tiny)")
     p.add_argument("--recipes", nargs="+", choices=RECIPES, default=["r34_r18_mgd", "r50_mbv1_mgd"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=None, help="default 256 (--tiny: 4)")
@@ -165,6 +182,8 @@ def main() -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype, auto)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.task != "classification":
+        return dense(args, device, dtype)
     rows = []
     for recipe in args.recipes:
         rows += measure(recipe, args, device, dtype)
@@ -177,6 +196,36 @@ def main() -> int:
     print(f"\n{title}\n" + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n" + markdown_table(cols, rows))
     if args.out:
         write_results(args.out, title, cols, rows, env, command)
+    return 0
+
+
+def dense(args, device, dtype) -> int:
+    """``--task detection|segmentation``: the table of step_detection / step_segmentation.measure, printed and
+    optionally appended to --out (with the CPU model, the load average before and after, auto's decisions)."""
+    import step_detection
+    import step_segmentation
+    from common import markdown_table
+
+    module = step_detection if args.task == "detection" else step_segmentation
+    shape = args.dense_shape or ("tiny" if args.tiny else "gpu" if device.type == "cuda" else "cpu")
+    load_before = os.getloadavg()
+    rows = module.measure(shape, module.DEFAULT_VARIANTS[shape], device, dtype, warmup=1, rep=args.rep)
+    env = environment(device)
+    if device.type == "cpu":
+        env["cpu"] = step_detection.cpu_model()
+        env["load average (1/5/15 min) before"] = "/".join(f"{x:.2f}" for x in load_before)
+        env["after"] = "/".join(f"{x:.2f}" for x in os.getloadavg())
+    notes = "backend auto's decisions (fastkd.ops._auto; the first kd-auto/kd-fused step took them):\n" + \
+        step_detection.auto_decisions()
+    losses = "MGD on P3-P7" if args.task == "detection" else "MGD on layer4 + channel-wise logit KD"
+    title = f"{args.task.capitalize()} training step, {rows[0][0]}, batch {module.SHAPES[shape][3]}, " \
+            f"{str(dtype).split('.')[-1]}, {losses}"
+    cols = step_detection.COLUMNS
+    print(f"\n{title}\n" + ", ".join(f"{k} {v}" for k, v in env.items()) + "\n\n" + markdown_table(cols, rows)
+          + "\n\n" + notes)
+    if args.out:
+        write_results(args.out, title, cols, rows, env, "python benchmarks/bench_step.py " + " ".join(sys.argv[1:]),
+                      notes)
     return 0
 
 

@@ -26,12 +26,21 @@ process start 5 s, one Triton 3.6 compile 1-2 s, Inductor on a reference loss 10
                            correctness's cache), autotune timing ~15 s, Inductor ~6 x 15 s, timing ~15 s  limit 160 s
     step         120-180 s 2 recipes: Inductor on student+losses and on the teacher ~40-70 s each,
                            ~20 compiles, 6 timed steps and 4 teacher forwards a recipe              limit 130 s
+  second window (not run by default; --parts environment,detection,segmentation: 15 + 230 + 170 = 415 s):
+    detection    150-250 s RetinaNet-R50 <- X101-64x4d, 1333x800, batch 2: Inductor on the student's dense part
+                           (backbone+FPN+head, forward+backward) ~60-90 s and on the X101 backbone+FPN ~40-60 s,
+                           the MGD kernels at the 5 FPN shapes (~10 compiles, auto's trial), 4 steps, 3 teacher
+                           forwards and 3 loss-only runs timed (do_bench, the steps ~0.1-0.4 s each)  limit 230 s
+    segmentation 100-160 s PSPNet-R18 <- R101, 512x512, batch 8: Inductor on student+losses ~40-60 s and on the
+                           teacher ~30-40 s, MGD kernels at [8,512,64,64], 4 steps + 6 single parts timed  limit 170 s
+  Each variant's rows are recorded as soon as it is timed; kd-fused (the compiles) comes last.
 If a part stops at its limit, give it a window of its own: --parts environment,correctness,kernels first,
 then --parts step --limit-scale 2 (each window starts a fresh machine: 1-2 minutes of the device time).
 
     python benchmarks/gpu_check.py                        # on the GPU machine, writes to $OUT
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc
     python benchmarks/gpu_check.py --parts step --limit-scale 2   # a subset (e.g. a second window)
+    python benchmarks/gpu_check.py --parts environment,detection,segmentation  # the second window
     python benchmarks/gpu_check.py --merge-tuning results/tuning.json
 """
 from __future__ import annotations
@@ -265,14 +274,9 @@ def main(argv=None) -> int:
         print("gpu_check: no results folder: give --out DIR (or set OUT)", file=sys.stderr)
         return 2
     sys.path.insert(0, REPO)
-    from benchmarks.gpu_parts import PARTS
+    from benchmarks.gpu_parts import PARTS, WINDOW_2
 
     names = [p.name for p in PARTS]
-    wanted = names if not args.parts else [n.strip() for n in args.parts.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in names]
-    if unknown:
-        print(f"gpu_check: --parts: unknown part(s) {', '.join(unknown)} (known: {', '.join(names)})", file=sys.stderr)
-        return 2
     dry = args.dry_run
     if not dry:
         import torch
@@ -280,6 +284,15 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("gpu_check: no CUDA device: dry run (Triton interpreter, tiny shapes)", flush=True)
             dry = True
+    # by default the first window's parts (the dry run: every part); the second window names its parts
+    default = names if dry else [p.name for p in PARTS if p.window == 1]
+    wanted = default if not args.parts else [n.strip() for n in args.parts.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in names]
+    if unknown:
+        print(f"gpu_check: --parts: unknown part(s) {', '.join(unknown)} (known: {', '.join(names)})", file=sys.stderr)
+        return 2
+    if not args.parts and not dry:
+        print(f"gpu_check: the first window's parts; the second window: --parts {','.join(WINDOW_2)}", flush=True)
     out = os.path.abspath(args.out)
     if args.part:
         os.makedirs(out, exist_ok=True)

@@ -8,7 +8,8 @@ under TRITON_INTERPRET=1, tiny shapes, one repetition; the figures mean nothing 
 Adding a part (e.g. detection or segmentation training-step rows): write ``def my_part(ctx)`` here and
 append ``Part("my-part", my_part, limit_s=..., dry_limit_s=..., targets=[...])`` to ``PARTS``; order is
 run order. ``targets`` lists the target names the part should report, so that a part that never reached
-one still shows it as not measured in the summary.
+one still shows it as not measured in the summary. A part that does not fit the first 7-minute window gets
+``window=2``: a plain run skips it, ``--parts environment,<it>`` runs it (the dry run runs every part).
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ class Part:
     """Names of the targets it reports (shown as not measured when it does not get to them)."""
     env: Dict[str, str] = dataclasses.field(default_factory=dict)
     """Extra environment of its process (e.g. the Triton tuning mode)."""
+    window: int = 1
+    """The device window that runs it by default: 1 = a plain ``gpu_check.py`` (the 7-minute window); 2 = a
+    second invocation that names it with --parts (see WINDOW_2). The dry run runs every part."""
 
 
 def compile_backend(ctx) -> str:
@@ -454,6 +458,55 @@ def training_step(ctx) -> None:
                    f"overhead {100 * overhead:.0f}% vs share {100 * share:.0f}% + 15%")
 
 
+# ------------------------------------------------------------------------------------ detection step
+
+def detection_step(ctx) -> None:
+    """bench_step.py --task detection's rows (benchmarks/step_detection.py): RetinaNet-R50 <- X101-64x4d at
+    1333x800 (padded 1344x800), batch 2, bf16, channels_last: student, kd-ref, kd-auto (fused losses, eager),
+    kd-fused (fused losses + the task's compiled dense part + compiled teacher), each with the teacher forward
+    and the five MGD losses alone; dry: R18 <- R18 at 64x64 with 32-channel FPNs, fp32, not compiled."""
+    from benchmarks import step_detection
+
+    _dense_step(ctx, step_detection, "detection step")
+
+
+def segmentation_step(ctx) -> None:
+    """bench_step.py --task segmentation's rows (benchmarks/step_segmentation.py): PSPNet-R18 <- PSPNet-R101
+    at 512x512, batch 8, bf16, MGD on layer4 + the channel-wise logit loss: student, kd-ref, kd-auto, kd-fused
+    (the Distiller's compiled forward + compiled teacher); dry: R18 <- R18 at 64x64, fp32, not compiled."""
+    from benchmarks import step_segmentation
+
+    _dense_step(ctx, step_segmentation, "segmentation step")
+
+
+def _dense_step(ctx, module, table: str) -> None:
+    """A dense task's step rows (``module.measure``), each variant's rows recorded as soon as it is timed
+    on the GPU (a part stopped later keeps them); the dry run: the tiny shape, one round, fp32."""
+    from benchmarks import step_detection
+
+    shape = "tiny" if ctx.dry else "gpu"
+    dtype = torch.float32 if ctx.dry else torch.bfloat16
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cols = ["recipe", "step", "ms", "ms_p20_p80", "images_s", "student_over_this", "overhead", "teacher_share",
+            "losses_share_of_step"]
+
+    def record(rows):
+        for row in rows:
+            ctx.row(table, **{c: (round(v, 3) if isinstance(v, float) else v) for c, v in zip(cols, row)})
+
+    variants = module.DEFAULT_VARIANTS[shape]
+
+    def run() -> str:
+        rows = module.measure(shape, variants, ctx.device, dtype, warmup=0 if ctx.dry else 2,
+                              rep=1 if ctx.dry else 10, report=record)
+        assert all(row[2] > 0 for row in rows), "a row without a time"
+        return f"{len(rows)} rows, {rows[0][0]}"
+
+    _try(ctx, f"{table}: {', '.join(variants)} ran and were timed", run)
+    ctx.row(table, recipe="backend auto's MGD decisions", step=step_detection.auto_decisions())
+
+
 PARTS: List[Part] = [
     Part("environment", environment, limit_s=15, dry_limit_s=300),
     Part("correctness", correctness, limit_s=115, dry_limit_s=300, env={"FASTKD_TRITON_TUNE": "few",
@@ -462,4 +515,10 @@ PARTS: List[Part] = [
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
     Part("step", training_step, limit_s=130, dry_limit_s=300, targets=step_targets(),
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
+    Part("detection", detection_step, limit_s=230, dry_limit_s=300, window=2,
+         env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
+    Part("segmentation", segmentation_step, limit_s=170, dry_limit_s=300, window=2,
+         env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
 ]
+# The second device window: python benchmarks/gpu_check.py --parts environment,detection,segmentation
+WINDOW_2 = ["environment"] + [p.name for p in PARTS if p.window == 2]

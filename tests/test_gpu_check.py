@@ -59,7 +59,11 @@ def test_dry_run_writes_every_file(tmp_path):
     assert any(t.startswith("MGD") for t in targets) and any(t.startswith("CT") for t in targets)
     assert any(t.startswith("step") for t in targets)
     tables = {r["table"] for r in records if r["kind"] == "row"}
-    assert {"environment", "MGD kernels", "CT kernels", "training step"} <= tables
+    assert {"environment", "MGD kernels", "CT kernels", "training step", "detection step",
+            "segmentation step"} <= tables
+    for table in ("detection step", "segmentation step"):  # every variant of the dense steps has its row
+        steps = {r["fields"].get("step") for r in records if r["kind"] == "row" and r["table"] == table}
+        assert {"student", "kd-ref", "kd-auto"} <= steps and any(s.startswith("teacher fwd of") for s in steps), steps
 
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary
