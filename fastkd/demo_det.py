@@ -30,7 +30,7 @@ import shutil
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
@@ -270,9 +270,9 @@ def _hide_numba_finalizer_noise(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
-def run_all(args: argparse.Namespace, names: List[str]) -> List[Dict[str, object]]:
+def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     """Validate every config, write the data, train what ``names`` lists (the teacher exported), summarise
-    earlier runs of the others."""
+    earlier runs of the others; returns the results and every run's config."""
     from .engine.export import export_student
 
     teacher_pt = os.path.join(args.out, "teacher.pt")
