@@ -1,0 +1,344 @@
+"""The detection demo: a RetinaNet teacher on Fashion-MNIST scenes, then one student three ways, one table.
+
+    python -m fastkd.demo_det
+
+1. write the Fashion-MNIST scenes (``fastkd data write fashion-scenes``) and their two COCO ``.beton``
+   files (``fastkd data write coco``) under ``--data-dir`` (skipped when both files are there);
+2. train the teacher (``configs/demo_det/teacher.yaml``: a RetinaNet with a wider backbone, from scratch)
+   and export it to ``OUT/teacher.pt`` (a whole detector; the students' runs load its backbone + FPN);
+3. train the same student three ways from the same seed: ``baseline`` (no distillation), ``mgd`` (one
+   spatial-mask MGD module per FPN level P3-P7) and ``ct`` (one CT module per level);
+4. print one table: box AP and AP50 (pycocotools, the whole val split) of the teacher and each student,
+   training images/s, wall time (also ``OUT/results.md`` / ``.json``), and draw the MGD student's boxes
+   on a few val images into ``OUT/boxes.png``.
+
+Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
+one side (put these list options after the plain overrides), e.g.
+
+    python -m fastkd.demo_det --teacher train.max_steps=1000 --students train.max_steps=1000
+
+Runs happen one after the other in this one process (one DeepSpeed process group of one).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
+STUDENTS = ("baseline", "mgd", "ct")
+DESCRIPTIONS = {
+    "teacher": "teacher, trained from scratch",
+    "baseline": "student, no distillation",
+    "mgd": "student + MGD (spatial mask) on P3-P7",
+    "ct": "student + CT on P3-P7",
+}
+SCORE_THRESHOLD = 0.3
+"""Detections drawn in the picture score at least this."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m fastkd.demo_det", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all four runs")
+    p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
+    p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for the three student runs")
+    p.add_argument("--data-dir", default="data/fashion-scenes",
+                   help="where train.beton / val.beton are (written there with the scenes when absent)")
+    p.add_argument("--train-scenes", type=int, default=256, help="training scenes written (default 256)")
+    p.add_argument("--val-scenes", type=int, default=64, help="val scenes written (default 64)")
+    p.add_argument("--max-garments", type=int, default=4, help="garments per scene: 1..this (default 4)")
+    p.add_argument("--out", default="runs/demo_det", help="parent of the run directories, results and picture")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
+    p.add_argument("--only", nargs="+", choices=("teacher",) + STUDENTS, default=None,
+                   help="run only these; the table also shows earlier runs found in their run directories")
+    p.add_argument("--pictures", type=int, default=4, help="val images drawn in boxes.png (default 4)")
+    p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps
+
+
+def prepare_data(args: argparse.Namespace) -> str:
+    """Write the scenes and the two .beton files unless both files are there; returns what happened."""
+    from .config import ConfigError
+    from .data.coco import write_coco_beton
+    from .data.scenes import ScenesConfig, write_fashion_scenes
+
+    betons = {s: os.path.join(args.data_dir, f"{s}.beton") for s in ("train", "val")}
+    if all(os.path.isfile(f) for f in betons.values()):
+        return f"fashion-scenes .beton files present in {args.data_dir}"
+    t0 = time.time()
+    scenes = os.path.join(args.data_dir, "scenes")
+    try:
+        write_fashion_scenes(scenes, ScenesConfig(train=args.train_scenes, val=args.val_scenes,
+                                                        max_garments=args.max_garments), force=True)
+        for split, beton in betons.items():
+            write_coco_beton(os.path.join(scenes, split),
+                             os.path.join(scenes, "annotations", f"instances_{split}.json"), beton, force=True)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"writing the scenes into {args.data_dir}: {exc}") from None
+    return (f"wrote {args.train_scenes} + {args.val_scenes} scenes and {', '.join(betons.values())} "
+            f"in {time.time() - t0:.0f} s")
+
+
+def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
+    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
+    from .config import load_config
+
+    side = args.teacher if name == "teacher" else args.students
+    uses_teacher = name not in ("teacher", "baseline")
+    overrides = [f"run_dir={os.path.join(args.out, name)}",
+                 f"data.path={os.path.join(args.data_dir, 'train.beton')}",
+                 f"data.val_path={os.path.join(args.data_dir, 'val.beton')}",
+                 *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
+    return load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
+
+
+def train_one(name: str, cfg) -> Dict[str, object]:
+    """Train one run from scratch (an earlier run directory of the same name is replaced)."""
+    from .engine.trainer import train
+
+    if os.path.isdir(cfg.run_dir):
+        shutil.rmtree(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
+    print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
+    t0 = time.time()
+    train(cfg)
+    return summarize(name, cfg.run_dir, time.time() - t0)
+
+
+def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str, object]:
+    """Box AP / AP50 and throughput of a finished run from its metrics.jsonl."""
+    from .config import ConfigError
+    from .engine.metrics import read_metrics
+
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise ConfigError(f"no finished {name} run in {run_dir}")
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    if not evals:
+        raise ConfigError(f"{run_dir}/metrics.jsonl has no evaluation: the {name} run did not finish")
+    # the first logging window holds start-up (allocation, first-iteration set-up): left out when there are more
+    rates = [r["images_per_s"] for r in train_rows[1:] or train_rows]
+    if wall is None:
+        wall = rows[-1]["time"] - rows[0]["time"]
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    return {"name": name, "model": cfg["student"]["name"], "fpn_channels": cfg["student"]["kwargs"].get("fpn_channels"),
+            "AP": evals[-1]["val/bbox_AP"], "AP50": evals[-1]["val/bbox_AP50"], "steps": evals[-1]["step"],
+            "images": evals[-1]["step"] * cfg["train"]["batch_size"],
+            "images_per_s": statistics.median(rates) if rates else float("nan"), "wall_s": wall, "run_dir": run_dir,
+            "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
+                       for k, v in r.items() if k.startswith("alpha/")}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The picture
+
+
+def draw_boxes(cfg, out: str, count: int) -> str:
+    """The first ``count`` val images with the student of run ``cfg`` (its final weights): its detections
+    scoring >= SCORE_THRESHOLD in red with class and score, the ground truth in dashed green."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .engine.export import student_state_dict
+    from .models.detection_forward import predict
+    from .tasks.detection import DetectionTask
+
+    task = DetectionTask(cfg)
+    model = task.build_model(cfg.student, "student")
+    model.load_state_dict(student_state_dict(cfg.run_dir), strict=True)
+    model.eval()
+    _, val = task.build_loaders(micro=count, grad_accum=1, rank=0, world=1, seed=cfg.seed,
+                                device=torch.device("cpu"), dtype=torch.float32, channels_last=False)
+    names = _category_names(val)
+    batch = next(iter(val))
+    raw = batch.images[:count]
+    with torch.no_grad():
+        dev = task.to_device(batch, torch.device("cpu"), torch.float32, channels_last=False)
+        detections = predict(model, dev.images, [tuple(t["size"]) for t in dev.targets])
+    fig, axes = plt.subplots(1, len(raw), figsize=(4 * len(raw), 4), squeeze=False)
+    for ax, img, det, tgt in zip(axes[0], raw, detections, batch.targets):
+        h, w = tgt["size"]
+        ax.imshow(img[:, :h, :w].permute(1, 2, 0).numpy())
+        for box in tgt["boxes"].tolist():
+            ax.add_patch(_rect(plt, box, "lime", "--"))
+        for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+            if score >= SCORE_THRESHOLD:
+                ax.add_patch(_rect(plt, box, "red", "-"))
+                ax.text(box[0], box[1], f"{names.get(label, label)} {score:.2f}", color="white", fontsize=7,
+                        va="bottom", bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "linewidth": 0})
+        ax.set_axis_off()
+    fig.suptitle(f"{cfg.student.name} ({os.path.basename(cfg.run_dir)}): red = detections >= {SCORE_THRESHOLD}, "
+                 "dashed green = ground truth", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _rect(plt, box, color: str, style: str):
+    x0, y0, x1, y1 = box
+    return plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linestyle=style, linewidth=1.5)
+
+
+def _category_names(loader) -> Dict[int, str]:
+    """Contiguous label -> category name, from the .beton's sidecar."""
+    by_id = {c["id"]: c["name"] for c in loader.meta["categories"]}
+    return {label: by_id.get(cat, str(cat)) for label, cat in enumerate(loader.label_to_category) if label}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} GPU"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def load_average() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
+
+
+def table(results: List[Dict[str, object]]) -> str:
+    base = next((r for r in results if r["name"] == "baseline"), None)
+    head = ["run", "model (FPN ch)", "box AP %", "AP50 %", "AP vs baseline", "train images", "images/s", "wall s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        delta = "" if base is None or r["name"] in ("teacher", "baseline") else f"{100 * (r['AP'] - base['AP']):+.2f}"
+        lines.append(f"| {r['name']} | {r['model']} ({r['fpn_channels']}) | {100 * r['AP']:.2f} | "
+                     f"{100 * r['AP50']:.2f} | {delta} | {r['images']} | {r['images_per_s']:.1f} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def report(results: List[Dict[str, object]], command: str, total_s: float, loads: List[str], picture: str) -> str:
+    import torch
+
+    alphas = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
+                       for r in results if r["alphas"])
+    return "\n".join([
+        f"Fashion-scenes detection demo, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"machine: {machine()}; load average (1/5/15 min) at the start {loads[0]}, at the end {loads[-1]}; "
+        f"torch {torch.__version__}, python {platform.python_version()}",
+        f"command: `{command}`; total {total_s:.0f} s",
+        "box AP / AP50: pycocotools on the whole val split; images/s = median training throughput "
+        "(teacher backbone + FPN forward included for distilled students)",
+        "",
+        table(results),
+        "",
+        f"alpha: auto chose: {alphas}" if alphas else "",
+        f"picture: {picture}",
+    ])
+
+
+def _hide_numba_finalizer_noise(unraisable) -> None:
+    """FFCV loaders compile their pipelines with numba; freeing a finished run's loaders can make numba's
+    dispatcher finalizer raise a harmless KeyError. Hide exactly that one; report everything else."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    if isinstance(unraisable.exc_value, KeyError) and where.endswith(os.path.join("numba", "core", "dispatcher.py")):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    """Validate every config, write the data, train what ``names`` lists (the teacher exported), summarise
+    earlier runs of the others; returns the results and every run's config."""
+    from .engine.export import export_student
+
+    teacher_pt = os.path.join(args.out, "teacher.pt")
+    configs = {n: run_config(n, args, teacher_pt) for n in ("teacher",) + STUDENTS}  # all validated first
+    print(prepare_data(args), flush=True)
+    results = []
+    for name in ("teacher",) + STUDENTS:
+        if name in names:
+            results.append(train_one(name, configs[name]))
+            if name == "teacher":
+                export_student(configs[name].run_dir, teacher_pt)
+                print(f"exported the teacher to {teacher_pt}", flush=True)
+        elif os.path.isfile(os.path.join(args.out, name, "metrics.jsonl")):  # an earlier run: into the table
+            results.append(summarize(name, os.path.join(args.out, name)))
+    return results, configs
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    sys.unraisablehook = _hide_numba_finalizer_noise
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fastkd demo_det: --device cuda but no CUDA device is visible", file=sys.stderr)
+        return 2
+    if args.device != "cuda" and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from .config import ConfigError
+
+    if args.pictures < 1:
+        print(f"fastkd demo_det: --pictures must be >= 1, got {args.pictures}", file=sys.stderr)
+        return 2
+    t_start, loads = time.time(), [load_average()]
+    names = [n for n in ("teacher",) + STUDENTS if args.only is None or n in args.only]
+    try:
+        results, configs = run_all(args, names)
+        pictured = next((n for n in ("mgd", "ct", "baseline") if any(r["name"] == n for r in results)), None)
+        picture = (draw_boxes(configs[pictured], os.path.join(args.out, "boxes.png"), args.pictures)
+                   if pictured else "none (no student run)")
+    except ConfigError as exc:
+        print(f"fastkd demo_det: error: {exc}", file=sys.stderr)
+        return 2
+    loads.append(load_average())
+    command = "python -m fastkd.demo_det " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = report(results, command.strip(), time.time() - t_start, loads, picture)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})", flush=True)
+    return 0
+
+
+def cli() -> int:
+    """``python -m fastkd.demo_det``: main, then leave the process group (DeepSpeed keeps it between runs)."""
+    from .engine.dist import teardown
+
+    try:
+        return main()
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
