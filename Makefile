@@ -10,7 +10,7 @@ SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup sysdeps venv test demo demo-seg bench clean gpu-wheels gpu-check
+.PHONY: setup sysdeps venv test demo demo-seg demo-det bench clean gpu-wheels gpu-check
 
 # Debian packages FFCV builds against, and Fashion-MNIST for the demo.
 sysdeps:
@@ -48,6 +48,11 @@ demo: setup
 # (fastkd/demo_seg.py). On a busy CPU: make demo-seg DEMO_SEG_ARGS="--threads 1"
 demo-seg: setup
 	$(BIN)/python -m fastkd.demo_seg $(DEMO_SEG_ARGS)
+
+# Detection: fashion scenes -> COCO .beton, RetinaNet teacher, one student three ways, box AP table +
+# boxes.png (fastkd/demo_det.py).
+demo-det: setup
+	$(BIN)/python -m fastkd.demo_det $(DEMO_DET_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastkd/_C*.so $(VENV)

@@ -97,7 +97,11 @@ def test_a_plugged_in_task_trains_with_pairs_checkpoints_and_resume(tmp_path, mo
     assert first["loss/mgd.layer2"] == pytest.approx(0.5 * (first["loss/mse"] + first["loss/l1"]), rel=1e-3)
     assert result["val/rmse"] > 0 and result["val/count"] == 37
     assert train_rows[-1]["loss/mse"] < train_rows[0]["loss/mse"]
-    # The same run stopped after one epoch and resumed ends with the same model as the straight run.
+    # The same run stopped after one epoch and resumed ends with the same model as the straight run,
+    # in a process group made anew (``fastkd train`` tears its group down; DeepSpeed's cached groups must
+    # not outlive it).
+    from fastkd.engine.dist import teardown
+    teardown()
     result2 = trainer.train(load_config(TINY, common[:-2] + [f"run_dir={tmp_path / 'run2'}", "train.epochs=2",
                                                          "train.session_steps=4"]))
     assert "val/rmse" not in result2

@@ -49,11 +49,24 @@ def setup(timeout_s: int = 1800) -> DistContext:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        _forget_deepspeed_groups()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     groups = DataParallelGroups(timeout_s) if dist.get_world_size() > 1 else None
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, timeout_s, groups)
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches its clone of the world group and the last ``mpu`` in module globals; after a
+    process group was destroyed (``fastkd train`` / the demos tear theirs down) a new one must not reuse
+    them ("Group ... is not registered" at the next ``deepspeed.initialize`` in the same process)."""
+    from deepspeed.utils import groups
+
+    if hasattr(groups, "_WORLD_GROUP"):
+        groups._WORLD_GROUP = None
+    if hasattr(groups, "mpu"):
+        groups.mpu = None
 
 
 class DataParallelGroups:

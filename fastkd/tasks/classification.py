@@ -63,4 +63,4 @@ class ClassificationTask(Task):
         return evaluate(model_eval_fn(model), loader, device, dtype)
 
     def describe(self, metrics: Dict[str, float]) -> str:
-        return f"top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}% ({metrics['count']} images)"
+        return f"top1 {metrics['top1']:.2f}% top5 {metrics['top5']:.2f}% on {metrics['count']} images"
