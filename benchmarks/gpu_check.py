@@ -26,13 +26,16 @@ process start 5 s, one Triton 3.6 compile 1-2 s, Inductor on a reference loss 10
                            correctness's cache), autotune timing ~15 s, Inductor ~6 x 15 s, timing ~15 s  limit 160 s
     step         120-180 s 2 recipes: Inductor on student+losses and on the teacher ~40-70 s each,
                            ~20 compiles, 6 timed steps and 4 teacher forwards a recipe              limit 130 s
-  second window (not run by default; --parts environment,detection,segmentation: 15 + 230 + 170 = 415 s):
+  second window (not run by default; --parts environment,detection,segmentation,seg-kernels:
+  15 + 230 + 170 + 120 = 535 s, a window of its own):
     detection    150-250 s RetinaNet-R50 <- X101-64x4d, 1333x800, batch 2: Inductor on the student's dense part
                            (backbone+FPN+head, forward+backward) ~60-90 s and on the X101 backbone+FPN ~40-60 s,
                            the MGD kernels at the 5 FPN shapes (~10 compiles, auto's trial), 4 steps, 3 teacher
                            forwards and 3 loss-only runs timed (do_bench, the steps ~0.1-0.4 s each)  limit 230 s
     segmentation 100-160 s PSPNet-R18 <- R101, 512x512, batch 8: Inductor on student+losses ~40-60 s and on the
                            teacher ~30-40 s, MGD kernels at [8,512,64,64], 4 steps + 6 single parts timed  limit 170 s
+    seg-kernels   60-100 s fused MGD [8,512>2048,64x128] and CT [8,512>2048>2048,64x128] vs eager and compiled
+                           references: 2 Inductor compiles, ~10 Triton compiles, 5 repetitions     limit 120 s
   Each variant's rows are recorded as soon as it is timed; kd-fused (the compiles) comes last.
 If a part stops at its limit, give it a window of its own: --parts environment,correctness,kernels first,
 then --parts step --limit-scale 2 (each window starts a fresh machine: 1-2 minutes of the device time).
@@ -40,7 +43,7 @@ then --parts step --limit-scale 2 (each window starts a fresh machine: 1-2 minut
     python benchmarks/gpu_check.py                        # on the GPU machine, writes to $OUT
     python benchmarks/gpu_check.py --dry-run --out /tmp/gc
     python benchmarks/gpu_check.py --parts step --limit-scale 2   # a subset (e.g. a second window)
-    python benchmarks/gpu_check.py --parts environment,detection,segmentation  # the second window
+    python benchmarks/gpu_check.py --parts environment,detection,segmentation,seg-kernels  # the second window
     python benchmarks/gpu_check.py --merge-tuning results/tuning.json
 """
 from __future__ import annotations

@@ -479,6 +479,28 @@ def segmentation_step(ctx) -> None:
     _dense_step(ctx, step_segmentation, "segmentation step")
 
 
+SEG_MGD, SEG_CT = "seg R101->R18", "seg R18->R101"
+
+
+def seg_kernel_targets() -> List[str]:
+    return [f"MGD {SEG_MGD}: fwd+bwd >= 1.0x compiled", f"MGD {SEG_MGD}: peak memory <= 0.5x eager",
+            f"MGD {SEG_MGD}: conv kernels >= 60% bf16 peak", f"CT {SEG_CT}: fwd+bwd >= 1.0x compiled"]
+
+
+def seg_kernels(ctx) -> None:
+    """The fused MGD and CT at the segmentation recipe's shapes (bench_mgd / bench_ct "seg" rows: the
+    student's 512-channel layer4 -> the teacher's 2048 at 64x128, batch 8), as the kernels part does for
+    classification and FPN shapes; dry: the tiny shapes under the same names."""
+    from benchmarks import bench_ct, bench_mgd
+
+    peaks = device_peaks(ctx.device)
+    dtype, reps = torch.bfloat16, 1 if ctx.dry else 5
+    mgd = next(iter(MGD_DRY.values())) if ctx.dry else bench_mgd.SHAPES[SEG_MGD]
+    ct = next(iter(CT_DRY.values())) if ctx.dry else bench_ct.SHAPES[SEG_CT]
+    _try(ctx, f"MGD {SEG_MGD}: benchmarked", lambda: _mgd_bench(ctx, SEG_MGD, mgd, dtype, peaks, reps))
+    _try(ctx, f"CT {SEG_CT}: benchmarked", lambda: _ct_bench(ctx, SEG_CT, ct, dtype, peaks, reps))
+
+
 def _dense_step(ctx, module, table: str) -> None:
     """A dense task's step rows (``module.measure``), each variant's rows recorded as soon as it is timed
     on the GPU (a part stopped later keeps them); the dry run: the tiny shape, one round, fp32."""
@@ -519,6 +541,9 @@ PARTS: List[Part] = [
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
     Part("segmentation", segmentation_step, limit_s=170, dry_limit_s=300, window=2,
          env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
+    # ~60-100 s on an H100/H200: 2 Inductor compiles of the references, ~10 Triton compiles, 5 repetitions
+    Part("seg-kernels", seg_kernels, limit_s=120, dry_limit_s=300, window=2, targets=seg_kernel_targets(),
+         env={"FASTKD_TRITON_TUNE": "few", "FASTKD_TRITON_TUNE_FEW": "2"}),
 ]
-# The second device window: python benchmarks/gpu_check.py --parts environment,detection,segmentation
+# The second device window: python benchmarks/gpu_check.py --parts environment,detection,segmentation,seg-kernels
 WINDOW_2 = ["environment"] + [p.name for p in PARTS if p.window == 2]

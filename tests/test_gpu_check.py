@@ -61,6 +61,8 @@ def test_dry_run_writes_every_file(tmp_path):
     tables = {r["table"] for r in records if r["kind"] == "row"}
     assert {"environment", "MGD kernels", "CT kernels", "training step", "detection step",
             "segmentation step"} <= tables
+    seg_rows = {r["fields"].get("shape") for r in records if r["kind"] == "row" and r["table"] in ("MGD kernels", "CT kernels")}
+    assert {"seg R101->R18", "seg R18->R101"} <= seg_rows  # the segmentation-shaped kernel rows
     for table in ("detection step", "segmentation step"):  # every variant of the dense steps has its row
         steps = {r["fields"].get("step") for r in records if r["kind"] == "row" and r["table"] == table}
         assert {"student", "kd-ref", "kd-auto"} <= steps and any(s.startswith("teacher fwd of") for s in steps), steps
