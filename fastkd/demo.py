@@ -37,6 +37,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo")
 STUDENTS = ("baseline", "mgd", "ct", "mgd_kd")
@@ -160,22 +162,8 @@ def summarize(name: str, run_dir: str, wall: Optional[float] = None, plot: Optio
 # Report
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} GPU"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU"
 
 
-def load_average() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
 
 def group(results: List[Dict[str, object]]) -> Dict[str, List[Dict[str, object]]]:
@@ -273,17 +261,6 @@ class Timer:
         return "\n".join(lines)
 
 
-def _hide_numba_finalizer_noise(unraisable) -> None:
-    """Each FFCV loader compiles its pipeline with numba; when a finished run's loaders are freed, numba's
-    dispatcher finalizer can raise a harmless KeyError that Python prints as "Exception ignored in ...".
-    Hide exactly that one (innermost frame in numba/core/dispatcher.py); report everything else."""
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
-    if isinstance(unraisable.exc_value, KeyError) and where.endswith(os.path.join("numba", "core", "dispatcher.py")):
-        return
-    sys.__unraisablehook__(unraisable)
 
 
 def _earlier(args: argparse.Namespace, name: str, seed_index: int) -> Optional[Dict[str, object]]:
@@ -318,7 +295,7 @@ def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     timer, load_start = Timer(), load_average()
-    sys.unraisablehook = _hide_numba_finalizer_noise
+    sys.unraisablehook = hide_numba_finalizer_noise
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
@@ -356,13 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo``: main, then leave the process group (DeepSpeed keeps it between runs)."""
-    from .engine.dist import teardown
-
-    try:
-        return main()
-    finally:
-        teardown()
+    """``python -m fastkd.demo``: main, then leave the process group."""
+    return run(main)
 
 
 if __name__ == "__main__":

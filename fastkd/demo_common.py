@@ -1,7 +1,10 @@
-"""Pieces the demos share (``fastkd.demo_seg`` uses them; ``fastkd.demo`` has its own copies for now).
+"""Pieces the demos share (``fastkd.demo``, ``fastkd.demo_seg``, ``fastkd.demo_det``).
 
 - :func:`select_device`: hide or require GPUs before torch initialises CUDA, and pick DeepSpeed's accelerator;
-- :func:`machine`: one line naming the CPU (cores, load average) or the GPU, for result tables;
+- :func:`machine_name` / :func:`machine`: the CPU (cores) or the GPU, for result tables (``machine`` adds
+  the load average);
+- :func:`hide_numba_finalizer_noise`: an ``unraisablehook`` for the harmless numba finalizer KeyError;
+- :func:`run`: ``main`` then leave the process group;
 - :func:`replace_run_dir`: a demo always starts a run over (``resume: auto`` would pick up an old one);
 - :func:`median_rate`: the median training throughput of a run's metrics rows, start-up window left out;
 - :func:`threads`: a context manager setting torch's intra-op threads for the runs and restoring them.
@@ -13,7 +16,8 @@ import os
 import platform
 import shutil
 import statistics
-from typing import Dict, Iterator, List, Optional
+import sys
+from typing import Callable, Dict, Iterator, List, Optional
 
 
 def select_device(choice: str) -> Optional[str]:
@@ -30,8 +34,8 @@ def select_device(choice: str) -> Optional[str]:
     return None
 
 
-def machine() -> str:
-    """``<CPU model>, N cores, no GPU (load average at the end 1/5/15 min)`` or ``<GPU name> GPU``."""
+def machine_name() -> str:
+    """``<CPU model>, N cores, no GPU`` or ``<GPU name> GPU``."""
     import torch
 
     if torch.cuda.is_available():
@@ -42,7 +46,36 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU (load average at the end {load_average()})"
+    return f"{cpu}, {os.cpu_count()} cores, no GPU"
+
+
+def machine() -> str:
+    """:func:`machine_name` with the load average at the end (1/5/15 min)."""
+    name = machine_name()
+    return name if name.endswith(" GPU") else f"{name} (load average at the end {load_average()})"
+
+
+def hide_numba_finalizer_noise(unraisable) -> None:
+    """FFCV loaders compile their pipelines with numba; freeing a finished run's loaders can make numba's
+    dispatcher finalizer raise a harmless KeyError that Python prints as "Exception ignored in ...".
+    Hide exactly that one (innermost frame in numba/core/dispatcher.py); report everything else."""
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+    if isinstance(unraisable.exc_value, KeyError) and where.endswith(os.path.join("numba", "core", "dispatcher.py")):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def run(main: Callable[[], int]) -> int:
+    """``python -m fastkd.demo*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs)."""
+    from .engine.dist import teardown
+
+    try:
+        return main()
+    finally:
+        teardown()
 
 
 def load_average() -> str:

@@ -32,6 +32,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
 STUDENTS = ("baseline", "mgd", "ct")
@@ -209,22 +211,8 @@ def _category_names(loader) -> Dict[int, str]:
 # Report
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} GPU"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, no GPU"
 
 
-def load_average() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
 
 
 def table(results: List[Dict[str, object]]) -> str:
@@ -258,16 +246,6 @@ def report(results: List[Dict[str, object]], command: str, total_s: float, loads
     ])
 
 
-def _hide_numba_finalizer_noise(unraisable) -> None:
-    """FFCV loaders compile their pipelines with numba; freeing a finished run's loaders can make numba's
-    dispatcher finalizer raise a harmless KeyError. Hide exactly that one; report everything else."""
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = tb.tb_frame.f_code.co_filename if tb is not None else ""
-    if isinstance(unraisable.exc_value, KeyError) and where.endswith(os.path.join("numba", "core", "dispatcher.py")):
-        return
-    sys.__unraisablehook__(unraisable)
 
 
 def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
@@ -292,7 +270,7 @@ def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    sys.unraisablehook = _hide_numba_finalizer_noise
+    sys.unraisablehook = hide_numba_finalizer_noise
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
@@ -331,13 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo_det``: main, then leave the process group (DeepSpeed keeps it between runs)."""
-    from .engine.dist import teardown
-
-    try:
-        return main()
-    finally:
-        teardown()
+    """``python -m fastkd.demo_det``: main, then leave the process group."""
+    return run(main)
 
 
 if __name__ == "__main__":

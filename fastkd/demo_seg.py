@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import machine, median_rate, replace_run_dir, select_device, threads
+from .demo_common import machine, median_rate, replace_run_dir, run, select_device, threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
@@ -234,13 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo_seg``: main, then leave the process group (DeepSpeed keeps it between runs)."""
-    from .engine.dist import teardown
-
-    try:
-        return main()
-    finally:
-        teardown()
+    """``python -m fastkd.demo_seg``: main, then leave the process group."""
+    return run(main)
 
 
 if __name__ == "__main__":
