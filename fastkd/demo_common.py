@@ -51,8 +51,10 @@ def machine_name() -> str:
 
 def machine() -> str:
     """:func:`machine_name` with the load average at the end (1/5/15 min)."""
+    import torch
+
     name = machine_name()
-    return name if name.endswith(" GPU") else f"{name} (load average at the end {load_average()})"
+    return name if torch.cuda.is_available() else f"{name} (load average at the end {load_average()})"
 
 
 def hide_numba_finalizer_noise(unraisable) -> None:
