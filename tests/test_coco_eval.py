@@ -44,6 +44,9 @@ for batch in loader:
 metrics = evaluate_coco(results, gt, image_ids=ids, results_path=out + ".results.json")
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(metrics, f)
+if world > 1:  # leave the group cleanly: gloo's threads must not meet the interpreter's exit
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
