@@ -26,6 +26,7 @@ import torch
 
 from .base import cpu_count
 from .coco import read_sidecar
+from .fallback import KeySampler
 from .detection import (DetectionBatch, batch_bucket, bucket_shapes, flip_draw, flip_region_, grouped_order,
                         resized_hw, transform_boxes)
 
@@ -241,15 +242,6 @@ def _collate(samples):
     return torch.stack(images), list(boxes), list(labels), list(crowd)
 
 
-class _KeySampler(torch.utils.data.Sampler):
-    def __init__(self):
-        self.keys = []
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
 
 class TorchDetectionLoader(DetectionLoader):
@@ -258,7 +250,7 @@ class TorchDetectionLoader(DetectionLoader):
     def __init__(self, path: str, *, num_workers: int = 0, prefetch_factor: int = 2, **kwargs):
         super().__init__(path, **kwargs)
         self.num_workers = max(0, min(int(num_workers), cpu_count()))
-        self._sampler = _KeySampler()
+        self._sampler = KeySampler()
         workers = self.num_workers
         self._loader = torch.utils.data.DataLoader(
             _BetonSamples(path, self.index, self.sizes), batch_size=self.batch_size, sampler=self._sampler,

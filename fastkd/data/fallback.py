@@ -32,8 +32,9 @@ class _TransformedSource(Dataset):
         return torch.from_numpy(self.transform(image, index, epoch, size)), int(label)
 
 
-class _KeySampler(Sampler):
-    """Yields (index, epoch, resolution) for the order the loader set for the coming epoch."""
+class KeySampler(Sampler):
+    """Yields the keys (e.g. (index, epoch, resolution)) the loader set for the coming epoch, in order
+    (also the detection loader's sampler)."""
 
     def __init__(self):
         self.keys = []
@@ -60,7 +61,7 @@ class TorchLoader(EpochLoader):
         self.scale_, self.shift_ = normalize_coefficients(mean, std, device)
         transform = SampleTransform(train=train, size=image_size, scale=tuple(scale), ratio=tuple(ratio),
                                     flip=flip, center_ratio=center_ratio, seed=seed)
-        self._sampler = _KeySampler()
+        self._sampler = KeySampler()
         workers = self.num_workers
         self._loader = DataLoader(_TransformedSource(source, transform), batch_size=batch_size,
                                   sampler=self._sampler, num_workers=workers,

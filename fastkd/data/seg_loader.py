@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import EpochLoader, cpu_count
-from .fallback import _KeySampler
+from .fallback import KeySampler
 from .seg_transforms import IGNORE_INDEX, SegTrainTransform
 
 
@@ -78,7 +78,7 @@ class SegLoader(EpochLoader):
         device = torch.device(device)
         self.source, self.transform = source, transform
         self.num_classes, self.classes = source.num_classes, tuple(source.classes)
-        self._sampler = _KeySampler()
+        self._sampler = KeySampler()
         workers = max(0, min(int(num_workers), cpu_count()))
         self._loader = DataLoader(_Samples(source, transform), batch_size=batch_size, sampler=self._sampler,
                                   num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
