@@ -171,7 +171,7 @@ def stats(times):
     return statistics.median(times), q(0.2), q(0.8)
 
 
-def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3):
+def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3, sample_ms: float = 100.0):
     rounds = min(rounds, case.rounds) if case.rounds else rounds
     student, teacher, params = make_inputs(case)
     wrt = [student] + [t for t in params.values() if t is not None]
@@ -183,6 +183,12 @@ def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3):
         for _ in range(warmup if name != "compile" else max(warmup, 2)):
             torch.autograd.grad(fn(), wrt)
         print(f"# {case.op} {case.name}: {name} warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    # one forward+backward sample = the mean of `reps` back-to-back calls, reps chosen (the same for every
+    # implementation) so that a sample lasts about sample_ms: short ops are not at the mercy of one timer tick
+    # or one preemption
+    t0 = time.perf_counter()
+    torch.autograd.grad(impls["eager"](), wrt)
+    reps = max(1, round(sample_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))
     times = {k: {"fwd": [], "bwd": [], "full": []} for k in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
@@ -191,11 +197,12 @@ def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3):
             t1 = time.perf_counter()
             torch.autograd.grad(loss, wrt)
             t2 = time.perf_counter()
-            torch.autograd.grad(fn(), wrt)
+            for _ in range(reps):
+                torch.autograd.grad(fn(), wrt)
             t3 = time.perf_counter()
             times[name]["fwd"].append((t1 - t0) * 1e3)
             times[name]["bwd"].append((t2 - t1) * 1e3)
-            times[name]["full"].append((t3 - t2) * 1e3)
+            times[name]["full"].append((t3 - t2) * 1e3 / reps)
     peaks = {k: peak_memory_bytes(lambda: torch.autograd.grad(fn(), wrt), "cpu") for k, fn in impls.items()}
     chose = auto_choice(case, student, teacher, params)
     return {k: {part: stats(v) for part, v in t.items()} for k, t in times.items()}, peaks, chose
@@ -230,6 +237,8 @@ def main():
     ap.add_argument("--impls", default=None, help="comma-separated implementations to run besides csrc, eager, "
                     "auto (default: all; e.g. 'compile' or 'none')")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls per implementation first")
+    ap.add_argument("--sample-ms", type=float, default=100.0, help="a forward+backward sample is the mean of "
+                    "as many back-to-back calls as last about this long (eager's time decides, same for all)")
     ap.add_argument("--profile", default=None, metavar="IMPL", help="print torch.profiler's table of two "
                     "forward+backward calls of IMPL (e.g. csrc) for each selected case, then exit")
     args = ap.parse_args()
@@ -251,7 +260,8 @@ def main():
     for case in CASES:
         if args.only and not any(part in f"{case.op} {case.name}" for part in args.only.split(",")):
             continue
-        res, peaks, chose = run_case(case, args.rounds, args.impls.split(",") if args.impls else None, args.warmup)
+        res, peaks, chose = run_case(case, args.rounds, args.impls.split(",") if args.impls else None, args.warmup,
+                                      args.sample_ms)
         full = {k: v["full"][0] for k, v in res.items()}
         for impl, r in res.items():
             x_eager = full["eager"] / full[impl]
@@ -279,7 +289,8 @@ def main():
                                        text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    notes = ("Median ms (20-80 % quantiles) over round-robin repetitions; x eager / x compile = speed-up of "
+    notes = ("Median ms (20-80 % quantiles) over round-robin repetitions (fwd+bwd: each sample the mean of "
+             f"back-to-back calls lasting ~{args.sample_ms:.0f} ms); x eager / x compile = speed-up of "
              "forward+backward; GFLOP/s counts forward+backward as 3x the forward's FLOPs of direct "
              "convolutions (an effective rate: csrc's MGD runs its 3x3 convolutions by Winograd F(4x4,3x3), "
              "~1/3 of those FLOPs; 'csrc (direct conv)' is the same kernels with oneDNN's direct convolutions, "

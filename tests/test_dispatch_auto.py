@@ -129,6 +129,31 @@ def test_measured_choice_is_cached_and_reused(fakes, monkeypatch):
     assert json.load(open(path))["entries"][key]["choice"] == "fake_a"
 
 
+def test_steady_state_skips_the_bucket_and_follows_switches(fakes, monkeypatch):
+    """After the first call, a call of the same signature is one memo lookup (``choose`` not entered), and
+    the memo never outlives what it depends on: the switch, a reset, another shape."""
+    monkeypatch.setattr(_auto, "measure", _forced({"fake_a": 3.0, "fake_b": 1.0, "reference": 2.0}, []))
+    s, t, w = _ct()
+    ct_loss(s, t, *w)
+    entered = []
+    real_choose = _auto.choose
+    monkeypatch.setattr(_auto, "choose", lambda *a, **k: entered.append(1) or real_choose(*a, **k))
+    for _ in range(3):
+        ct_loss(s, t, *w)
+    assert entered == [] and FAKES["fake_b"].calls == 4
+    ct_loss(*_ct(n=3)[:2], *w)  # another shape: through choose (same bucket, same choice)
+    assert entered == [1] and FAKES["fake_b"].calls == 5
+    s_ng, t_ng, _ = _ct(requires_grad=False)  # requires_grad is part of the signature
+    ct_loss(s_ng, t_ng, *w)
+    assert len(entered) == 2
+    monkeypatch.setenv("FASTKD_AUTO_TRIAL", "0")  # switched off: the static order at once
+    ct_loss(s, t, *w)
+    assert FAKES["fake_a"].calls == 1
+    monkeypatch.setenv("FASTKD_AUTO_TRIAL", "1")
+    _auto.reset()  # forgotten with the decisions
+    assert _auto.memo_get(_auto.signature("ct_loss", "cpu", _ct_inputs(s, t, w))) is None
+
+
 def test_switched_off_uses_the_static_order(fakes, monkeypatch):
     monkeypatch.setenv("FASTKD_AUTO_TRIAL", "0")
     monkeypatch.setattr(_auto, "measure", lambda *a: pytest.fail("measured although switched off"))

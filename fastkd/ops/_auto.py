@@ -73,6 +73,7 @@ _decided: Dict[str, Decision] = {}   # agreed decisions (identical on every rank
 _pending: Dict[str, Decision] = {}   # this rank's results not yet agreed (distributed only)
 _disk: Dict[str, Dict[str, Decision]] = {}  # device kind -> this machine's cached decisions
 _calls: Dict[str, int] = {}          # op -> auto calls so far (distributed only)
+_memo: Dict[tuple, str] = {}         # exact signature of a call -> agreed choice (single process only)
 
 
 def enabled() -> bool:
@@ -100,7 +101,7 @@ def cache_dir() -> str:
 
 def reset() -> None:
     """Forget every decision held in memory (the disk cache stays)."""
-    for table in (_decided, _pending, _disk, _calls):
+    for table in (_decided, _pending, _disk, _calls, _memo):
         table.clear()
 
 
@@ -128,6 +129,38 @@ def bucket_key(op: str, dev_type: str, inputs: dict) -> Optional[str]:
         elif value is None or isinstance(value, (str, int, float, bool)):
             parts.append(f"{name}={value}")
     return " ".join(parts)
+
+
+def signature(op: str, dev_type: str, inputs: dict) -> tuple:
+    """Everything about ``inputs`` that a backend's acceptance or the bucket can depend on, as a hashable
+    tuple that is cheap to build (no strings): the key of the steady-state memo."""
+    sig = [op, dev_type, os.environ.get("TRITON_INTERPRET"), os.environ.get("FASTKD_AUTO_TRIAL")]
+    for name, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            sig.append((name, tuple(value.shape), value.stride(), value.dtype, value.device, value.requires_grad))
+        else:
+            sig.append((name, value))
+    return tuple(sig)
+
+
+def memo_get(sig: tuple) -> Optional[str]:
+    """The choice made for a call of exactly this signature before, if it may be reused without going
+    through :func:`choose` (one process, trial enabled, not tracing); else None."""
+    return _memo.get(sig) if _memo else None
+
+
+def memo_put(sig: tuple, choice: str) -> None:
+    """Remember ``choice`` for this signature once the bucket's decision is settled (one process only:
+    with several ranks every call goes through :func:`choose`, which counts calls for the agreement)."""
+    if _world() == 1 and enabled() and not torch.compiler.is_compiling():
+        _memo[sig] = choice
+
+
+def settled(op: str, dev_type: str, inputs: dict, choice: str) -> bool:
+    """Whether ``choice`` is the agreed decision of these inputs' bucket (not a static-order stand-in)."""
+    key = bucket_key(op, dev_type, inputs)
+    d = _decided.get(key) if key is not None else None
+    return d is not None and d.choice == choice
 
 
 def _cpu_model() -> tuple:

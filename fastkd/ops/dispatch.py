@@ -171,6 +171,12 @@ def select(op: str, backend: str, device: torch.device | str, inputs: dict,
             raise BackendUnavailableError(f"{op}: backend {backend!r} cannot run these inputs: {why}")
         return _LOADED[backend]
     dev_type = torch.device(device).type
+    sig = None
+    if run is not None and not torch.compiler.is_compiling():  # steady state: one dict lookup
+        sig = _auto.signature(op, dev_type, inputs)
+        hit = _auto.memo_get(sig)
+        if hit is not None:
+            return _LOADED[hit]
     accepted: Dict[str, object] = {}
     reasons = []
     for name in auto_order(op, dev_type):
@@ -185,7 +191,10 @@ def select(op: str, backend: str, device: torch.device | str, inputs: dict,
         raise BackendUnavailableError(f"{op}: no backend accepts these inputs on {dev_type}: " + "; ".join(reasons))
     if run is None or len(accepted) == 1:
         return next(iter(accepted.values()))
-    return accepted[_auto.choose(op, dev_type, inputs, accepted, run, args or {})]
+    choice = _auto.choose(op, dev_type, inputs, accepted, run, args or {})
+    if sig is not None and _auto.settled(op, dev_type, inputs, choice):
+        _auto.memo_put(sig, choice)
+    return accepted[choice]
 
 
 # Backend modules are imported here, once (cheap: compiled parts load later, in unavailable()), so that the
