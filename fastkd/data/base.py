@@ -27,7 +27,39 @@ def cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-class EpochLoader(abc.ABC):
+class DataPosition:
+    """The data position every loader shares: ``epoch``, batches handed out, and the settings that give a
+    batch index its meaning (``position_keys``: a saved position is refused when one of them differs)."""
+
+    position_keys: Tuple[str, ...] = ("seed", "batch_size", "world_size", "num_samples")
+
+    def _reset_position(self) -> None:
+        self.epoch, self._start_batch, self._position = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Next ``iter()`` reads epoch ``epoch`` from its start (its order depends on seed and epoch only)."""
+        self.epoch, self._start_batch, self._position = int(epoch), 0, 0
+
+    def skip_batches(self, k: int) -> None:
+        """Next ``iter()`` starts at batch ``k`` of the current epoch (mid-epoch resume)."""
+        if not 0 <= k <= len(self):
+            raise ValueError(f"cannot skip {k} batches of an epoch of {len(self)}")
+        self._start_batch = self._position = int(k)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self._position, **{k: getattr(self, k) for k in self.position_keys}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in self.position_keys:
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"data position was saved with {key}={state[key]} but this loader has "
+                                 f"{key}={getattr(self, key)}: the batch position would not mean the "
+                                 f"same samples (resume at an epoch boundary instead: set_epoch)")
+        self.set_epoch(state["epoch"])
+        self.skip_batches(state["batch"])
+
+
+class EpochLoader(DataPosition, abc.ABC):
     """Base class: subclasses implement ``_iterate(order, epoch, resolution)``."""
 
     backend = "base"
@@ -39,9 +71,7 @@ class EpochLoader(abc.ABC):
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.device = torch.device(device)
         self.resolution = resolution
-        self.epoch = 0
-        self._start_batch = 0
-        self._position = 0
+        self._reset_position()
         if len(self) == 0:
             raise ValueError(f"{self.num_samples} samples give no batch of {self.batch_size} on rank "
                              f"{self.rank}/{self.world_size} (drop_last={self.drop_last})")
@@ -57,30 +87,6 @@ class EpochLoader(abc.ABC):
         return epoch_order(self.num_samples, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
                            rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
                            drop_last=self.drop_last, start_batch=start_batch)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Next ``iter()`` reads epoch ``epoch`` from its start (its order depends on seed and epoch only)."""
-        self.epoch, self._start_batch, self._position = int(epoch), 0, 0
-
-    def skip_batches(self, k: int) -> None:
-        """Next ``iter()`` starts at batch ``k`` of the current epoch (mid-epoch resume)."""
-        if not 0 <= k <= len(self):
-            raise ValueError(f"cannot skip {k} batches of an epoch of {len(self)}")
-        self._start_batch = self._position = int(k)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._position, "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size,
-                "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "world_size", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"data position was saved with {key}={state[key]} but this loader has "
-                                 f"{key}={getattr(self, key)}: the batch position would not mean the "
-                                 f"same samples (resume at an epoch boundary instead: set_epoch)")
-        self.set_epoch(state["epoch"])
-        self.skip_batches(state["batch"])
 
     def current_resolution(self, epoch: Optional[int] = None) -> int:
         return self.resolution(self.epoch if epoch is None else epoch)

@@ -24,7 +24,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
-from .base import cpu_count
+from .base import DataPosition, cpu_count
 from .coco import read_sidecar
 from .fallback import KeySampler
 from .detection import (DetectionBatch, batch_bucket, bucket_shapes, flip_draw, flip_region_, grouped_order,
@@ -57,10 +57,11 @@ class _Index:
         self.num_samples = int(reader.num_samples)
 
 
-class DetectionLoader(abc.ABC):
+class DetectionLoader(DataPosition, abc.ABC):
     """Shared order, position and batch assembly; subclasses decode (``_iterate``)."""
 
     backend = "base"
+    position_keys = ("seed", "batch_size", "world_size", "grad_accum", "num_samples")
 
     def __init__(self, path: str, *, train: bool, batch_size: int, min_size: int = 800, max_size: int = 1333,
                  flip_prob: Optional[float] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
@@ -82,7 +83,7 @@ class DetectionLoader(abc.ABC):
         empty_ok = not (train if skip_empty is None else skip_empty)
         self.candidates = np.arange(idx.num_samples) if empty_ok else np.nonzero(idx.num_boxes > 0)[0]
         self.num_samples = len(self.candidates)
-        self.epoch, self._start_batch, self._position = 0, 0, 0
+        self._reset_position()
         self._len = -(-len(self.order(0)) // self.batch_size)
         if self._len == 0:
             raise ValueError(f"{path}: {self.num_samples} images give no batch of {batch_size} on rank "
@@ -93,7 +94,7 @@ class DetectionLoader(abc.ABC):
         """(landscape, portrait, mixed) padded (H, W) shapes this loader produces."""
         return bucket_shapes(self.min_size, self.max_size)
 
-    # -- order and position (same contract as fastkd.data.base.EpochLoader) ------------------
+    # -- order (the position: fastkd.data.base.DataPosition) ---------------------------------
     def __len__(self) -> int:
         return self._len
 
@@ -101,26 +102,6 @@ class DetectionLoader(abc.ABC):
         return grouped_order(self.landscape, self.candidates, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
                              rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
                              drop_last=self.drop_last, grad_accum=self.grad_accum)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._start_batch, self._position = int(epoch), 0, 0
-
-    def skip_batches(self, k: int) -> None:
-        if not 0 <= k <= len(self):
-            raise ValueError(f"cannot skip {k} batches of an epoch of {len(self)}")
-        self._start_batch = self._position = int(k)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batch": self._position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size, "grad_accum": self.grad_accum, "num_samples": self.num_samples}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "world_size", "grad_accum", "num_samples"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"data position was saved with {key}={state[key]} but this loader has "
-                                 f"{key}={getattr(self, key)}: the batch position would not mean the same images")
-        self.set_epoch(state["epoch"])
-        self.skip_batches(state["batch"])
 
     def __iter__(self) -> Iterator[DetectionBatch]:
         epoch, start = self.epoch, self._start_batch
