@@ -89,25 +89,31 @@ def synthetic_batch(shape: str, device, dtype, *, channels_last: bool, seed: int
 def build(shape: str, variant: str, batch, device, dtype):
     """(distiller, optimizer) as the trainer builds them (minus DeepSpeed): task models, checked pairs,
     the Distiller with the task, a compiled teacher when the variant compiles (train.compile_teacher)."""
-    from fastkd.distill import Distiller, build_losses, check_pairs
-    from fastkd.distill.models import freeze
-    from fastkd.engine.schedules import build_optimizer
     from fastkd.tasks.detection import DetectionTask
 
     backend, compile, with_teacher = VARIANTS[variant]
     cfg = config(shape, backend=backend, compile=compile)
-    task = DetectionTask(cfg)
+    return build_distiller(DetectionTask(cfg), cfg, batch, device, dtype, backend=backend, compile=compile,
+                           with_teacher=with_teacher)
+
+
+def build_distiller(task, cfg, batch, device, dtype, *, backend: str, compile: bool, with_teacher: bool):
+    """(distiller, optimizer) for any task: random-weight student (and teacher), the engine's start-up probe of
+    both models' features on ``batch``, checked pairs, losses, the Distiller, a compiled teacher if compiling."""
+    from fastkd.distill import Distiller, build_losses, check_pairs
+    from fastkd.distill.models import freeze
+    from fastkd.engine.schedules import build_optimizer
+
     torch.manual_seed(0)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     student = task.build_model(cfg.student, "student").to(device, dtype, memory_format=fmt)
-    teacher = None
-    specs = []
+    teacher, specs = None, []
     if with_teacher:
         teacher = freeze(task.build_model(cfg.teacher, "teacher")).to(device, dtype, memory_format=fmt)
         student.eval()
-        s_feats = task.teacher_forward(student, batch)[1]  # the engine's start-up probe of the student's levels
+        s_feats = task.teacher_forward(student, batch, None)[1]  # the engine's start-up probe of the student
         student.train()
-        specs = check_pairs(cfg.distill.pairs, s_feats, task.teacher_forward(teacher, batch)[1])
+        specs = check_pairs(cfg.distill.pairs, s_feats, task.teacher_forward(teacher, batch, None)[1])
     distill_cfg = cfg.distill if with_teacher else type(cfg.distill)(backend=backend)
     losses = build_losses(specs, seed=0, backend=backend).to(device, dtype)
     distiller = Distiller(student, teacher, specs, losses, distill_cfg, task=task, compile=compile)

@@ -30,9 +30,6 @@ LOSS_LABEL = "MGD loss layer4 fwd+bwd"
 def build(shape: str, variant: str, batch, device, dtype):
     """(distiller, optimizer) as the trainer builds them (minus DeepSpeed and the teacher's checkpoint)."""
     from fastkd.config import build_config, load_yaml
-    from fastkd.distill import Distiller, build_losses, check_pairs
-    from fastkd.distill.models import freeze
-    from fastkd.engine.schedules import build_optimizer
     from fastkd.tasks.segmentation import SegmentationTask
 
     backend, compile, with_teacher = step_detection.VARIANTS[variant]
@@ -43,23 +40,8 @@ def build(shape: str, variant: str, batch, device, dtype):
     tree["distill"]["backend"] = backend
     tree["train"]["compile"] = compile
     cfg = build_config(tree, source=CONFIG)
-    task = SegmentationTask(cfg)
-    torch.manual_seed(0)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    student = task.build_model(cfg.student, "student").to(device, dtype, memory_format=fmt)
-    teacher, specs = None, []
-    if with_teacher:
-        teacher = freeze(task.build_model(cfg.teacher, "teacher")).to(device, dtype, memory_format=fmt)
-        student.eval()
-        s_feats = task.teacher_forward(student, batch, None)[1]
-        student.train()
-        specs = check_pairs(cfg.distill.pairs, s_feats, task.teacher_forward(teacher, batch, None)[1])
-    distill_cfg = cfg.distill if with_teacher else type(cfg.distill)(backend=backend)
-    losses = build_losses(specs, seed=0, backend=backend).to(device, dtype)
-    distiller = Distiller(student, teacher, specs, losses, distill_cfg, task=task, compile=compile)
-    if compile:
-        object.__setattr__(distiller, "_teacher", torch.compile(teacher))
-    return distiller, build_optimizer(distiller, cfg.optim)
+    return step_detection.build_distiller(SegmentationTask(cfg), cfg, batch, device, dtype, backend=backend,
+                                          compile=compile, with_teacher=with_teacher)
 
 
 def synthetic_batch(shape: str, device, dtype, *, channels_last: bool, seed: int = 0):
