@@ -193,3 +193,23 @@ def test_imagefolder_train_batches(raw_beton):
         assert torch.isfinite(x).all() and set(y.tolist()) <= {0, 1}
     lo, hi = (0 - 0.485) / 0.229, (1 - 0.406) / 0.225  # default ImageNet statistics
     assert lo - 1e-4 <= min(float(x.min()) for x, _ in batches) and max(float(x.max()) for x, _ in batches) <= hi + 1e-4
+
+
+def test_train_and_val_normalised_differently_is_refused(tmp_path):
+    """Default statistics follow each file's sidecar: a val .beton whose sidecar is gone would be evaluated
+    with ImageNet's statistics while training used Fashion-MNIST's. Refused, naming both files."""
+    from fastkd.data import build_loaders
+    from fastkd.data.fashion_mnist import CLASSES
+
+    images, labels = np.zeros((8, 28, 28), np.uint8), np.arange(8) % 10
+    for split in ("train", "test"):
+        write_beton(ArraySource(images, labels, name=split, classes=CLASSES), str(tmp_path / f"{split}.beton"),
+                    write_mode="raw", num_workers=1, progress=False)
+    common = dict(source="ffcv", path=str(tmp_path), batch_size=4, num_workers=1, image_size=28)
+    train, val = build_loaders(**common)  # both sidecars: the same (Fashion-MNIST) statistics
+    assert train.normalization == val.normalization
+    os.remove(tmp_path / "test.beton.json")
+    with pytest.raises(ValueError, match=r"test\.beton\) would be normalised differently.*sidecar"):
+        build_loaders(**common)
+    train, val = build_loaders(**common, mean=MEAN, std=STD)  # explicit statistics: nothing to tell apart
+    assert train.normalization == val.normalization == (MEAN, STD)

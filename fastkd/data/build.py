@@ -165,10 +165,27 @@ def build_loader(split: str, *, source: str = "auto", path: str, batch_size: int
     if source == "ffcv":
         from .ffcv_loader import FFCVLoader
 
-        return FFCVLoader(path, os_cache=os_cache, batches_ahead=batches_ahead, **common)
-    from .fallback import TorchLoader
+        loader = FFCVLoader(path, os_cache=os_cache, batches_ahead=batches_ahead, **common)
+    else:
+        from .fallback import TorchLoader
 
-    return TorchLoader(make_source(path, split, on_corrupt), **common)
+        loader = TorchLoader(make_source(path, split, on_corrupt), **common)
+    loader.normalization = (tuple(float(m) for m in mean), tuple(float(v) for v in std))
+    loader.path = path
+    return loader
+
+
+def check_same_normalization(train, val) -> None:
+    """A model evaluated on differently normalised images than it trained on is silently wrong: refuse it.
+    (Default statistics are chosen per file, from its sidecar's class list: a val .beton whose sidecar is
+    missing gets ImageNet's while its train split gets Fashion-MNIST's.)"""
+    tn, vn = getattr(train, "normalization", None), getattr(val, "normalization", None)
+    if tn is None or vn is None or tn == vn:
+        return
+    raise ValueError(f"the train split ({getattr(train, 'path', '?')}) and the val split "
+                     f"({getattr(val, 'path', '?')}) would be normalised differently (mean/std {tn} vs {vn}): "
+                     "the default statistics follow each file's sidecar (<file>.json, its class list); restore "
+                     "the missing or different sidecar, or set data.mean and data.std")
 
 
 _LOADER_KEYS = set(inspect.signature(build_loader).parameters) - {"split"}
@@ -210,4 +227,5 @@ def build_loaders(cfg=None, **overrides):
     val_opts = {**opts, "path": val_path, "batch_size": val_batch_size, "drop_last": False, "train": False,
                 "shuffle": False, "resolution_schedule": None}
     val_loader = build_loader(val_split, **val_opts)
+    check_same_normalization(train_loader, val_loader)
     return train_loader, val_loader

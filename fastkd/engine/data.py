@@ -106,6 +106,13 @@ def build_loaders(cfg: DataConfig, *, micro: int, grad_accum: int, rank: int, wo
         common.pop("source")
     train = factory("train", path=cfg.path, drop_last=True, **common)
     val = factory("val", path=cfg.val_path or cfg.path, drop_last=False, **common)
+    if ":" not in cfg.source:  # fastkd.data's loaders (imported above)
+        from ..data.build import check_same_normalization
+
+        try:
+            check_same_normalization(train, val)
+        except ValueError as exc:
+            raise ConfigError(f"data: {exc}") from None
     return train, val
 
 
