@@ -71,11 +71,18 @@ def hide_numba_finalizer_noise(unraisable) -> None:
 
 
 def run(main: Callable[[], int]) -> int:
-    """``python -m fastkd.demo*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs)."""
+    """``python -m fastkd.demo*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs).
+    A run whose loss became non-finite ends the demo with the trainer's one-line message and exit status 3
+    (as ``fastkd train``), not a traceback."""
+    from .cli import EXIT_NONFINITE
     from .engine.dist import teardown
+    from .engine.errors import NonFiniteLossError
 
     try:
         return main()
+    except NonFiniteLossError as exc:
+        print(f"fastkd demo: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
     finally:
         teardown()
 

@@ -148,3 +148,13 @@ def test_demo_ffcv_path(tiny_fashion, tmp_path, capsys):
     assert again[1]["alphas"] == results[1]["alphas"] and again[1]["top1"] == results[1]["top1"]
     assert [r.get("loss/total") for r in _metrics(tmp_path / "runs" / "mgd") if r["kind"] == "train"] == \
         [r.get("loss/total") for r in first if r["kind"] == "train"]
+
+
+def test_demo_nonfinite_loss_is_one_line(tiny_fashion, tmp_path, capsys):
+    """A run whose loss blows up ends the demo with the trainer's message and exit status 3, no traceback."""
+    from fastkd.demo_common import run
+
+    rc = run(lambda: demo.main(args(tiny_fashion, tmp_path / "nan", "train.max_steps=4", "optim.lr=3e38",
+                                    "--only", "teacher")))
+    err = capsys.readouterr().err
+    assert rc == 3 and "fastkd demo: error: non-finite loss at step" in err and "Traceback" not in err
