@@ -14,8 +14,9 @@
    and of each student (mean and min-max over seeds), training images/s, wall time; also written to
    ``OUT/results.md`` / ``.json``; then where the time went.
 
-Augmentation, data order, initialisation and masks all follow the seed: the same command prints the same
-accuracies on every run.  The defaults fit a 2-core CPU in minutes.  Every ``KEY=VALUE`` overrides all
+Augmentation, data order, initialisation and masks all follow the seed, and the runs use one torch thread
+(``--threads``; float sums depend on the thread count): the same command prints the same accuracies on
+every run.  The defaults fit a 2-core CPU in minutes.  Every ``KEY=VALUE`` overrides all
 runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...`` one side (put these list options after
 the plain overrides), e.g.
 
@@ -37,7 +38,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run
+from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run, threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo")
@@ -70,9 +71,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=("teacher",) + STUDENTS, default=None,
                    help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for the runs (default 1: the table is the same on every machine "
+                        "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
     return args
 
 
@@ -217,7 +223,8 @@ def verdict(results: List[Dict[str, object]]) -> str:
             f"({'; '.join(parts)})")
 
 
-def report(results: List[Dict[str, object]], command: str, total_s: float, load_start: str) -> str:
+def report(results: List[Dict[str, object]], command: str, total_s: float, load_start: str,
+           torch_threads: int) -> str:
     import torch
 
     alphas = "; ".join(f"{r['name']} seed {r['seed']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
@@ -226,7 +233,7 @@ def report(results: List[Dict[str, object]], command: str, total_s: float, load_
     return "\n".join(line for line in [
         f"Fashion-MNIST demo, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"machine: {machine()}; load average {load_start} at the start, {load_average()} at the end; "
-        f"torch {torch.__version__}, python {platform.python_version()}",
+        f"torch {torch.__version__}, python {platform.python_version()}, torch threads {torch_threads}",
         f"command: `{command}`; total {total_s:.0f} s",
         f"top-1 on the {results[0]['val_images']} test images" + (
             f"; students: mean over {seeds} seeds, min-max = the spread" if seeds > 1 else "")
@@ -311,7 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     t_start = time.time()
     try:
-        results = run_all(args, timer)
+        with threads(args.threads or None):
+            used_threads = torch.get_num_threads()
+            results = run_all(args, timer)
     except ConfigError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
         return 2
@@ -320,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     compare = plot_compare(students, os.path.join(args.out, "compare.png"),
                            teacher_top1=teacher["top1"] if teacher else None) if students else None
     command = "python -m fastkd.demo " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(results, command.strip(), time.time() - t_start, load_start)
+    text = report(results, command.strip(), time.time() - t_start, load_start, used_threads)
     text += "\nplots: " + ", ".join([str(compare)] * bool(compare) + [str(r["plot"]) for r in results])
     timer.lap("plots, report")
     os.makedirs(args.out, exist_ok=True)

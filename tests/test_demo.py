@@ -44,7 +44,7 @@ def _metrics(run_dir):
 
 
 def test_default_configs_validate():
-    """What `make demo` runs: every config loads; students train one epoch, evaluated along the way."""
+    """What `make demo` runs: every config loads; students train three epochs, evaluated along the way."""
     ns = demo.parse_args(["--seeds", "3"])
     for k in range(3):
         for name in ("teacher",) * (k == 0) + demo.STUDENTS:  # one teacher for every seed of the students
@@ -54,7 +54,7 @@ def test_default_configs_validate():
                 assert cfg.teacher is None and cfg.seed == 0 and cfg.student.name == "convnet_small"
                 continue
             assert cfg.seed == k and cfg.student.name == "convnet_tiny"
-            assert cfg.train.max_steps is None and cfg.train.epochs == 1 and cfg.train.eval_every_steps > 0
+            assert cfg.train.max_steps is None and cfg.train.epochs == 3 and cfg.train.eval_every_steps > 0
             assert (cfg.teacher is None) == (name == "baseline")
     with pytest.raises(SystemExit):
         demo.parse_args(["--seeds", "0"])
