@@ -271,8 +271,18 @@ class Timer:
 
 
 def _earlier(args: argparse.Namespace, name: str, seed_index: int) -> Optional[Dict[str, object]]:
+    """A finished earlier run of ``name`` for the table; an unfinished one (interrupted, or still running
+    in another process) is left out with a note instead of ending the demo after the runs it trained."""
+    from .config import ConfigError
+
     path = run_dir(args, name, seed_index)
-    return summarize(name, path) if os.path.isfile(os.path.join(path, "metrics.jsonl")) else None
+    if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        return None
+    try:
+        return summarize(name, path)
+    except ConfigError as exc:
+        print(f"(not in the table: {exc})", flush=True)
+        return None
 
 
 def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:

@@ -76,7 +76,7 @@ def test_demo_end_to_end(tiny_fashion, tmp_path, capsys):
     assert results[5]["run_dir"] == str(out / "baseline_seed1") and str(out / "mgd") in printed
     assert {r["model"] for r in results[1:]} == {"convnet_tiny"} and results[0]["model"] == "convnet_small"
     # alpha: auto was calibrated for the feature losses, and only there
-    assert set(results[2]["alphas"]) == {"mgd.stage3"} and set(results[3]["alphas"]) == {"ct.stage3"}
+    assert set(results[2]["alphas"]) == {"mgd.stage2", "mgd.stage3"} and set(results[3]["alphas"]) == {"ct.stage3"}
     assert not results[1]["alphas"]
     # Evaluated along the way (train.eval_every_steps) and at the end; one picture of all students.
     assert [r["step"] for r in _metrics(out / "ct_seed1") if r["kind"] == "eval"] == [2, 3]
@@ -116,6 +116,15 @@ def test_demo_end_to_end(tiny_fashion, tmp_path, capsys):
         assert a["steps"] == (2 if a["name"] == "ct" else 3)
         if a["name"] != "ct":
             assert a["top1"] == b["top1"]
+
+    # An unfinished earlier run (interrupted; or running in another process) is left out of the table with a
+    # note: the demo still trains what it was asked to and prints the rest.
+    metrics = out / "mgd_kd" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["kind"] != "eval"))
+    assert demo.main(args(tiny_fashion, out, "train.max_steps=2", "--only", "ct")) == 0
+    assert "(not in the table:" in capsys.readouterr().out
+    assert "mgd_kd" not in [r["name"] for r in json.loads((out / "results.json").read_text())]
 
 
 def test_demo_student_without_teacher_is_a_clear_error(tiny_fashion, tmp_path, capsys):
