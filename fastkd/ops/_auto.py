@@ -146,7 +146,7 @@ def signature(op: str, dev_type: str, inputs: dict) -> tuple:
 def memo_get(sig: tuple) -> Optional[str]:
     """The choice made for a call of exactly this signature before, if it may be reused without going
     through :func:`choose` (one process, trial enabled, not tracing); else None."""
-    return _memo.get(sig) if _memo else None
+    return _memo.get(sig) if _memo and _world() == 1 else None
 
 
 def memo_put(sig: tuple, choice: str) -> None:
