@@ -73,7 +73,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the runs (default 1: the table is the same on every machine "
-                        "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice)")
+                        "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice). FFCV "
+                        "loaders set torch's thread count to data.num_workers when they start (1 in the demo "
+                        "configs); the table names the count the runs ended with")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -329,8 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start = time.time()
     try:
         with threads(args.threads or None):
-            used_threads = torch.get_num_threads()
             results = run_all(args, timer)
+            used_threads = torch.get_num_threads()  # after the runs: FFCV loaders set it to their worker count
     except ConfigError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
         return 2
