@@ -46,9 +46,9 @@ STUDENTS = ("baseline", "mgd", "ct", "mgd_kd")
 DESCRIPTIONS = {
     "teacher": "teacher, trained from scratch",
     "baseline": "student, no distillation",
-    "mgd": "student + MGD (stage3)",
+    "mgd": "student + MGD (stage2, stage3)",
     "ct": "student + CT (stage3)",
-    "mgd_kd": "student + MGD + logit KD",
+    "mgd_kd": "student + MGD (stage2, stage3) + logit KD",
 }
 
 
