@@ -7,7 +7,8 @@ alone (a fresh forward before each, untimed) and forward+backward (``torch.autog
 loss w.r.t. the student and every parameter), median ms with 20/80 % quantiles, and the peak extra
 memory of one forward+backward (``benchmarks.common.peak_memory_bytes``: every ATen CPU allocation
 replayed in order). The three implementations are timed round-robin, one repetition each per round,
-so that load from other processes on a shared machine falls on all of them alike.
+so that load from other processes on a shared machine falls on all of them alike (the order rotates each
+round, so none always follows the same other one).
 
 Shapes. Demo: Fashion-MNIST students at 28x28 input whose last stage is 7x7, batch 128, teacher
 features of 128 channels (MGD channel mask, as METHODS.md uses for classification), and a narrower
@@ -190,8 +191,10 @@ def run_case(case: Case, rounds: int, only_impls=None, warmup: int = 3, sample_m
     torch.autograd.grad(impls["eager"](), wrt)
     reps = max(1, round(sample_ms / max((time.perf_counter() - t0) * 1e3, 1e-3)))
     times = {k: {"fwd": [], "bwd": [], "full": []} for k in impls}
-    for _ in range(rounds):
-        for name, fn in impls.items():
+    names = list(impls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: no implementation always
+            fn = impls[name]                                          # runs right after the same other one
             t0 = time.perf_counter()
             loss = fn()
             t1 = time.perf_counter()
