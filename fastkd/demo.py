@@ -38,7 +38,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run, threads
+from .demo_common import (demo_parser, hide_numba_finalizer_noise, load_average, machine_name as machine, run,
+                          threads)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo")
@@ -53,24 +54,14 @@ DESCRIPTIONS = {
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="fastkd demo", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all runs")
-    p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
-    p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides for the student runs")
+    p = demo_parser("fastkd demo", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS, out="runs/demo",
+                    config_dir=CONFIG_DIR)
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train every student for N seeds (the config's seed, +1, ...; same teacher); the table "
                         "shows the mean and the min-max spread")
     p.add_argument("--data-dir", default="data/fashion-mnist",
                    help="where train.beton / test.beton are (written there when absent); with "
                         "data.source=torch, the directory of the four IDX files")
-    p.add_argument("--out", default="runs/demo", help="parent of the run directories and the results files")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
-    p.add_argument("--only", nargs="+", choices=("teacher",) + STUDENTS, default=None,
-                   help="run only these; the table also shows earlier runs found in their run directories")
-    p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the runs (default 1: the table is the same on every machine "
                         "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice). FFCV "

@@ -7,17 +7,19 @@
 - :func:`run`: ``main`` then leave the process group;
 - :func:`replace_run_dir`: a demo always starts a run over (``resume: auto`` would pick up an old one);
 - :func:`median_rate`: the median training throughput of a run's metrics rows, start-up window left out;
-- :func:`threads`: a context manager setting torch's intra-op threads for the runs and restoring them.
+- :func:`threads`: a context manager setting torch's intra-op threads for the runs and restoring them;
+- :func:`demo_parser`: the options every demo takes (overrides, per-side overrides, out, device, only, configs).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
 import shutil
 import statistics
 import sys
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 
 def select_device(choice: str) -> Optional[str]:
@@ -114,3 +116,22 @@ def threads(count: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def demo_parser(prog: str, description: str, *, runs: Sequence[str], out: str,
+                config_dir: str) -> argparse.ArgumentParser:
+    """The options every demo takes: ``KEY=VALUE`` overrides for all runs, ``--teacher`` / ``--students`` for one
+    side, ``--out``, ``--device``, ``--only`` (one of ``runs``), ``--config-dir``; each demo adds its own."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all runs")
+    p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
+    p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for the student runs")
+    p.add_argument("--out", default=out, help=f"parent of the run directories and the results (default {out})")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
+    p.add_argument("--only", nargs="+", choices=tuple(runs), default=None,
+                   help="run only these; the table also shows earlier runs found in their run directories")
+    p.add_argument("--config-dir", default=config_dir, help="where teacher.yaml, baseline.yaml, ... are")
+    return p

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import machine, median_rate, replace_run_dir, run, select_device, threads
+from .demo_common import demo_parser, machine, median_rate, replace_run_dir, run, select_device, threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
@@ -46,26 +46,16 @@ DESCRIPTIONS = {
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastkd.demo_seg", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all four runs")
-    p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
-    p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides for the three student runs")
+    p = demo_parser("python -m fastkd.demo_seg", __doc__.split("\n")[0], runs=RUNS, out="runs/demo_seg",
+                    config_dir=CONFIG_DIR)
     p.add_argument("--data-dir", default="data/fashion-scenes-small",
                    help="the fashion-scenes root (written there when its label maps are absent)")
     p.add_argument("--train-scenes", type=int, default=400, help="training scenes to write (default 400)")
     p.add_argument("--val-scenes", type=int, default=100, help="validation scenes to write (default 100)")
     p.add_argument("--scale", type=float, default=0.4, help="scene size factor (default 0.4: 64..128 px canvases)")
-    p.add_argument("--out", default="runs/demo_seg", help="parent of the run directories and the results files")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the runs (default: torch's own; 1 is faster on a loaded CPU)")
-    p.add_argument("--only", nargs="+", choices=RUNS, default=None,
-                   help="run only these; the table and picture also show earlier runs found in their run directories")
     p.add_argument("--images", type=int, default=4, help="val images in masks.png (default 4)")
-    p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
