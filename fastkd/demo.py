@@ -38,7 +38,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, hide_numba_finalizer_noise, load_average, machine_name as machine, run,
+from .demo_common import (demo_parser, finished_run, hide_numba_finalizer_noise, load_average, machine_name as machine, run,
                           threads)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,29 +132,9 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 
 def summarize(name: str, run_dir: str, wall: Optional[float] = None, plot: Optional[str] = None) -> Dict[str, object]:
     """Top-1 and throughput of a finished run from its metrics.jsonl."""
-    from .config import ConfigError
-    from .engine.metrics import read_metrics
-
-    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        raise ConfigError(f"no finished {name} run in {run_dir}")
-    rows = read_metrics(run_dir)
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    train_rows = [r for r in rows if r.get("kind") == "train"]
-    if not evals:
-        raise ConfigError(f"{run_dir}/metrics.jsonl has no evaluation: the {name} run did not finish")
-    # The first logging window holds start-up (allocation, first-iteration set-up): left out when there are more.
-    rates = [r["images_per_s"] for r in train_rows[1:] or train_rows]
-    if wall is None:
-        wall = rows[-1]["time"] - rows[0]["time"]
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    return {"name": name, "seed": cfg["seed"], "model": cfg["student"]["name"], "top1": evals[-1]["val/top1"],
-            "top5": evals[-1]["val/top5"], "val_images": evals[-1]["val/count"], "steps": evals[-1]["step"],
-            "images": evals[-1]["step"] * cfg["train"]["batch_size"], "images_per_s": statistics.median(rates),
-            "wall_s": wall, "run_dir": run_dir,
-            "plot": plot or os.path.join(run_dir, "curves.png"),
-            "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
-                       for k, v in r.items() if k.startswith("alpha/")}}
+    summary, last, cfg = finished_run(name, run_dir, "val/top1", wall)
+    return {**summary, "seed": cfg["seed"], "top1": last["val/top1"], "top5": last["val/top5"],
+            "val_images": last["val/count"], "plot": plot or os.path.join(run_dir, "curves.png")}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,18 +8,20 @@
 - :func:`replace_run_dir`: a demo always starts a run over (``resume: auto`` would pick up an old one);
 - :func:`median_rate`: the median training throughput of a run's metrics rows, start-up window left out;
 - :func:`threads`: a context manager setting torch's intra-op threads for the runs and restoring them;
+- :func:`finished_run`: what every demo's table reads from a finished run directory;
 - :func:`demo_parser`: the options every demo takes (overrides, per-side overrides, out, device, only, configs).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
 import statistics
 import sys
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 
 def select_device(choice: str) -> Optional[str]:
@@ -135,3 +137,29 @@ def demo_parser(prog: str, description: str, *, runs: Sequence[str], out: str,
                    help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--config-dir", default=config_dir, help="where teacher.yaml, baseline.yaml, ... are")
     return p
+
+
+def finished_run(name: str, run_dir: str, metric: str, wall: Optional[float] = None) -> Tuple[dict, dict, dict]:
+    """``(summary, last evaluation row, config)`` of a finished run: the summary holds what every demo's table
+    shows (name, model, steps, images, images/s, wall s, run dir, the alphas ``alpha: auto`` chose); the wall
+    time is the span of the metrics log unless given. A run without an evaluation that has ``metric`` did not
+    finish: a ConfigError naming the file."""
+    from .config import ConfigError
+    from .engine.metrics import read_metrics
+
+    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        raise ConfigError(f"no finished {name} run in {run_dir}")
+    rows = read_metrics(run_dir)
+    evals = [r for r in rows if r.get("kind") == "eval" and metric in r]
+    if not evals:
+        raise ConfigError(f"{run_dir}/metrics.jsonl has no evaluation ({metric}): the {name} run did not finish")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    last = evals[-1]
+    summary = {"name": name, "model": cfg["student"]["name"], "steps": last["step"],
+               "images": last["step"] * cfg["train"]["batch_size"],
+               "images_per_s": median_rate([r for r in rows if r.get("kind") == "train"]),
+               "wall_s": wall if wall is not None else rows[-1]["time"] - rows[0]["time"], "run_dir": run_dir,
+               "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
+                          for k, v in r.items() if k.startswith("alpha/")}}
+    return summary, last, cfg

@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import demo_parser, machine, median_rate, replace_run_dir, run, select_device, threads
+from .demo_common import demo_parser, finished_run, machine, replace_run_dir, run, select_device, threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
@@ -114,26 +114,10 @@ def _parameters(model_cfg: Dict[str, object]) -> int:
 
 def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str, object]:
     """mIoU, accuracies and throughput of a finished run from its metrics.jsonl and config.json."""
-    from .config import ConfigError
-    from .engine.metrics import read_metrics
-
-    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        raise ConfigError(f"no finished {name} run in {run_dir}")
-    rows = read_metrics(run_dir)
-    evals = [r for r in rows if r.get("kind") == "eval" and "val/mIoU" in r]
-    if not evals:
-        raise ConfigError(f"{run_dir}/metrics.jsonl has no segmentation evaluation: the {name} run did not finish")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    last, width = evals[-1], cfg["student"].get("kwargs", {}).get("base_channels", 64)
-    return {"name": name, "model": cfg["student"]["name"], "width": width,
+    summary, last, cfg = finished_run(name, run_dir, "val/mIoU", wall)
+    return {**summary, "width": cfg["student"].get("kwargs", {}).get("base_channels", 64),
             "params": _parameters(cfg["student"]), "mIoU": last["val/mIoU"], "aAcc": last["val/aAcc"],
-            "mAcc": last["val/mAcc"], "val_pixels": int(last["val/pixels"]), "steps": last["step"],
-            "images": last["step"] * cfg["train"]["batch_size"],
-            "images_per_s": median_rate([r for r in rows if r.get("kind") == "train"]),
-            "wall_s": wall if wall is not None else rows[-1]["time"] - rows[0]["time"], "run_dir": run_dir,
-            "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
-                       for k, v in r.items() if k.startswith("alpha/")}}
+            "mAcc": last["val/mAcc"], "val_pixels": int(last["val/pixels"])}
 
 
 # ---------------------------------------------------------------------------------------------------------
