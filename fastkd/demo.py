@@ -64,9 +64,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "data.source=torch, the directory of the four IDX files")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the runs (default 1: the table is the same on every machine "
-                        "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice). FFCV "
-                        "loaders set torch's thread count to data.num_workers when they start (1 in the demo "
-                        "configs); the table names the count the runs ended with")
+                        "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice)")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -303,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with threads(args.threads or None):
             results = run_all(args, timer)
-            used_threads = torch.get_num_threads()  # after the runs: FFCV loaders set it to their worker count
+            used_threads = torch.get_num_threads()
     except ConfigError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
         return 2

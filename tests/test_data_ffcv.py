@@ -213,3 +213,19 @@ def test_train_and_val_normalised_differently_is_refused(tmp_path):
         build_loaders(**common)
     train, val = build_loaders(**common, mean=MEAN, std=STD)  # explicit statistics: nothing to tell apart
     assert train.normalization == val.normalization == (MEAN, STD)
+
+
+def test_ffcv_leaves_torch_thread_count_alone(id_beton):
+    """FFCV sets torch's intra-op thread count to its worker count when a loader is built and when an epoch
+    starts; the loader gives the process its own count back (a run's --threads, OMP_NUM_THREADS)."""
+    path, _ = id_beton
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loader = build_loader("train", source="ffcv", path=path, batch_size=4, num_workers=2, image_size=8,
+                              mean=MEAN, std=STD)
+        assert torch.get_num_threads() == 1
+        for _ in loader:
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

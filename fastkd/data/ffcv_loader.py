@@ -158,9 +158,13 @@ class FFCVLoader(EpochLoader):
                           NormalizeImage(mean, std, device, dtype, channels_last)]
         label_ops = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
         self.decoder = decoder
+        # FFCV sets torch's intra-op thread count to its worker count (ffcv/pipeline/compiler.py), here and again
+        # in its epoch iterator's thread: the process keeps the count it had (restored after each).
+        self._torch_threads = torch.get_num_threads()
         self._loader = Loader(path, batch_size=batch_size, num_workers=workers, os_cache=os_cache,
                               order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=batches_ahead,
                               pipelines={"image": image_ops, "label": label_ops})
+        torch.set_num_threads(self._torch_threads)
         self._loader.traversal_order = _GivenOrder(self._loader)
         self.path, self.num_workers, self.image_size = path, workers, image_size
         super().__init__(self._loader.reader.num_samples, batch_size=batch_size,
@@ -179,6 +183,8 @@ class FFCVLoader(EpochLoader):
         it = iter(self._loader)
         try:
             for images, labels in it:
+                if torch.get_num_threads() != self._torch_threads:  # the iterator thread set it before batch 0
+                    torch.set_num_threads(self._torch_threads)
                 yield images, labels
         finally:
             it.close()
