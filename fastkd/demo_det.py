@@ -49,8 +49,10 @@ SCORE_THRESHOLD = 0.3
 SCENE_SCALE = 0.5
 """Scenes are written at this scale: canvases 80x160 .. 160x120 px, at about the configs' input size."""
 GARMENT_SIZES = (48, 96)
-"""Garment sides before the scale: 24-48 px garments (Fashion-MNIST's own 28 px and up), instead of the
+"""Garment sides before the scale: 24-48 px garments (Fashion-MNIST's own are 28 px), instead of the
 scenes' default 12-48 px at this scale, which a RetinaNet from scratch barely learns in minutes on a CPU."""
+SCENES_STAMP = "scenes.json"
+"""In ``--data-dir``: the scene options its .beton files were written with (other options: written again)."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -119,11 +121,8 @@ def prepare_data(args: argparse.Namespace) -> str:
             f"in {time.time() - t0:.0f} s")
 
 
-SCENES_STAMP = "scenes.json"
-"""In ``--data-dir``: the scene options its .beton files were written with (other options: written again)."""
-
-
 def scene_options(args: argparse.Namespace) -> Dict[str, object]:
+    """What the scenes in ``--data-dir`` must have been written with (the stamp's content)."""
     return {"train": args.train_scenes, "val": args.val_scenes, "max_garments": args.max_garments,
             "scale": args.scale, "garment_sizes": list(args.garment_sizes)}
 
