@@ -39,8 +39,7 @@ def test_configs_validate(name):
 
 def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     out, data = tmp_path / "runs", tmp_path / "scenes"
-    # The PyTorch loader over the .beton files: FFCV compiles its pipelines per loader (numba), which costs
-    # more than these few steps; FFCV is the default the demo runs.
+    # The PyTorch loader over the .beton files, as the demo's configs (FFCV compiles its pipelines per loader).
     rc = demo_det.main(["--device", "cpu", "--data-dir", str(data), "--out", str(out), "--train-scenes", "8",
                         "--val-scenes", "4", "--pictures", "2", "data.source=torch", "data.num_workers=0",
                         "data.kwargs.min_size=64", "data.kwargs.max_size=96", "train.batch_size=2",
@@ -70,9 +69,9 @@ def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     feats.load_state_dict({k: v for k, v in state.items() if k.startswith("backbone.")}, strict=True)
     # --only a student: the others come from their run directories, the data is not written again
     rc = demo_det.main(["--device", "cpu", "--data-dir", str(data), "--out", str(out), "--only", "baseline",
-                        "--train-scenes", "8", "--val-scenes", "4", "--pictures", "2", "data.source=torch", "data.num_workers=0", "data.kwargs.min_size=64",
-                        "data.kwargs.max_size=96", "train.batch_size=2", "train.max_steps=1",
-                        "train.progress=false"])
+                        "--train-scenes", "8", "--val-scenes", "4", "--pictures", "2", "data.source=torch",
+                        "data.num_workers=0", "data.kwargs.min_size=64", "data.kwargs.max_size=96",
+                        "train.batch_size=2", "train.max_steps=1", "train.progress=false"])
     assert rc == 0
     assert f"fashion-scenes .beton files present in {data}" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
