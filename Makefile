@@ -50,7 +50,7 @@ demo-seg: setup
 	$(BIN)/python -m fastkd.demo_seg $(DEMO_SEG_ARGS)
 
 # Detection: fashion scenes -> COCO .beton, RetinaNet teacher, one student three ways, box AP table +
-# boxes.png (fastkd/demo_det.py).
+# boxes.png (fastkd/demo_det.py). On a busy CPU: make demo-det DEMO_DET_ARGS="--threads 1"
 demo-det: setup
 	$(BIN)/python -m fastkd.demo_det $(DEMO_DET_ARGS)
 

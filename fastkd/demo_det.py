@@ -2,8 +2,9 @@
 
     python -m fastkd.demo_det
 
-1. write the Fashion-MNIST scenes (``fastkd data write fashion-scenes``) and their two COCO ``.beton``
-   files (``fastkd data write coco``) under ``--data-dir`` (skipped when both files are there);
+1. write the Fashion-MNIST scenes (``fastkd data write fashion-scenes``; small canvases, 24-48 px garments:
+   ``--scale``, ``--garment-sizes``) and their two COCO ``.beton`` files (``fastkd data write coco``) under
+   ``--data-dir`` (skipped when both files are there, written with the same scene options);
 2. train the teacher (``configs/demo_det/teacher.yaml``: a RetinaNet with a wider backbone, from scratch)
    and export it to ``OUT/teacher.pt`` (a whole detector; the students' runs load its backbone + FPN);
 3. train the same student three ways from the same seed: ``baseline`` (no distillation), ``mgd`` (one
@@ -32,7 +33,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run
+from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run, threads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
@@ -45,6 +46,13 @@ DESCRIPTIONS = {
 }
 SCORE_THRESHOLD = 0.3
 """Detections drawn in the picture score at least this."""
+SCENE_SCALE = 0.5
+"""Scenes are written at this scale: canvases 80x160 .. 160x120 px, at about the configs' input size."""
+GARMENT_SIZES = (48, 96)
+"""Garment sides before the scale: 24-48 px garments (Fashion-MNIST's own are 28 px), instead of the
+scenes' default 12-48 px at this scale, which a RetinaNet from scratch barely learns in minutes on a CPU."""
+SCENES_STAMP = "scenes.json"
+"""In ``--data-dir``: the scene options its .beton files were written with (other options: written again)."""
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -56,9 +64,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="overrides for the three student runs")
     p.add_argument("--data-dir", default="data/fashion-scenes",
                    help="where train.beton / val.beton are (written there with the scenes when absent)")
-    p.add_argument("--train-scenes", type=int, default=256, help="training scenes written (default 256)")
+    p.add_argument("--train-scenes", type=int, default=1024, help="training scenes written (default 1024)")
     p.add_argument("--val-scenes", type=int, default=64, help="val scenes written (default 64)")
     p.add_argument("--max-garments", type=int, default=4, help="garments per scene: 1..this (default 4)")
+    p.add_argument("--scale", type=float, default=SCENE_SCALE,
+                   help=f"scene canvas and garment size factor (default {SCENE_SCALE}: canvases 80x160 .. 160x120)")
+    p.add_argument("--garment-sizes", type=int, nargs=2, default=list(GARMENT_SIZES), metavar=("MIN", "MAX"),
+                   help="garment sides in px before --scale (default %(default)s: 24-48 px garments at scale 0.5)")
     p.add_argument("--out", default="runs/demo_det", help="parent of the run directories, results and picture")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
@@ -66,7 +78,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--pictures", type=int, default=4, help="val images drawn in boxes.png (default 4)")
     p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
-    return p.parse_args(argv)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the runs (default: torch's own; 1 is faster on a loaded CPU)")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -80,20 +97,42 @@ def prepare_data(args: argparse.Namespace) -> str:
     from .data.scenes import ScenesConfig, write_fashion_scenes
 
     betons = {s: os.path.join(args.data_dir, f"{s}.beton") for s in ("train", "val")}
-    if all(os.path.isfile(f) for f in betons.values()):
+    wanted = scene_options(args)
+    stamp = os.path.join(args.data_dir, SCENES_STAMP)
+    if all(os.path.isfile(f) for f in betons.values()) and _read_stamp(stamp) == wanted:
         return f"fashion-scenes .beton files present in {args.data_dir}"
     t0 = time.time()
     scenes = os.path.join(args.data_dir, "scenes")
     try:
+        if os.path.isfile(stamp):
+            os.remove(stamp)  # written again below once the .beton files are complete
         write_fashion_scenes(scenes, ScenesConfig(train=args.train_scenes, val=args.val_scenes,
-                                                        max_garments=args.max_garments), force=True)
+                                                  max_garments=args.max_garments, scale=args.scale,
+                                                  garment_sizes=tuple(args.garment_sizes)), force=True)
         for split, beton in betons.items():
             write_coco_beton(os.path.join(scenes, split),
                              os.path.join(scenes, "annotations", f"instances_{split}.json"), beton, force=True)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"writing the scenes into {args.data_dir}: {exc}") from None
-    return (f"wrote {args.train_scenes} + {args.val_scenes} scenes and {', '.join(betons.values())} "
+    with open(stamp, "w") as f:
+        json.dump(wanted, f)
+    return (f"wrote {args.train_scenes} + {args.val_scenes} scenes (scale {args.scale}, garments "
+            f"{args.garment_sizes[0]}-{args.garment_sizes[1]} px before it) and {', '.join(betons.values())} "
             f"in {time.time() - t0:.0f} s")
+
+
+def scene_options(args: argparse.Namespace) -> Dict[str, object]:
+    """What the scenes in ``--data-dir`` must have been written with (the stamp's content)."""
+    return {"train": args.train_scenes, "val": args.val_scenes, "max_garments": args.max_garments,
+            "scale": args.scale, "garment_sizes": list(args.garment_sizes)}
+
+
+def _read_stamp(path: str) -> Optional[Dict[str, object]]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
@@ -226,7 +265,8 @@ def table(results: List[Dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def report(results: List[Dict[str, object]], command: str, total_s: float, loads: List[str], picture: str) -> str:
+def report(results: List[Dict[str, object]], command: str, total_s: float, loads: List[str], picture: str,
+           torch_threads: int) -> str:
     import torch
 
     alphas = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
@@ -234,7 +274,7 @@ def report(results: List[Dict[str, object]], command: str, total_s: float, loads
     return "\n".join([
         f"Fashion-scenes detection demo, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"machine: {machine()}; load average (1/5/15 min) at the start {loads[0]}, at the end {loads[-1]}; "
-        f"torch {torch.__version__}, python {platform.python_version()}",
+        f"torch {torch.__version__}, python {platform.python_version()}, torch threads {torch_threads}",
         f"command: `{command}`; total {total_s:.0f} s",
         "box AP / AP50: pycocotools on the whole val split; images/s = median training throughput "
         "(teacher backbone + FPN forward included for distilled students)",
@@ -289,16 +329,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t_start, loads = time.time(), [load_average()]
     names = [n for n in ("teacher",) + STUDENTS if args.only is None or n in args.only]
     try:
-        results, configs = run_all(args, names)
-        pictured = next((n for n in ("mgd", "ct", "baseline") if any(r["name"] == n for r in results)), None)
-        picture = (draw_boxes(configs[pictured], os.path.join(args.out, "boxes.png"), args.pictures)
-                   if pictured else "none (no student run)")
+        with threads(args.threads):
+            results, configs = run_all(args, names)
+            pictured = next((n for n in ("mgd", "ct", "baseline") if any(r["name"] == n for r in results)), None)
+            picture = (draw_boxes(configs[pictured], os.path.join(args.out, "boxes.png"), args.pictures)
+                       if pictured else "none (no student run)")
+            used_threads = torch.get_num_threads()
     except ConfigError as exc:
         print(f"fastkd demo_det: error: {exc}", file=sys.stderr)
         return 2
     loads.append(load_average())
     command = "python -m fastkd.demo_det " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(results, command.strip(), time.time() - t_start, loads, picture)
+    text = report(results, command.strip(), time.time() - t_start, loads, picture, used_threads)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")

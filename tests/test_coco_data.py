@@ -96,6 +96,28 @@ def test_scenes_are_deterministic_and_boxes_and_masks_follow_the_visible_pixels(
     assert overlaps > 0
 
 
+def test_garment_sizes_bound_the_garments_and_default_to_the_classic_range():
+    garments, labels = fashion_mnist.load("test", _fmnist_dir())
+    sides = {}
+    for sizes in ((24, 96), (48, 96)):
+        sides[sizes] = []
+        for i in range(12):
+            kw = dict(seed=2, split="val", index=i, scale=0.5, max_garments=4)
+            image, instances, classes = render_scene(garments, labels, garment_sizes=sizes, **kw)
+            if sizes == (24, 96):  # the default range: the very scenes written without the argument
+                default = render_scene(garments, labels, **kw)
+                np.testing.assert_array_equal(image, default[0])
+                assert classes == default[2]
+            for k in range(1, len(classes) + 1):
+                ys, xs = np.nonzero(instances == k)
+                sides[sizes].append(max(xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()))
+    assert max(sides[(48, 96)]) <= 48 and max(sides[(24, 96)]) <= 48  # the largest side times scale 0.5
+    assert np.median(sides[(48, 96)]) > np.median(sides[(24, 96)]) + 5
+    for bad in ((4, 96), (96, 48)):
+        with pytest.raises(ValueError, match="garment_sizes"):
+            ScenesConfig(garment_sizes=bad)
+
+
 # -- geometry and order ---------------------------------------------------------------------
 def test_resize_rule_and_buckets():
     assert resized_hw(480, 640, 800, 1333) == (800, 1067)
@@ -386,3 +408,5 @@ def test_fashion_scenes_cli(tmp_path, capsys):
     assert "refusing to overwrite" in capsys.readouterr().err
     assert main(["write", "fashion-scenes", str(tmp_path / "x"), "--train", "0", "--val", "0"]) == 2
     assert not (tmp_path / "x").exists()
+    assert main(["write", "fashion-scenes", str(tmp_path / "y"), "--garment-sizes", "96", "48"]) == 2
+    assert "garment_sizes" in capsys.readouterr().err and not (tmp_path / "y").exists()

@@ -39,8 +39,7 @@ def test_configs_validate(name):
 
 def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     out, data = tmp_path / "runs", tmp_path / "scenes"
-    # The PyTorch loader over the .beton files: FFCV compiles its pipelines per loader (numba), which costs
-    # more than these few steps; FFCV is the default the demo runs.
+    # The PyTorch loader over the .beton files, as the demo's configs (FFCV compiles its pipelines per loader).
     rc = demo_det.main(["--device", "cpu", "--data-dir", str(data), "--out", str(out), "--train-scenes", "8",
                         "--val-scenes", "4", "--pictures", "2", "data.source=torch", "data.num_workers=0",
                         "data.kwargs.min_size=64", "data.kwargs.max_size=96", "train.batch_size=2",
@@ -52,30 +51,44 @@ def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     for r in results:
         assert 0.0 <= r["AP"] <= r["AP50"] <= 1.0 or r["AP"] == r["AP50"] == -1.0
         assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
-    assert results[0]["model"] == "retinanet_resnet34_fpn"
-    assert {r["model"] for r in results[1:]} == {"retinanet_resnet18_fpn"}
+    assert results[0]["model"] == "retinanet_resnet34_fpn_v2"
+    assert {r["model"] for r in results[1:]} == {"retinanet_resnet18_fpn_v2"}
     # alpha: auto calibrated one module per FPN level, for the feature losses only
     assert set(results[2]["alphas"]) == {f"mgd.fpn.p{i}" for i in range(3, 8)}
     assert set(results[3]["alphas"]) == {f"ct.fpn.p{i}" for i in range(3, 8)}
     assert not results[1]["alphas"]
     table = (out / "results.md").read_text()
-    assert "| mgd | retinanet_resnet18_fpn (32) |" in table and "load average" in table and table in printed
+    assert "| mgd | retinanet_resnet18_fpn_v2 (32) |" in table and "load average" in table and table in printed
     assert (out / "boxes.png").stat().st_size > 5000
     # the exported teacher is a whole detector; its backbone + FPN load strictly into the teacher's features
     from fastkd import models
 
     state = torch.load(out / "teacher.pt", weights_only=True)
-    feats = models.build("retinanet_resnet34_fpn", num_classes=11, fpn_channels=64,
-                         anchor_sizes=[8, 16, 32, 64, 128], frozen_bn=False, features_only=True)
+    feats = models.build("retinanet_resnet34_fpn_v2", num_classes=11, fpn_channels=64,
+                         anchor_sizes=[16, 32, 64, 128, 256], frozen_bn=False, features_only=True)
     feats.load_state_dict({k: v for k, v in state.items() if k.startswith("backbone.")}, strict=True)
     # --only a student: the others come from their run directories, the data is not written again
     rc = demo_det.main(["--device", "cpu", "--data-dir", str(data), "--out", str(out), "--only", "baseline",
-                        "--pictures", "2", "data.source=torch", "data.num_workers=0", "data.kwargs.min_size=64",
-                        "data.kwargs.max_size=96", "train.batch_size=2", "train.max_steps=1",
-                        "train.progress=false"])
+                        "--train-scenes", "8", "--val-scenes", "4", "--pictures", "2", "data.source=torch",
+                        "data.num_workers=0", "data.kwargs.min_size=64", "data.kwargs.max_size=96",
+                        "train.batch_size=2", "train.max_steps=1", "train.progress=false"])
     assert rc == 0
+    assert f"fashion-scenes .beton files present in {data}" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in again] == ["teacher", "baseline", "mgd", "ct"] and again[1]["steps"] == 1
+
+
+def test_scenes_written_again_only_when_their_options_change(fashion_available, tmp_path):
+    def prepare(*extra):
+        return demo_det.prepare_data(demo_det.parse_args(["--data-dir", str(tmp_path), "--train-scenes", "3",
+                                                          "--val-scenes", "2", *extra]))
+
+    assert prepare().startswith("wrote 3 + 2 scenes (scale 0.5, garments 48-96 px")
+    assert json.loads((tmp_path / demo_det.SCENES_STAMP).read_text())["garment_sizes"] == [48, 96]
+    assert prepare().startswith("fashion-scenes .beton files present")
+    assert prepare("--garment-sizes", "24", "96").startswith("wrote 3 + 2 scenes (scale 0.5, garments 24-96 px")
+    (tmp_path / demo_det.SCENES_STAMP).unlink()  # .beton files of unknown options (an older demo): written again
+    assert prepare("--garment-sizes", "24", "96").startswith("wrote")
 
 
 def test_bad_override_exits_2(tmp_path, capsys):
@@ -83,3 +96,6 @@ def test_bad_override_exits_2(tmp_path, capsys):
     assert rc == 2
     assert "no_such_key" in capsys.readouterr().err
     assert not (tmp_path / "results.md").exists()
+    with pytest.raises(SystemExit) as exc:
+        demo_det.parse_args(["--threads", "0"])
+    assert exc.value.code == 2 and "--threads" in capsys.readouterr().err

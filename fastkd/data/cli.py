@@ -12,7 +12,8 @@ The engine's CLI mounts it with ``fastkd.data.cli.add_parser(subparsers)``; the 
   fastkd data write cityscapes ROOT OUT_DIR [--image-format png|jpg] [--splits train val] [--force]
       leftImg8bit + gtFine labelIds -> OUT_DIR/<split>.beton (19 train ids, 255 ignored)
   fastkd data write fashion-scenes OUT_DIR [--train 512] [--val 128] [--seed 0] [--max-garments 8]
-                    [--masks] [--jpeg-quality 90] [--scale 1.0] [--source-dir DIR] [--force]
+                    [--masks] [--jpeg-quality 90] [--scale 1.0] [--garment-sizes 24 96]
+                    [--source-dir DIR] [--force]
       COCO-style detection scenes of Fashion-MNIST garments: OUT_DIR/{train,val}/*.jpg,
       OUT_DIR/annotations/instances_{train,val}.json (and masks/{train,val}/*.png with --masks).
   fastkd data write coco --images DIR --annotations instances_x.json OUT.beton [--jpeg-quality 90]
@@ -85,6 +86,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     scenes.add_argument("--masks", action="store_true", help="also write per-pixel label PNGs (class 1..10, 0 = background)")
     scenes.add_argument("--scale", type=float, default=1.0,
                         help="canvas and garment sizes times this (default 1: canvases 160x320 .. 320x240)")
+    scenes.add_argument("--garment-sizes", type=int, nargs=2, default=[24, 96], metavar=("MIN", "MAX"),
+                        help="smallest and largest garment side in px before --scale (default 24 96)")
     scenes.add_argument("--source-dir", default=None, help="Fashion-MNIST IDX directory (default: located)")
     scenes.add_argument("--force", action="store_true", help="replace an existing output directory")
     scenes.set_defaults(func=_write_fashion_scenes)
@@ -187,7 +190,8 @@ def _write_fashion_scenes(args) -> int:
 
     try:
         cfg = ScenesConfig(train=args.train, val=args.val, seed=args.seed, max_garments=args.max_garments,
-                           jpeg_quality=args.jpeg_quality, masks=args.masks, scale=args.scale)
+                           jpeg_quality=args.jpeg_quality, masks=args.masks, scale=args.scale,
+                           garment_sizes=tuple(args.garment_sizes))
         paths = write_fashion_scenes(args.out, cfg, source_dir=args.source_dir, force=args.force)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         return _user_error(e)

@@ -1,8 +1,8 @@
 """fashion-scenes: a small, deterministic detection (and segmentation) set from real Fashion-MNIST garments.
 
 Each scene is a canvas of one of a few sizes and aspect ratios (``CANVASES``) with 1-8 garments
-pasted at random scales (24-96 px) and positions, tinted with a random colour, over a textured
-background.  Garments are drawn in order, each over the previous ones; a placement is refused
+pasted at random scales (24-96 px by default, ``garment_sizes``) and positions, tinted with a random
+colour, over a textured background.  Garments are drawn in order, each over the previous ones; a placement is refused
 (and redrawn, up to ``_TRIES`` times) when it would hide more than half of an earlier garment, so
 scenes overlap but every garment stays recognisable.  A garment's pixels are those whose resized
 Fashion-MNIST value reaches ``GARMENT_THRESHOLD``; its *visible* pixels are those no later garment
@@ -37,7 +37,8 @@ CANVASES: Tuple[Tuple[int, int], ...] = ((192, 256), (256, 192), (224, 224), (16
 """(height, width) of the canvases: landscape, portrait and square."""
 GARMENT_THRESHOLD = 40
 """A resized garment pixel with a grey value >= this belongs to the garment."""
-_SCALES = (24, 96)
+GARMENT_SIZES: Tuple[int, int] = (24, 96)
+"""Default smallest and largest garment side (pixels, at scale 1)."""
 _MAX_HIDDEN = 0.5
 _TRIES = 20
 _SPLIT_KEYS = {"train": 0, "val": 1}
@@ -62,6 +63,9 @@ class ScenesConfig:
     scale: float = 1.0
     """Canvas and garment sizes times this (0.4: canvases 64x128 .. 128x96, garments 10-38 px, for runs
     on a CPU); 1.0 writes the scenes described above, unchanged."""
+    garment_sizes: Tuple[int, int] = GARMENT_SIZES
+    """Smallest and largest garment side in pixels, before ``scale`` (never more than the canvas's shorter
+    side); larger garments on the same canvases leave less background per garment."""
 
     def __post_init__(self):
         if self.train < 0 or self.val < 0 or self.train + self.val == 0:
@@ -72,6 +76,10 @@ class ScenesConfig:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
         if not 0.25 <= self.scale <= 4.0:
             raise ValueError(f"scale must be in [0.25, 4], got {self.scale}")
+        lo, hi = self.garment_sizes
+        if not 8 <= lo <= hi:
+            raise ValueError(f"garment_sizes must be (smallest, largest) with 8 <= smallest <= largest, "
+                             f"got {tuple(self.garment_sizes)}")
 
 
 def _resize(img: np.ndarray, size: int) -> np.ndarray:
@@ -93,18 +101,20 @@ def _scaled(n: int, scale: float) -> int:
 
 
 def render_scene(garments: np.ndarray, labels: np.ndarray, *, seed: int, split: str, index: int,
-                 max_garments: int = 8, scale: float = 1.0) -> Tuple[np.ndarray, np.ndarray, List[int]]:
+                 max_garments: int = 8, scale: float = 1.0, garment_sizes: Tuple[int, int] = GARMENT_SIZES
+                 ) -> Tuple[np.ndarray, np.ndarray, List[int]]:
     """One scene: (RGB uint8 [H,W,3], instance map int32 [H,W] (0 = background, k = k-th garment),
-    class ids of the garments, 1..10, in drawing order). ``scale`` multiplies the canvas and garment sizes."""
+    class ids of the garments, 1..10, in drawing order). ``scale`` multiplies the canvas and garment sizes,
+    ``garment_sizes`` is the range of garment sides at scale 1."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _SPLIT_KEYS[split], int(index)]))
     h, w = (_scaled(n, scale) for n in CANVASES[int(rng.integers(len(CANVASES)))])
-    smallest, largest = _scaled(_SCALES[0], scale), _scaled(_SCALES[1], scale)
+    smallest, largest = (_scaled(n, scale) for n in garment_sizes)
     image = _background(rng, h, w)
     instances = np.zeros((h, w), np.int32)
     classes: List[int] = []
     for _ in range(int(rng.integers(1, max_garments + 1))):
         for _try in range(_TRIES):
-            size = int(rng.integers(smallest, min(largest, h, w) + 1))
+            size = int(rng.integers(min(smallest, h, w), min(largest, h, w) + 1))
             top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
             pick = int(rng.integers(len(garments)))
             grey = _resize(garments[pick], size)
@@ -159,7 +169,8 @@ def _write_split(root: str, split: str, count: int, cfg: ScenesConfig, source_di
     images, anns = [], []
     for i in range(count):
         image, instances, classes = render_scene(garments, labels, seed=cfg.seed, split=split, index=i,
-                                                 max_garments=cfg.max_garments, scale=cfg.scale)
+                                                 max_garments=cfg.max_garments, scale=cfg.scale,
+                                                 garment_sizes=tuple(cfg.garment_sizes))
         name = f"{i:06d}.jpg"
         ok = cv2.imwrite(os.path.join(root, split, name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                          [int(cv2.IMWRITE_JPEG_QUALITY), cfg.jpeg_quality])
