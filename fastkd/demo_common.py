@@ -103,7 +103,8 @@ def replace_run_dir(run_dir: str) -> None:
 
 def median_rate(train_rows: List[Dict[str, object]]) -> float:
     """Median ``images_per_s`` of the training rows; the first window (start-up) is left out when there are more."""
-    return statistics.median(r["images_per_s"] for r in train_rows[1:] or train_rows)
+    rates = [r["images_per_s"] for r in train_rows[1:] or train_rows]
+    return statistics.median(rates) if rates else float("nan")
 
 
 @contextlib.contextmanager

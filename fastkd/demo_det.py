@@ -28,12 +28,12 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .demo_common import hide_numba_finalizer_noise, load_average, machine_name as machine, run, threads
+from .demo_common import (demo_parser, finished_run, hide_numba_finalizer_noise, load_average, machine_name as machine,
+                          run, threads)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
@@ -56,12 +56,8 @@ SCENES_STAMP = "scenes.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fastkd.demo_det", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides for all four runs")
-    p.add_argument("--teacher", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for the teacher run")
-    p.add_argument("--students", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="overrides for the three student runs")
+    p = demo_parser("python -m fastkd.demo_det", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS,
+                    out="runs/demo_det", config_dir=CONFIG_DIR)
     p.add_argument("--data-dir", default="data/fashion-scenes",
                    help="where train.beton / val.beton are (written there with the scenes when absent)")
     p.add_argument("--train-scenes", type=int, default=1024, help="training scenes written (default 1024)")
@@ -71,13 +67,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help=f"scene canvas and garment size factor (default {SCENE_SCALE}: canvases 80x160 .. 160x120)")
     p.add_argument("--garment-sizes", type=int, nargs=2, default=list(GARMENT_SIZES), metavar=("MIN", "MAX"),
                    help="garment sides in px before --scale (default %(default)s: 24-48 px garments at scale 0.5)")
-    p.add_argument("--out", default="runs/demo_det", help="parent of the run directories, results and picture")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="cpu hides GPUs; cuda requires one (default: a GPU when there is one)")
-    p.add_argument("--only", nargs="+", choices=("teacher",) + STUDENTS, default=None,
-                   help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--pictures", type=int, default=4, help="val images drawn in boxes.png (default 4)")
-    p.add_argument("--config-dir", default=CONFIG_DIR, help="where teacher.yaml, baseline.yaml, ... are")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the runs (default: torch's own; 1 is faster on a loaded CPU)")
     args = p.parse_args(argv)
@@ -162,28 +152,9 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 
 def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str, object]:
     """Box AP / AP50 and throughput of a finished run from its metrics.jsonl."""
-    from .config import ConfigError
-    from .engine.metrics import read_metrics
-
-    if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        raise ConfigError(f"no finished {name} run in {run_dir}")
-    rows = read_metrics(run_dir)
-    evals = [r for r in rows if r.get("kind") == "eval"]
-    train_rows = [r for r in rows if r.get("kind") == "train"]
-    if not evals:
-        raise ConfigError(f"{run_dir}/metrics.jsonl has no evaluation: the {name} run did not finish")
-    # the first logging window holds start-up (allocation, first-iteration set-up): left out when there are more
-    rates = [r["images_per_s"] for r in train_rows[1:] or train_rows]
-    if wall is None:
-        wall = rows[-1]["time"] - rows[0]["time"]
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    return {"name": name, "model": cfg["student"]["name"], "fpn_channels": cfg["student"]["kwargs"].get("fpn_channels"),
-            "AP": evals[-1]["val/bbox_AP"], "AP50": evals[-1]["val/bbox_AP50"], "steps": evals[-1]["step"],
-            "images": evals[-1]["step"] * cfg["train"]["batch_size"],
-            "images_per_s": statistics.median(rates) if rates else float("nan"), "wall_s": wall, "run_dir": run_dir,
-            "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
-                       for k, v in r.items() if k.startswith("alpha/")}}
+    summary, last, cfg = finished_run(name, run_dir, "val/bbox_AP", wall)
+    return {**summary, "fpn_channels": cfg["student"]["kwargs"].get("fpn_channels"), "AP": last["val/bbox_AP"],
+            "AP50": last["val/bbox_AP50"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
