@@ -410,3 +410,18 @@ def test_fashion_scenes_cli(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     assert main(["write", "fashion-scenes", str(tmp_path / "y"), "--garment-sizes", "96", "48"]) == 2
     assert "garment_sizes" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_ffcv_detection_loader_leaves_torch_thread_count_alone(betons):
+    """FFCV sets torch's thread count to its worker count at build and at each epoch start; the detection
+    loader gives the process its own count back."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        loader = build_detection_loader(betons["val"], source="ffcv", train=False, batch_size=4, seed=0,
+                                        num_workers=2, **SIZES)
+        assert torch.get_num_threads() == 1
+        for _ in loader:
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -152,7 +152,7 @@ class FFCVDetectionLoader(DetectionLoader):
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor
 
-        from .ffcv_loader import _GivenOrder
+        from .ffcv_loader import TorchThreads, _GivenOrder
         from .ffcv_ops import ResizePadDecoder
 
         super().__init__(path, **kwargs)
@@ -160,9 +160,11 @@ class FFCVDetectionLoader(DetectionLoader):
         pipelines = {"image": [ResizePadDecoder(self.min_size, self.max_size), ToTensor()],
                      "boxes": [NDArrayDecoder()], "labels": [NDArrayDecoder()], "iscrowd": [NDArrayDecoder()],
                      "num_boxes": None, "image_id": None, "orig_h": None, "orig_w": None}
+        self._threads = TorchThreads()
         self._loader = Loader(path, batch_size=self.batch_size, num_workers=workers, os_cache=os_cache,
                               order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=batches_ahead,
                               pipelines=pipelines)
+        self._threads.restore()
         self._loader.traversal_order = _GivenOrder(self._loader)
         self.num_workers = workers
 
@@ -171,6 +173,7 @@ class FFCVDetectionLoader(DetectionLoader):
         it = iter(self._loader)
         try:
             for k, (flat, boxes, labels, crowd) in enumerate(it):
+                self._threads.restore()  # the iterator thread set it before batch 0
                 n = flat.shape[0]
                 hb, wb = self.bucket_of(order[k * self.batch_size:k * self.batch_size + n])
                 yield flat[:, :hb * wb * 3].view(n, hb, wb, 3), boxes, labels, crowd

@@ -126,6 +126,20 @@ def sidecar(path: str) -> dict:
         return {}
 
 
+class TorchThreads:
+    """FFCV sets torch's intra-op thread count to its worker count (``Compiler.set_num_threads``,
+    ffcv/pipeline/compiler.py) when a Loader is built and again in its epoch iterator's thread before the first
+    batch: a run's own count (``--threads``, OMP_NUM_THREADS) would silently become ``num_workers``. Captured
+    before the Loader is built; :meth:`restore` after the build and at each batch gives the process its count back."""
+
+    def __init__(self):
+        self.count = torch.get_num_threads()
+
+    def restore(self) -> None:
+        if torch.get_num_threads() != self.count:
+            torch.set_num_threads(self.count)
+
+
 class FFCVLoader(EpochLoader):
     backend = "ffcv"
 
@@ -158,13 +172,11 @@ class FFCVLoader(EpochLoader):
                           NormalizeImage(mean, std, device, dtype, channels_last)]
         label_ops = [IntDecoder(), ToTensor(), Squeeze(), *to_device]
         self.decoder = decoder
-        # FFCV sets torch's intra-op thread count to its worker count (ffcv/pipeline/compiler.py), here and again
-        # in its epoch iterator's thread: the process keeps the count it had (restored after each).
-        self._torch_threads = torch.get_num_threads()
+        self._threads = TorchThreads()
         self._loader = Loader(path, batch_size=batch_size, num_workers=workers, os_cache=os_cache,
                               order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=batches_ahead,
                               pipelines={"image": image_ops, "label": label_ops})
-        torch.set_num_threads(self._torch_threads)
+        self._threads.restore()
         self._loader.traversal_order = _GivenOrder(self._loader)
         self.path, self.num_workers, self.image_size = path, workers, image_size
         super().__init__(self._loader.reader.num_samples, batch_size=batch_size,
@@ -183,8 +195,7 @@ class FFCVLoader(EpochLoader):
         it = iter(self._loader)
         try:
             for images, labels in it:
-                if torch.get_num_threads() != self._torch_threads:  # the iterator thread set it before batch 0
-                    torch.set_num_threads(self._torch_threads)
+                self._threads.restore()  # the iterator thread set it before batch 0
                 yield images, labels
         finally:
             it.close()
