@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -38,8 +37,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, finished_run, hide_numba_finalizer_noise, load_average, machine_name as machine, run,
-                          threads)
+from .demo_common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
+                          machine_name as machine, replace_run_dir, run, select_device, threads,
+                          write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo")
@@ -113,13 +113,10 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index:
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    import shutil
-
     from .engine.plot import plot_run
     from .engine.trainer import train
 
-    if os.path.isdir(cfg.run_dir):
-        shutil.rmtree(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
+    replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
     print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
     t0 = time.time()
     train(cfg)
@@ -241,21 +238,6 @@ class Timer:
 
 
 
-def _earlier(args: argparse.Namespace, name: str, seed_index: int) -> Optional[Dict[str, object]]:
-    """A finished earlier run of ``name`` for the table; an unfinished one (interrupted, or still running
-    in another process) is left out with a note instead of ending the demo after the runs it trained."""
-    from .config import ConfigError
-
-    path = run_dir(args, name, seed_index)
-    if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
-        return None
-    try:
-        return summarize(name, path)
-    except ConfigError as exc:
-        print(f"(not in the table: {exc})", flush=True)
-        return None
-
-
 def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:
     """Validate every config, write the data, train the teacher and the students; their summaries."""
     from .engine.export import export_student
@@ -275,7 +257,7 @@ def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:
                 export_student(configs[name, k].run_dir, teacher_pt)
                 print(f"exported the teacher to {teacher_pt}", flush=True)
             timer.lap(f"{name} (seed {configs[name, k].seed})")
-        elif (earlier := _earlier(args, name, k)) is not None:  # an earlier run: into the table
+        elif (earlier := earlier_run(summarize, name, run_dir(args, name, k))) is not None:
             results.append(earlier)
     return results
 
@@ -284,16 +266,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     timer, load_start = Timer(), load_average()
     sys.unraisablehook = hide_numba_finalizer_noise
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    problem = select_device(args.device)
+    if problem:
+        print(f"fastkd demo: {problem}", file=sys.stderr)
+        return 2
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("fastkd demo: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
-    if args.device != "cuda" and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
     from .config import ConfigError
     from .engine.plot import plot_compare
 
@@ -313,12 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = report(results, command.strip(), time.time() - t_start, load_start, used_threads)
     text += "\nplots: " + ", ".join([str(compare)] * bool(compare) + [str(r["plot"]) for r in results])
     timer.lap("plots, report")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n\n" + timer.summary() + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})\n\n" + timer.summary(), flush=True)
+    write_report(args.out, text, results, timer.summary())
     return 0
 
 

@@ -9,6 +9,8 @@
 - :func:`median_rate`: the median training throughput of a run's metrics rows, start-up window left out;
 - :func:`threads`: a context manager setting torch's intra-op threads for the runs and restoring them;
 - :func:`finished_run`: what every demo's table reads from a finished run directory;
+- :func:`earlier_run`: a finished earlier run for the table (an unfinished one left out with a note);
+- :func:`write_report`: ``results.md`` / ``results.json`` in the output directory, and the printed report;
 - :func:`demo_parser`: the options every demo takes (overrides, per-side overrides, out, device, only, configs).
 """
 from __future__ import annotations
@@ -164,3 +166,29 @@ def finished_run(name: str, run_dir: str, metric: str, wall: Optional[float] = N
                "alphas": {k[len("alpha/"):]: v for r in rows if r.get("kind") == "calibration"
                           for k, v in r.items() if k.startswith("alpha/")}}
     return summary, last, cfg
+
+
+def earlier_run(summarize: Callable[[str, str], dict], name: str, path: str) -> Optional[dict]:
+    """``summarize(name, path)`` of a finished earlier run, for the table; None when there is none, and for an
+    unfinished one (interrupted, or still running in another process), with a note, instead of ending the demo
+    after the runs it trained."""
+    from .config import ConfigError
+
+    if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        return None
+    try:
+        return summarize(name, path)
+    except ConfigError as exc:
+        print(f"(not in the table: {exc})", flush=True)
+        return None
+
+
+def write_report(out: str, text: str, results: List[dict], tail: str = "") -> None:
+    """``out/results.md`` (``text`` and ``tail``), ``out/results.json`` (``results``), and print them."""
+    os.makedirs(out, exist_ok=True)
+    md = os.path.join(out, "results.md")
+    with open(md, "w") as f:
+        f.write(text + "\n" + (f"\n{tail}\n" if tail else ""))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n" + text + f"\n(also in {md})" + (f"\n\n{tail}" if tail else ""), flush=True)

@@ -27,13 +27,13 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .demo_common import (demo_parser, finished_run, hide_numba_finalizer_noise, load_average, machine_name as machine,
-                          run, threads)
+from .demo_common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
+                          machine_name as machine, replace_run_dir, run, select_device, threads,
+                          write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
@@ -142,8 +142,7 @@ def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
     from .engine.trainer import train
 
-    if os.path.isdir(cfg.run_dir):
-        shutil.rmtree(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
+    replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
     print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
     t0 = time.time()
     train(cfg)
@@ -274,24 +273,20 @@ def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, 
             if name == "teacher":
                 export_student(configs[name].run_dir, teacher_pt)
                 print(f"exported the teacher to {teacher_pt}", flush=True)
-        elif os.path.isfile(os.path.join(args.out, name, "metrics.jsonl")):  # an earlier run: into the table
-            results.append(summarize(name, os.path.join(args.out, name)))
+        elif (earlier := earlier_run(summarize, name, os.path.join(args.out, name))) is not None:
+            results.append(earlier)
     return results, configs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     sys.unraisablehook = hide_numba_finalizer_noise
-    if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    problem = select_device(args.device)
+    if problem:
+        print(f"fastkd demo_det: {problem}", file=sys.stderr)
+        return 2
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("fastkd demo_det: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
-    if args.device != "cuda" and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
     from .config import ConfigError
 
     if args.pictures < 1:
@@ -312,12 +307,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loads.append(load_average())
     command = "python -m fastkd.demo_det " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, command.strip(), time.time() - t_start, loads, picture, used_threads)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})", flush=True)
+    write_report(args.out, text, results)
     return 0
 
 

@@ -31,7 +31,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import demo_parser, finished_run, machine, replace_run_dir, run, select_device, threads
+from .demo_common import (demo_parser, earlier_run, finished_run, machine, replace_run_dir, run, select_device, threads,
+                          write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
@@ -187,8 +188,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     if name == "teacher":
                         export_student(configs[name].run_dir, teacher_pt)
                         print(f"exported the teacher to {teacher_pt}", flush=True)
-                elif os.path.isfile(os.path.join(args.out, name, "metrics.jsonl")):  # an earlier run: into the table
-                    results.append(summarize(name, os.path.join(args.out, name)))
+                elif (earlier := earlier_run(summarize, name, os.path.join(args.out, name))) is not None:
+                    results.append(earlier)
                     run_configs[name] = run_config(name, args, teacher_pt)
             os.makedirs(args.out, exist_ok=True)
             picture = draw_masks(run_configs, args.data_dir, os.path.join(args.out, "masks.png"), args.images)
@@ -199,11 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "python -m fastkd.demo_seg " + " ".join(sys.argv[1:] if argv is None else argv)
     n_val = len(os.listdir(os.path.join(args.data_dir, "masks", "val")))
     text = report(results, command.strip(), time.time() - t_start, picture, n_val, used_threads)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print("\n" + text + f"\n(also in {os.path.join(args.out, 'results.md')})", flush=True)
+    write_report(args.out, text, results)
     return 0
 
 
