@@ -3,20 +3,25 @@
     cfg = load_config("configs/tests/tiny.yaml", ["optim.lr=0.2", "distill.pairs.0.alpha=1e-5"])
 
 Every field has a docstring (the string under it). Errors are ``ConfigError`` with one line per
-problem naming the dotted key: an unknown key suggests the closest valid one, a wrong type names
-the value and the expected type.
+problem naming the dotted key (``fastkd.config_errors``): an unknown key suggests the closest valid one,
+a wrong type names the value and the expected type.
+
+A feature pair's ``loss`` picks its config class (``MGDPairConfig``, ``CTPairConfig``, or one registered
+by a module that the config's ``imports`` names). Nothing here imports torch: configs are validated before
+torch and DeepSpeed are loaded.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
-from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError
-from pydantic.dataclasses import dataclass
+from pydantic import ConfigDict, Discriminator, Tag, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass, rebuild_dataclass
+
+from .config_errors import format_validation_error as _format_validation_error, suggest
 
 _PYD = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
 field = dataclasses.field
@@ -26,8 +31,12 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message says where and how."""
 
 
-def _cfg(cls):
+def config_class(cls):
+    """Make ``cls`` a config class: a kw_only pydantic dataclass that refuses unknown keys."""
     return dataclass(config=_PYD, kw_only=True)(cls)
+
+
+_cfg = config_class
 
 
 def import_factory(spec: str, what: str):
@@ -101,32 +110,126 @@ class DataConfig:
             _check(len(self.mean) == len(self.std), f"mean has {len(self.mean)} values but std has {len(self.std)}")
 
 
+DEFAULT_LOSS = "mgd"
+"""The loss of a pair that names none."""
+
+
 @_cfg
 class PairConfig:
+    """A (student feature, teacher feature) pair and its loss: the fields every feature loss shares.
+
+    Each loss has its own subclass with its own fields (``MGDPairConfig``, ``CTPairConfig``), registered
+    under its name; ``loss:`` picks it, in YAML and here: ``PairConfig(student=..., teacher=..., loss="ct")``
+    builds a ``CTPairConfig``. A loss of one's own: ``fastkd.losses.register_loss`` (README, "The losses").
+    """
     student: str
     """Student feature name (a key of the student's feature dict, e.g. layer4)."""
     teacher: str
     """Teacher feature name."""
-    loss: Literal["mgd", "ct"] = "mgd"
-    """Distillation loss for this pair."""
+    loss: str = DEFAULT_LOSS
+    """Distillation loss for this pair: a registered name (mgd, ct, or one of your own)."""
     alpha: Union[float, Literal["auto"]] = 2e-5
     """Loss weight, or ``auto``: calibrated on the first batches to ``target`` x the task loss."""
     target: float = 1.0
     """With ``alpha: auto``: the starting ratio of this loss to the task loss."""
-    mask: Literal["spatial", "channel"] = "spatial"
-    """MGD: mask mode (channel for classification, spatial for dense tasks)."""
-    ratio: float = 0.65
-    """MGD: fraction of mask entries dropped (lambda_mgd)."""
-    hidden_channels: Optional[int] = None
-    """CT: hidden width of the channel-wise MLP (default: teacher channels)."""
-    reduction: Literal["sum_over_batch", "mean"] = "sum_over_batch"
-    """CT: reduction of the squared error."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is PairConfig:  # the base stands for the class registered for ``loss``
+            cls = pair_config_class(kwargs.get("loss", DEFAULT_LOSS))
+        return object.__new__(cls)
 
     def __post_init__(self):
-        _check(0.0 <= self.ratio < 1.0, f"ratio must be in [0, 1), got {self.ratio}")
         _check(self.target > 0, f"target must be > 0, got {self.target}")
         if self.alpha != "auto":
             _check(self.alpha >= 0, f"alpha must be >= 0 or 'auto', got {self.alpha}")
+
+
+_PAIRS: Dict[str, type] = {}  # loss name -> its PairConfig subclass, in registration order
+_HOLDS_PAIRS: List[type] = []  # config classes whose validators embed the union of the pair classes
+
+
+def _pair_tag(value: Any) -> Optional[str]:
+    """The loss name of a pair being validated (a mapping or a pair config); None for anything else."""
+    if isinstance(value, dict):
+        loss = value.get("loss", DEFAULT_LOSS)
+        return loss if isinstance(loss, str) else repr(loss)
+    return value.loss if isinstance(value, PairConfig) else None
+
+
+def _pair_union() -> Any:
+    members = tuple(Annotated[cls, Tag(name)] for name, cls in _PAIRS.items())
+    return Annotated[Union[members], Discriminator(_pair_tag)]
+
+
+def register_pair_config(cls: type) -> type:
+    """Make ``cls`` the config of the pairs whose ``loss`` is its name (torch-free; the module side of a
+    loss is ``fastkd.losses.register_loss``, which calls this). ``cls`` is a ``PairConfig`` subclass
+    made with the same pydantic dataclass settings (``config_class``) declaring ``loss: Literal["name"] =
+    "name"``; the name becomes part of log and checkpoint keys (``name.student_feature``)."""
+    if not (isinstance(cls, type) and issubclass(cls, PairConfig) and cls is not PairConfig
+            and vars(cls).get("__pydantic_config__", {}).get("extra") == "forbid"):
+        raise TypeError(f"{cls!r} is not a subclass of fastkd.config.PairConfig decorated with "
+                        f"@fastkd.config.config_class")
+    ann, name = typing.get_type_hints(cls).get("loss"), getattr(cls, "loss", None)
+    if typing.get_origin(ann) is not Literal or typing.get_args(ann) != (name,) or not isinstance(name, str):
+        raise TypeError(f"{cls.__qualname__} must declare its loss name as `loss: Literal[\"name\"] = \"name\"`")
+    if not name.isidentifier():
+        raise TypeError(f"{cls.__qualname__}: loss name {name!r} must be an identifier (it names log and "
+                        f"checkpoint keys)")
+    known = _PAIRS.get(name)
+    if known is not None and known is not cls:
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__}: loss {name!r} is already registered by "
+                        f"{known.__module__}.{known.__qualname__}")
+    _PAIRS[name] = cls
+    global AnyPairConfig
+    AnyPairConfig = _pair_union()
+    for holder in _HOLDS_PAIRS:
+        rebuild_dataclass(holder, force=True)
+    return cls
+
+
+def pair_config_class(loss: str) -> type:
+    """The config class registered for ``loss``; ConfigError naming the registered ones otherwise."""
+    if loss not in _PAIRS:
+        raise ConfigError(f"unknown loss {loss!r}{suggest(loss, list(_PAIRS))}; registered: {', '.join(_PAIRS)}")
+    return _PAIRS[loss]
+
+
+def pair_keys(loss: str) -> Optional[List[str]]:
+    """The keys a pair of ``loss`` has (None for a loss nobody registered)."""
+    return [f.name for f in dataclasses.fields(_PAIRS[loss])] if loss in _PAIRS else None
+
+
+@register_pair_config
+@_cfg
+class MGDPairConfig(PairConfig):
+    """A pair distilled by MGD (``fastkd.losses.MGD``)."""
+    loss: Literal["mgd"] = "mgd"
+    """Distillation loss for this pair."""
+    mask: Literal["spatial", "channel"] = "spatial"
+    """Mask mode (channel for classification, spatial for dense tasks)."""
+    ratio: float = 0.65
+    """Fraction of mask entries dropped (lambda_mgd)."""
+
+    def __post_init__(self):
+        _check(0.0 <= self.ratio < 1.0, f"ratio must be in [0, 1), got {self.ratio}")
+        super().__post_init__()
+
+
+@register_pair_config
+@_cfg
+class CTPairConfig(PairConfig):
+    """A pair distilled by CT (``fastkd.losses.CT``)."""
+    loss: Literal["ct"] = "ct"
+    """Distillation loss for this pair."""
+    hidden_channels: Optional[int] = None
+    """Hidden width of the channel-wise MLP (default: teacher channels)."""
+    reduction: Literal["sum_over_batch", "mean"] = "sum_over_batch"
+    """Reduction of the squared error."""
+
+
+AnyPairConfig = _pair_union()
+"""A pair of any registered loss (pydantic's tagged union on ``loss``; rebuilt when a loss registers)."""
 
 
 @_cfg
@@ -144,8 +247,8 @@ class KDConfig:
 
 @_cfg
 class DistillConfig:
-    pairs: List[PairConfig] = field(default_factory=list)
-    """Feature pairs, each distilled by its own MGD/CT module (any number, e.g. five FPN levels)."""
+    pairs: List[AnyPairConfig] = field(default_factory=list)
+    """Feature pairs, each distilled by its own module of its loss (any number, e.g. five FPN levels)."""
     kd: Optional[KDConfig] = None
     """Logit KD stacked on the feature losses (null: off)."""
     label_smoothing: float = 0.0
@@ -289,6 +392,9 @@ class Config:
     task: str = "classification"
     """What is trained: classification | detection | segmentation (``fastkd.tasks``), or
     ``package.module:Class`` (a ``fastkd.tasks.Task`` subclass)."""
+    imports: List[str] = field(default_factory=list)
+    """Modules ``load_config`` imports before it validates the rest, e.g. ones that register a feature loss
+    of your own (``fastkd.losses.register_loss``); each must be importable (installed or on PYTHONPATH)."""
     teacher: Optional[ModelConfig] = None
     """The frozen model distilled from (checkpoint required); null trains the student alone (baselines,
     or the teacher itself)."""
@@ -317,6 +423,9 @@ class Config:
         else:
             _check(self.teacher.checkpoint is not None,
                    "teacher.checkpoint is required (a state_dict file of the teacher)")
+
+
+_HOLDS_PAIRS.extend([DistillConfig, Config])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,111 +471,33 @@ def apply_override(tree: dict, parts: List[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[:i])} is a value, not a section")
 
 
-def _annotation_at(cls: Any, loc: Sequence) -> Any:
-    """The annotation at a pydantic error location, walking dataclasses, lists, dicts, optionals."""
-    ann: Any = cls
-    for part in loc:
-        ann = _strip_optional(ann)
-        if dataclasses.is_dataclass(ann) and isinstance(part, str):
-            hints = typing.get_type_hints(ann)
-            if part not in hints:
-                return None
-            ann = hints[part]
-        elif typing.get_origin(ann) in (list, List, tuple) and isinstance(part, int):
-            args = typing.get_args(ann)
-            ann = args[min(part, len(args) - 1)] if args else Any
-        elif typing.get_origin(ann) in (dict, Dict):
-            ann = typing.get_args(ann)[1] if typing.get_args(ann) else Any
-        else:
-            return ann
-    return ann
-
-
-def _strip_optional(ann: Any) -> Any:
-    if typing.get_origin(ann) is Union:
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return ann
-
-
-def _type_name(ann: Any) -> str:
-    if ann is None:
-        return "?"
-    origin = typing.get_origin(ann)
-    if origin is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(ann))
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(ann))
-    if origin in (list, List):
-        return f"list of {_type_name(typing.get_args(ann)[0])}"
-    if origin in (tuple, Tuple):
-        return "[" + ", ".join(_type_name(a) for a in typing.get_args(ann)) + "]"
-    if origin in (dict, Dict):
-        return "mapping"
-    if ann is type(None):
-        return "null"
-    if dataclasses.is_dataclass(ann):
-        return f"a mapping ({ann.__name__} section)"
-    return getattr(ann, "__name__", str(ann))
-
-
-def _dotted(loc: Sequence) -> str:
-    return ".".join(str(p) for p in loc) or "<root>"
-
-
-def _field_loc(root: Any, loc: Sequence) -> List:
-    """Drop pydantic's union-branch tags (e.g. 'float', "literal['auto']") from a location."""
-    out: List = []
-    ann: Any = root
-    for part in loc:
-        nxt = _annotation_at(ann, [part]) if ann is not None else None
-        stripped = _strip_optional(ann) if ann is not None else None
-        is_field = isinstance(part, int) or (dataclasses.is_dataclass(stripped) and nxt is not None) or \
-            typing.get_origin(stripped) in (dict, Dict)
-        if not is_field and out:
-            break
-        out.append(part)
-        ann = nxt
-    return out
-
-
 def format_validation_error(exc: ValidationError, root: Any = None, source: str = "") -> str:
-    root = root if root is not None else Config
-    lines: Dict[str, str] = {}
-    for err in exc.errors():
-        loc = list(err["loc"])
-        kind = err["type"]
-        if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-            parent = _strip_optional(_annotation_at(root, loc[:-1]))
-            valid = [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {_dotted(loc[:-1] + close)!r}?" if close else ""
-            lines[_dotted(loc)] = (f"unknown key {_dotted(loc)!r}{hint} (valid keys here: {', '.join(valid)})")
-            continue
-        floc = _field_loc(root, loc)
-        key = _dotted(floc)
-        if kind == "missing" or kind == "missing_keyword_argument":
-            lines[key] = f"{key}: required key is missing ({_type_name(_annotation_at(root, floc))})"
-        elif kind == "value_error":
-            msg = err["msg"].removeprefix("Value error, ")
-            lines[key] = msg if not floc else f"{key}: {msg}"
-        else:
-            value = err.get("input")
-            lines[key] = (f"{key}: got {value!r} ({type(value).__name__}), expected "
-                          f"{_type_name(_annotation_at(root, floc))}")
-    where = f" in {source}" if source else ""
-    return f"invalid configuration{where}:\n  " + "\n  ".join(lines.values())
+    return _format_validation_error(exc, root if root is not None else Config, source)
 
 
 def build_config(tree: dict, source: str = "") -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"configuration{' ' + source if source else ''} must be a mapping at the top level, "
                           f"got {type(tree).__name__}")
+    import_modules(tree.get("imports"), source)
     try:
         return TypeAdapter(Config).validate_python(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, Config, source)) from None
+
+
+def import_modules(names: Any, source: str = "") -> None:
+    """Import the modules a config's ``imports`` names (a malformed list is left to the validation)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return
+    import importlib
+
+    for i, name in enumerate(names):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            where = f" in {source}" if source else ""
+            raise ConfigError(f"invalid configuration{where}: imports.{i}: cannot import {name!r}: {exc}") from None
 
 
 def load_yaml(path: str) -> dict:
