@@ -135,15 +135,15 @@ def make_step(distiller, optimizer, batch) -> Callable[[], None]:
 
 
 def make_losses_only(distiller, batch) -> Callable[[], None]:
-    """The MGD losses of every pair alone, forward + backward, on this step's own FPN levels."""
+    """The seeded (MGD) losses of every pair alone, forward + backward, on this step's own FPN levels."""
     _, t_feats = distiller.teacher_forward(batch)
     # the student's levels eagerly, as the engine's start-up probe takes them (no compiled graph for no-grad)
     s_feats = distiller.task.teacher_forward(distiller.student, batch, None)[1]
     pairs = [(distiller.losses[sp.key], s_feats[sp.cfg.student].detach().requires_grad_(), t_feats[sp.cfg.teacher])
-             for sp in distiller.specs if sp.cfg.loss == "mgd"]
+             for sp in distiller.seeded]
 
     def losses():
-        total = sum(mod(s, t, seed=mod.next_seed(), sample_offset=0) for mod, s, t in pairs)
+        total = sum(mod(s, t, seed=mod.seeds.next(), sample_offset=0) for mod, s, t in pairs)
         total.backward()
         for _, s, _ in pairs:
             s.grad = None

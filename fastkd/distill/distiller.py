@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, DistillConfig, PairConfig
-from ..losses import CT, MGD
+from ..losses import FeatureLoss, feature_loss
 
 
 @dataclasses.dataclass
@@ -31,6 +31,11 @@ class PairSpec:
     cfg: PairConfig
     student_channels: int
     teacher_channels: int
+
+    @property
+    def loss(self) -> FeatureLoss:
+        """The registry's entry of the pair's loss (its module, whether it draws seeded masks)."""
+        return feature_loss(self.cfg.loss)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -43,7 +48,8 @@ def _available(feats: Dict[str, torch.Tensor]) -> str:
 
 def check_pairs(pairs: Sequence[PairConfig], s_feats: Dict[str, torch.Tensor],
                 t_feats: Dict[str, torch.Tensor]) -> List[PairSpec]:
-    """Check every pair on one batch of features; fail naming the layers and their shapes."""
+    """Check every pair on one batch of features (its loss's start-up check); fail naming the layers and
+    their shapes."""
     names = [f"{p.loss}.{p.student}" for p in pairs]
     specs, problems = [], []
     for i, p in enumerate(pairs):
@@ -56,12 +62,9 @@ def check_pairs(pairs: Sequence[PairConfig], s_feats: Dict[str, torch.Tensor],
             problems.append(f"{where}: the teacher has no feature {p.teacher!r}; available: {_available(t_feats)}")
             continue
         s, t = s_feats[p.student], t_feats[p.teacher]
-        if s.dim() != 4 or t.dim() != 4:
-            problems.append(f"{where}: features must be [N,C,H,W]; student {_shape(s)}, teacher {_shape(t)}")
-        elif s.shape[2:] != t.shape[2:]:
-            problems.append(f"{where}: cannot be paired, spatial sizes differ: student {p.student} {_shape(s)} "
-                            f"(HxW {s.shape[2]}x{s.shape[3]}) vs teacher {p.teacher} {_shape(t)} "
-                            f"(HxW {t.shape[2]}x{t.shape[3]}); pick layers with the same stride")
+        problem = feature_loss(p.loss).check(p, s, t)
+        if problem:
+            problems.append(f"{where}: {problem}")
         else:
             specs.append(PairSpec(name, name.replace(".", "_").replace("<-", "__"), p, s.shape[1], t.shape[1]))
     if problems:
@@ -70,18 +73,13 @@ def check_pairs(pairs: Sequence[PairConfig], s_feats: Dict[str, torch.Tensor],
 
 
 def build_losses(specs: Sequence[PairSpec], *, seed: int, backend: str) -> nn.ModuleDict:
-    """One MGD/CT module per pair; ``alpha: auto`` starts at 1.0 until calibrated."""
+    """One module per pair, built by its loss's registry entry; ``alpha: auto`` starts at 1.0 until calibrated."""
     mods = nn.ModuleDict()
     for i, sp in enumerate(specs):
-        p = sp.cfg
-        alpha = 1.0 if p.alpha == "auto" else float(p.alpha)
-        if p.loss == "mgd":
-            # Distinct, reproducible mask streams per pair (SeedStream keys on base * 2^20 + k).
-            mods[sp.key] = MGD(sp.student_channels, sp.teacher_channels, mask=p.mask, ratio=p.ratio,
-                               alpha=alpha, seed=seed * 64 + i, backend=backend)
-        else:
-            mods[sp.key] = CT(sp.student_channels, sp.teacher_channels, p.hidden_channels, alpha=alpha,
-                              reduction=p.reduction, backend=backend)
+        alpha = 1.0 if sp.cfg.alpha == "auto" else float(sp.cfg.alpha)
+        # Distinct, reproducible mask streams per pair (SeedStream keys on base * 2^20 + k).
+        mods[sp.key] = sp.loss.build(sp.student_channels, sp.teacher_channels, sp.cfg, alpha, seed * 64 + i,
+                                     backend)
     return mods
 
 
@@ -102,6 +100,9 @@ class Distiller(nn.Module):
         self.losses = losses
         self.kd = task.logit_loss(cfg.kd, cfg.backend)
         self.specs = list(specs)
+        # seeded losses (MGD) run outside the compiled region, the others inside it
+        self.seeded = [sp for sp in self.specs if sp.loss.seeded]
+        self.unseeded = [sp for sp in self.specs if not sp.loss.seeded]
         self.task_weight = cfg.task_weight
         self.teacher_layers = sorted({sp.cfg.teacher for sp in self.specs})
         self.task_names = list(task.loss_names(student))
@@ -128,19 +129,18 @@ class Distiller(nn.Module):
                                                                 for k in self.teacher_layers}
 
     def next_seeds(self) -> Dict[str, int]:
-        """One mask seed per MGD pair for this optimizer step (host ints; call outside torch.compile)."""
-        return {sp.key: self.losses[sp.key].next_seed() for sp in self.specs if sp.cfg.loss == "mgd"}
+        """One mask seed per seeded pair (MGD) for this optimizer step (host ints; call outside torch.compile)."""
+        return {sp.key: self.losses[sp.key].seeds.next() for sp in self.seeded}
 
     def forward(self, batch, t_logits, t_feats, seeds: Dict[str, int], sample_offset: int = 0,
                 scale: float = 1.0, *, eager: bool = False) -> Dict[str, torch.Tensor]:
         fn = self._losses if eager else self._fn
         out, s_feats = fn(batch, t_logits, t_feats)
-        # MGD runs after the compiled region: its mask seed changes every step and would be traced as a
-        # constant (a recompile per step); the op is a fused kernel of its own anyway.
-        for sp in self.specs:
-            if sp.cfg.loss == "mgd":
-                out[sp.name] = self.losses[sp.key](s_feats[sp.cfg.student], t_feats[sp.cfg.teacher],
-                                                   seed=seeds[sp.key], sample_offset=sample_offset)
+        # Seeded losses (MGD) run after the compiled region: their mask seed changes every step and would be
+        # traced as a constant (a recompile per step); MGD's op is a fused kernel of its own anyway.
+        for sp in self.seeded:
+            out[sp.name] = self.losses[sp.key](s_feats[sp.cfg.student], t_feats[sp.cfg.teacher],
+                                               seed=seeds[sp.key], sample_offset=sample_offset)
         # Every term is a mean over this micro-batch; ``scale`` turns it into "sum / global count" (STYLE.md).
         out = {k: out[k] * scale for k in self.loss_names()}
         out["total"] = sum(out.values())
@@ -150,15 +150,14 @@ class Distiller(nn.Module):
         return self.task_names + (["kd"] if self.kd is not None else []) + [sp.name for sp in self.specs]
 
     def _losses(self, batch, t_logits, t_feats):
-        """Student forward + task, logit-KD and CT losses (the torch.compile region)."""
+        """Student forward + task, logit-KD and unseeded feature losses (CT): the torch.compile region."""
         terms, logits, s_feats = self.task.student_forward(self.student, batch)
         out = {k: self.task_weight * terms[k] for k in self.task_names}
         if self.kd is not None:
             out["kd"] = self.kd(logits, t_logits)
-        for sp in self.specs:
-            if sp.cfg.loss == "ct":
-                out[sp.name] = self.losses[sp.key](s_feats[sp.cfg.student], t_feats[sp.cfg.teacher])
-        return out, {sp.cfg.student: s_feats[sp.cfg.student] for sp in self.specs if sp.cfg.loss == "mgd"}
+        for sp in self.unseeded:
+            out[sp.name] = self.losses[sp.key](s_feats[sp.cfg.student], t_feats[sp.cfg.teacher])
+        return out, {sp.cfg.student: s_feats[sp.cfg.student] for sp in self.seeded}
 
     # -- alpha: auto -------------------------------------------------------------------------------------
     def auto_terms(self, cfg: DistillConfig) -> Dict[str, Tuple[nn.Module, float]]:
@@ -184,7 +183,7 @@ class Distiller(nn.Module):
         was_training = self.training
         self.train()
         sums = torch.zeros(len(terms) + 1, dtype=torch.float64, device=device)
-        seeds = {sp.key: self.losses[sp.key].seeds.peek() for sp in self.specs if sp.cfg.loss == "mgd"}
+        seeds = {sp.key: self.losses[sp.key].seeds.peek() for sp in self.seeded}
         count = 0
         for batch, offset in batches:
             t_logits, t_feats = self.teacher_forward(batch)

@@ -2,7 +2,8 @@
 from .ct import CT
 from .kd import LogitKD
 from .mgd import MGD
+from .registry import FeatureLoss, feature_loss, register_loss
 from .seg_kd import ChannelWiseKD
 from .seeds import SeedStream
 
-__all__ = ["MGD", "CT", "LogitKD", "ChannelWiseKD", "SeedStream"]
+__all__ = ["MGD", "CT", "LogitKD", "ChannelWiseKD", "SeedStream", "FeatureLoss", "feature_loss", "register_loss"]
