@@ -18,12 +18,13 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..config import Config, ConfigError, to_dict
+from ..config import DEFAULT_LOSS, Config, ConfigError, pair_keys, to_dict
 from .checkpoint import CONFIG_FILE
 
-_SILENT = re.compile(r"^(run_dir|train\.(resume|progress|log_every|eval_every|eval_teacher|ckpt_every|keep_last|"
-                     r"session_steps|dist_timeout_s|compile|compile_teacher)|data\.num_workers|distill\.backend|"
-                     r"distill\.pairs\.\d+\.alpha|distill\.kd\.alpha)$")  # alphas: Distiller.apply_explicit_alphas
+# alphas: Distiller.apply_explicit_alphas; imports: what they register is compared through the pairs
+_SILENT = re.compile(r"^(run_dir|imports|train\.(resume|progress|log_every|eval_every|eval_teacher|ckpt_every|"
+                     r"keep_last|session_steps|dist_timeout_s|compile|compile_teacher)|data\.num_workers|"
+                     r"distill\.backend|distill\.pairs\.\d+\.alpha|distill\.kd\.alpha)$")
 _IGNORED = {
     "student.checkpoint": "the student's weights come from the checkpoint",
     "distill.calibration_batches": "alpha: auto was calibrated when the run started",
@@ -79,9 +80,22 @@ def _structure_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
     return sorted(k for k in out if not any(k.startswith(p + ".") for p in out))  # "data.kwargs", not also .foo
 
 
+def _own_pair_keys(saved: dict) -> dict:
+    """Configs written before each loss had its pair class held every loss's keys in every pair (an MGD
+    pair had ``hidden_channels: null``): keep those of the pair's own loss, as configs have them now."""
+    pairs = (saved.get("distill") or {}).get("pairs")
+    if not isinstance(pairs, list):
+        return saved
+    own = []
+    for p in pairs:
+        keys = pair_keys(p.get("loss", DEFAULT_LOSS)) if isinstance(p, dict) else None
+        own.append(p if keys is None else {k: v for k, v in p.items() if k in keys})
+    return {**saved, "distill": {**saved["distill"], "pairs": own}}
+
+
 def review(saved: dict, cfg: Config, *, saved_world: Optional[int], world: int, where: str) -> List[str]:
     """Messages for the changed settings a resume honours or ignores; ConfigError for those it cannot."""
-    old, new = flatten(saved), flatten(to_dict(cfg))
+    old, new = flatten(_own_pair_keys(saved)), flatten(to_dict(cfg))
     refused: List[str] = []
     notes: List[str] = []
     for key in _structure_changes(old, new):
