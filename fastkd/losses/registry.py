@@ -1,8 +1,9 @@
 """The feature losses by name: each one's config class, module, mask seeding and start-up check.
 
-A feature loss is one entry here; the engine and the Distiller ask the entry, never the name:
+A feature loss is one entry here; the Distiller asks the entry, never the name (README, "A feature loss
+of your own"):
 
-    register_loss(MyPairConfig, build=MyLoss.from_pair)               # MyPairConfig.loss is the name
+    register_loss(MyPairConfig, build_my_loss, seeded=False)          # MyPairConfig.loss is the name
 
 - ``config``: a ``fastkd.config.PairConfig`` subclass made with ``@fastkd.config.config_class`` that
   declares ``loss: Literal["name"] = "name"`` and the loss's own fields (registered on the config side
@@ -10,7 +11,8 @@ A feature loss is one entry here; the engine and the Distiller ask the entry, ne
 - ``build(student_channels, teacher_channels, cfg, alpha, seed, backend) -> nn.Module``: the module of
   one pair. It has a float attribute ``alpha`` (its weight: ``alpha: auto`` sets it after calibration; keep
   it in ``get_extra_state`` so that checkpoints hold it) and ``forward(student, teacher)`` returns the
-  weighted 0-d loss of a micro-batch, a mean over it.
+  weighted 0-d loss of the micro-batch, averaged over its samples (the Distiller scales the terms to
+  sum / global count). ``seed`` is the pair's own stream base; ``backend`` the fastkd.ops backend.
 - ``seeded``: the module draws random masks. It then owns ``seeds`` (a ``fastkd.losses.SeedStream``,
   saved in its extra state) and its forward takes ``seed=`` and ``sample_offset=``; the Distiller draws
   one seed per step and calls it outside the compiled region. Unseeded modules run inside it.
