@@ -184,10 +184,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(prefix + str(exc))
         return EXIT_USER_ERROR
     except Exception as exc:
-        from .engine.errors import NonFiniteLossError
+        from .engine.errors import NonFiniteLossError, PeerFailure
         if isinstance(exc, NonFiniteLossError):
             _fail(prefix + str(exc))
             return EXIT_NONFINITE
+        if isinstance(exc, PeerFailure):  # the process group did not form: nothing to tear down
+            print(prefix + str(exc), file=sys.stderr, flush=True)
+            return EXIT_PEER_FAILED
         line = _peer_failure(exc)
         if line is None:
             _fail(f"{type(exc).__name__}: {exc}", print_it=False)
@@ -199,10 +202,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         try:
             from .engine.dist import teardown
-            if not comm_failed:  # a broken group may hang in its destructor; the process ends anyway
+            if not comm_failed:
                 teardown()
         except ImportError:
             pass
+        if comm_failed:  # a broken group hangs in its destructors, and a store call to a stopped rank 0 never
+            sys.stdout.flush()  # returns: end the process here, with the status a peer failure has
+            sys.stderr.flush()
+            os._exit(EXIT_PEER_FAILED)
 
 
 def _fail(text: str, print_it: bool = True) -> None:

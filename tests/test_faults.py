@@ -1,6 +1,7 @@
 """Faults injected on purpose, with real processes and real files: kill -9 inside a save and inside pruning,
-checkpoints with missing pieces, a NaN-producing optimizer step, a stopped rank, bad data files, a run_dir
-that is a file or read-only, a full (size-limited) file system during a save, changed settings on resume.
+checkpoints with missing pieces, a NaN-producing optimizer step, bad data files, a run_dir that is a file or
+read-only, a full (size-limited) file system during a save, changed settings on resume. Faults of the process
+group (a stopped or killed rank, rank 0 unreachable at start-up): tests/test_faults_dist.py.
 
 The kill points are the engine's own fault-injection hook (``FASTKD_FAIL_SAVE=<point>@<step>:kill`` sends
 the process SIGKILL there, see ``fastkd/engine/checkpoint.py``).
@@ -13,7 +14,6 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -425,58 +425,3 @@ def test_resume_with_new_lr_applies_it_and_says_so(work, reference):
     assert step4["lr"] == pytest.approx(ref4["lr"] * 2, rel=1e-12)  # the same schedule, twice the peak
     assert json.loads((run / "config.step_00000003.json").read_text())["optim"]["lr"] == 0.1
     assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.05
-
-
-# -- a stopped rank: every rank exits within dist_timeout_s + a margin, with one line naming it --------------
-
-def _rank_pids(launcher_pid, world):
-    import psutil
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        found = {}
-        for p in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                env = p.environ()
-            except psutil.Error:
-                continue
-            if "RANK" in env and "fastkd.cli" in " ".join(p.cmdline()):
-                found[int(env["RANK"])] = p.pid
-        if len(found) == world:
-            return found
-        time.sleep(0.5)
-    raise AssertionError("ranks not found")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGSTOP", "SIGKILL"])
-def test_stopped_or_killed_rank_brings_everyone_down_within_the_timeout(work, how):
-    timeout_s = 15
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
-           "--module", "fastkd.cli", "train", TINY, f"teacher.checkpoint={work / 'teacher.pt'}",
-           f"run_dir={work / ('stopped_' + how)}", "train.epochs=500", "train.eval_every=0", "train.eval_teacher=false",
-           f"train.dist_timeout_s={timeout_s}"]
-    proc = subprocess.Popen(cmd, cwd=work, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ranks = _rank_pids(proc.pid, 2)
-    path = work / ("stopped_" + how) / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (path.exists() and '"kind": "train"' in path.read_text()):
-        time.sleep(0.2)
-    os.kill(ranks[1], getattr(signal, how))
-    t0 = time.time()
-    try:
-        out, _ = proc.communicate(timeout=timeout_s + 60)
-    finally:
-        for pid in ranks.values():  # never leave a stopped process behind
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    elapsed = time.time() - t0
-    assert proc.returncode != 0
-    # Killed: the connection closes at once. Stopped: gloo gives up after dist_timeout_s. Rank 0 names rank 1
-    # (after up to 5 s of grace for the others to report); the launcher then terminates a stopped rank
-    # (SIGTERM, then SIGKILL after 30 s, as a stopped process does not act on SIGTERM).
-    assert elapsed < (timeout_s + 50 if how == "SIGSTOP" else 30), elapsed
-    lines = [line for line in out.splitlines() if line.startswith("fastkd: error")]
-    assert len(lines) == 1 and "rank 1 failed first" in lines[0], out[-4000:]
-    assert "Traceback" not in out, out[-4000:]
