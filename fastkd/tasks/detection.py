@@ -13,8 +13,8 @@ layout, e.g. torchvision's ``IMAGENET1K_V1`` file, as mmdetection's recipes star
 and ``init_neck_head: PATH``: start the FPN and the heads from that detector checkpoint (MGD's RetinaNet
 recipe initialises the student's neck and head from the teacher's). Data options
 (``data.kwargs``): ``min_size`` / ``max_size`` (resize, default 800 / 1333), ``flip_prob`` (default 0.5),
-``val_batch_size``, ``max_dets`` (COCO maxDets, default 100), ``results_path`` (write the COCO results
-JSON there).
+``val_batch_size``, ``max_dets`` (detections kept per image, COCO's maxDets, default 100: every AP is
+computed at this limit and the log says which), ``results_path`` (write the COCO results JSON there).
 """
 from __future__ import annotations
 
@@ -226,6 +226,13 @@ class DetectionTask(Task):
         return None
 
     # -- evaluation ------------------------------------------------------------------------------------
+    def describe(self, metrics: Dict[str, float]) -> str:
+        """The six AP numbers and the limit of detections per image they were computed at."""
+        from .coco_eval import METRICS
+
+        limit = f" (maxDets {int(metrics['bbox_max_dets'])})" if "bbox_max_dets" in metrics else ""
+        return " ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics) + limit
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device, dtype: torch.dtype) -> Dict[str, float]:
         """COCO box AP of ``model`` (eval mode) over this rank's part of ``loader``, every rank's gathered."""
