@@ -386,6 +386,24 @@ def test_nonfinite_update_with_finite_loss_is_not_checkpointed(work):
     assert ckpt.latest_checkpoint(str(work / "overflow")) is None
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["reference", "csrc"])
+def test_huge_loss_weight_stops_at_the_guard_and_inf_at_load(work, backend):
+    """alpha = 1e38 is a valid weight: the loss (or the update) overflows and the run stops with exit 3 and one
+    message, on every CPU backend (the compiled kernels used to raise converting the loss to float32);
+    alpha = inf is refused when the config loads."""
+    no_kd = ["distill.kd=null"] if backend == "csrc" else []  # csrc has no logit KD op
+    res = train(work, f"alpha_{backend}", f"distill.backend={backend}", "distill.pairs.0.alpha=1e38",
+                "distill.pairs.1.alpha=1e38", *no_kd, check=False)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "non-finite" in res.stderr, res.stderr[-3000:]
+    assert ckpt.latest_checkpoint(str(work / f"alpha_{backend}")) is None
+    res = train(work, f"alpha_inf_{backend}", f"distill.backend={backend}", "distill.pairs.1.alpha=inf", check=False)
+    _one_message(res, "invalid configuration")
+    assert "distill.pairs.1: alpha must be a finite number" in res.stderr and "got inf" in res.stderr
+    assert not (work / f"alpha_inf_{backend}").exists()
+
+
 # -- resume with changed settings ----------------------------------------------------------------------------
 
 def test_resume_review_applies_lr_and_refuses_what_it_cannot_honour(work):
