@@ -56,9 +56,11 @@ def cmd_eval(args) -> int:
     from .distill.models import load_state_dict_file, load_strict
     from .engine.dist import setup
     from .engine.export import student_state_dict
+    from .engine.preflight import check_data
     from .tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
+    check_data(cfg)  # a bad data file or missing ground truth ends here
     _quiet_deepspeed()
     ctx = setup(cfg.train.dist_timeout_s)
     if args.teacher and cfg.teacher is None:

@@ -48,6 +48,10 @@ class Task(abc.ABC):
         return load_teacher(mcfg, device, build=self.build_model)
 
     # -- data --------------------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Cheap checks of the files the task will read, before any set-up (ConfigError naming the file):
+        what fails later (evaluation, after training) must fail here. Default: nothing to check."""
+
     @abc.abstractmethod
     def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int,
                       device: torch.device, dtype: torch.dtype, channels_last: bool) -> Tuple[object, object]:

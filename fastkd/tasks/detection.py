@@ -145,6 +145,26 @@ class DetectionTask(Task):
         return teacher
 
     # -- data ------------------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Evaluation reads the ground truth the val .beton's sidecar names (an absolute path recorded when
+        the .beton was written): it must exist before training starts, not only when training ends."""
+        import os
+
+        from ..data.coco import CocoFormatError, read_sidecar
+
+        data = self.cfg.data if self.cfg is not None else None
+        val = data and (data.val_path or data.path)
+        if not val or not os.path.isfile(val):
+            return  # no .beton there: the loader says so
+        try:
+            gt = read_sidecar(val).get("annotations")
+        except CocoFormatError as exc:
+            raise ConfigError(str(exc)) from None
+        if not gt or not os.path.isfile(gt):
+            raise ConfigError(f"ground truth {gt} not found: evaluation of {val} reads it (its path was recorded in "
+                              f"{val}.json when the .beton was written); put it back there, or write the .beton "
+                              "again with `fastkd data write coco`")
+
     def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int,
                       device: torch.device, dtype: torch.dtype = torch.float32,
                       channels_last: bool = False) -> Tuple[object, object]:
