@@ -443,3 +443,19 @@ def test_resume_with_new_lr_applies_it_and_says_so(work, reference):
     assert step4["lr"] == pytest.approx(ref4["lr"] * 2, rel=1e-12)  # the same schedule, twice the peak
     assert json.loads((run / "config.step_00000003.json").read_text())["optim"]["lr"] == 0.1
     assert json.loads((run / "config.json").read_text())["optim"]["lr"] == 0.05
+
+
+@pytest.mark.slow
+def test_resume_past_the_run_s_end_is_refused_and_a_finished_run_says_so(work, reference):
+    import shutil
+    run = work / "past_end"
+    shutil.copytree(reference, run)  # finished: its last checkpoint is step 8 of 8
+    before = _digest(run)
+    line = _one_message(train(work, "past_end", *CKPT, "train.max_steps=4", check=False),
+                        "train.max_steps=4 ends the run at step 4", "is at step 8",
+                        "already past its end and nothing would be trained")
+    assert "applied" not in line
+    assert _digest(run) == before  # nothing written
+    res = train(work, "past_end", *CKPT)
+    assert "the run already ended at step 8 (its length: 8 steps): nothing to train" in res.stderr
+    assert [r["step"] for r in metrics(run)] == [r["step"] for r in metrics(reference)]  # no step trained

@@ -132,6 +132,7 @@ class Trainer:
             device=ctx.device, dtype=self.dtype, channels_last=self.channels_last)
         self.steps_per_epoch = len(self.train_loader) // self.gas
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        resume.check_not_past_end(self.resume_from, self.total_steps, cfg)
         self.distiller = build_distiller(cfg, ctx, self.task, self._to_device(next(iter(self.train_loader))))
         self.alphas = {} if self.resume_from else self._calibrate()
         optimizer = build_optimizer(self.distiller, cfg.optim)
@@ -212,6 +213,9 @@ class Trainer:
             acc = self._eval(self.distiller.teacher)
             self._message(f"teacher val {self.task.describe(acc)}")
             self.log.log(self.step, {f"teacher/{k}": v for k, v in acc.items()}, kind="teacher")
+        if self.step >= self.total_steps:
+            self._message(f"the run already ended at step {self.step} (its length: {self.total_steps} steps): "
+                          "nothing to train")
         old_handlers = self._install_signal_handlers()
         try:
             result = self._loop()
