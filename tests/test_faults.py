@@ -387,6 +387,24 @@ def test_nonfinite_update_with_finite_loss_is_not_checkpointed(work):
 
 
 @pytest.mark.slow
+def test_stop_message_says_how_large_the_last_good_weights_are(work):
+    """lr = 1e30: step 1 is finite (weights ~1e30, checkpointed), step 2 is not. The stop message gives the
+    largest weight the kept checkpoint holds: DeepSpeed's own fp32 master partition in that file."""
+    res = train(work, "absurd", "optim.lr=1e30", "schedule.warmup_steps=0", "train.grad_clip=0", "train.ckpt_every=1",
+                check=False)
+    assert res.returncode == 3, res.stderr[-3000:]
+    path = work / "absurd" / "checkpoints" / "step_00000001"
+    assert ckpt.latest_checkpoint(str(work / "absurd"))[1] == "step_00000001"
+    state = torch.load(path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
+    peak = max(float(t.abs().max()) for t in state["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    assert peak > 1e29
+    (line,) = [x for x in res.stderr.splitlines() if x.startswith("fastkd: error")]
+    assert "non-finite loss at step 2" in line and "sane before resuming" in line, line
+    assert f"its weights (step 1) reach |w| = {peak:.3g}" in line, line
+    assert "Traceback" not in res.stderr, line
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["reference", "csrc"])
 def test_huge_loss_weight_stops_at_the_guard_and_inf_at_load(work, backend):
     """alpha = 1e38 is a valid weight: the loss (or the update) overflows and the run stops with exit 3 and one

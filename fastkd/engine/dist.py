@@ -151,6 +151,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     n = dist.get_world_size() if dist.is_initialized() else 1
     return all_reduce_sum(t) / n
