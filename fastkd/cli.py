@@ -2,7 +2,7 @@
 
     fastkd train configs/demo/mgd.yaml optim.lr=0.2 distill.pairs.0.alpha=1e-5
     deepspeed --num_gpus 8 --module fastkd.cli train cfg.yaml          (or: deepspeed $(which fastkd) train ...)
-    fastkd eval cfg.yaml --weights runs/x/student.pt
+    fastkd eval cfg.yaml --weights runs/x/student.pt [KEY=VALUE ...]   (overrides before or after the options)
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
     fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
@@ -86,7 +86,7 @@ def cmd_eval(args) -> int:
                                 device=ctx.device, dtype=torch.float32, channels_last=False)
     metrics = task.evaluate(model, val, ctx.device, torch.float32)
     if ctx.is_main:
-        print(f"{src}: {task.describe(metrics)}")
+        print(f"{src}: {task.report(metrics)}")
     return 0
 
 
@@ -131,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=0.2")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a student (or the teacher) on the validation set")
-    e.add_argument("config")
-    e.add_argument("overrides", nargs="*")
+    what = ("evaluate a student (or the teacher) on the whole validation set: the task's metrics (top-1/top-5, "
+            "COCO box AP, mIoU with IoU per class)")
+    e = sub.add_parser("eval", help=what, description=what)
+    e.add_argument("config", help="YAML config")
+    e.add_argument("overrides", nargs="*", help="key.path=value overrides, before or after the options, e.g. "
+                                                "data.kwargs.val_batch_size=4")
     e.add_argument("--weights", help="exported student.pt or a run directory (default: the config's run_dir)")
     e.add_argument("--teacher", action="store_true", help="evaluate the teacher checkpoint instead")
     e.set_defaults(func=cmd_eval)
@@ -172,11 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """``parse_args``, except that KEY=VALUE overrides of ``train`` / ``eval`` may also follow the options
+    (argparse ends a positional list at the first option: ``eval CFG --weights W a=b`` would be refused)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher appends it
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"fastkd: error{f' [rank {rank}]' if rank else ''}: "
     comm_failed = False

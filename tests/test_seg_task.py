@@ -138,3 +138,13 @@ def test_bad_data_config_is_one_clear_error(tmp_path):
         loaders(source="fashion-scenes", path=str(tmp_path), kwargs={"crop": 3})
     with pytest.raises(FileNotFoundError, match="train"):
         loaders(source="ffcv", path=str(tmp_path))
+
+
+def test_eval_report_prints_iou_per_class(setup):
+    task, model, _, val = setup
+    metrics = task.evaluate(model.eval(), val, torch.device("cpu"), torch.float32)
+    lines = task.report(metrics).splitlines()
+    assert lines[0] == task.describe(metrics) and lines[1] == "IoU per class (%):"
+    assert [line.split()[0] for line in lines[2:]] == list(val.classes)[:1] + [
+        c.replace("/", "_").replace(" ", "_") for c in val.classes[1:]]
+    assert float(lines[2].split()[1]) == pytest.approx(metrics["IoU.background"], abs=0.005)

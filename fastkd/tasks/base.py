@@ -97,3 +97,7 @@ class Task(abc.ABC):
         head = [self.headline] if self.headline in metrics else []
         rest = [k for k in metrics if k not in head and isinstance(metrics[k], float)]
         return " ".join(f"{k} {metrics[k]:.4g}" for k in head + rest[:5])
+
+    def report(self, metrics: Dict[str, float]) -> str:
+        """What ``fastkd eval`` prints: the log line, and more detail where the task has it."""
+        return self.describe(metrics)

@@ -145,3 +145,10 @@ class SegmentationTask(Task):
     def describe(self, metrics: Dict[str, float]) -> str:
         return (f"mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
                 f"({int(metrics['pixels'])} labelled pixels)")
+
+    def report(self, metrics: Dict[str, float]) -> str:
+        """The log line, then IoU per class (nan: a class neither labelled nor predicted)."""
+        per_class = [(k[len("IoU."):], v) for k, v in metrics.items() if k.startswith("IoU.")]
+        width = max((len(name) for name, _ in per_class), default=0)
+        return "\n".join([self.describe(metrics), "IoU per class (%):"]
+                         + [f"  {name:<{width}}  {value:6.2f}" for name, value in per_class])
