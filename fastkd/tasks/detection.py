@@ -11,13 +11,16 @@ Model options (``student.kwargs`` / ``teacher.kwargs``) are :func:`fastkd.models
 plus for the student ``init_backbone: PATH`` (an ImageNet ResNet/ResNeXt state dict in torchvision's
 layout, e.g. torchvision's ``IMAGENET1K_V1`` file, as mmdetection's recipes start from ImageNet weights)
 and ``init_neck_head: PATH``: start the FPN and the heads from that detector checkpoint (MGD's RetinaNet
-recipe initialises the student's neck and head from the teacher's). Data options
+recipe initialises the student's neck and head from the teacher's). A student whose backbone starts from
+random weights (no ``init_backbone`` nor ``student.checkpoint``) trains every stage with trainable
+BatchNorm by default, as torchvision's factories without pretrained weights (:func:`from_scratch`). Data options
 (``data.kwargs``): ``min_size`` / ``max_size`` (resize, default 800 / 1333), ``flip_prob`` (default 0.5),
 ``val_batch_size``, ``max_dets`` (detections kept per image, COCO's maxDets, default 100: every AP is
 computed at this limit and the log says which), ``results_path`` (write the COCO results JSON there).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -96,6 +99,24 @@ def init_neck_head(student: nn.Module, state: Dict[str, torch.Tensor], path: str
     return len(picked)
 
 
+# torchvision's factories without pretrained weights: every backbone stage trains, with trainable BatchNorm
+SCRATCH = {"trainable_backbone_layers": 5, "frozen_bn": False}
+
+
+def from_scratch(name: str, kwargs: dict) -> dict:
+    """The model options of a student whose backbone starts from random weights (no ``init_backbone``, no
+    ``student.checkpoint``), as torchvision's factories build it then: every stage trainable, BatchNorm
+    trainable (they freeze the stem, layer1 and the BatchNorm statistics only for pretrained weights).
+    An explicit value is kept (e.g. to time a recipe's structure), with a warning: it freezes random weights."""
+    frozen = {k: kwargs[k] for k, v in SCRATCH.items() if k in kwargs and kwargs[k] != v}
+    if frozen:
+        warnings.warn(f"{name}: student.kwargs {', '.join(f'{k}={v}' for k, v in frozen.items())} freezes part of a "
+                      "backbone that starts from random weights (no init_backbone, no student.checkpoint); "
+                      f"torchvision trains it whole then ({', '.join(f'{k}={v}' for k, v in SCRATCH.items())})",
+                      stacklevel=3)
+    return {**SCRATCH, **kwargs}
+
+
 class DetectionTask(Task):
     """``task: detection`` (see the module docstring)."""
 
@@ -118,6 +139,8 @@ class DetectionTask(Task):
                 raise ConfigError(f"teacher.kwargs.{next(iter(inits))}: only a student is initialised this way "
                                   "(the teacher loads teacher.checkpoint)")
             kwargs["features_only"] = True
+        elif "init_backbone" not in inits and not mcfg.checkpoint:
+            kwargs = from_scratch(mcfg.name, kwargs)
         try:
             model = models.build(mcfg.name, num_classes=mcfg.num_classes, in_channels=mcfg.in_channels, **kwargs)
         except (ValueError, ImportError, TypeError) as exc:
