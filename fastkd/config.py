@@ -276,7 +276,7 @@ class TrainConfig:
     eval_teacher: bool = True
     """Report the teacher's validation accuracy once at start."""
     ckpt_every: int = 0
-    """Save a checkpoint every this many optimizer steps (0: at epoch ends only)."""
+    """Save a checkpoint every this many optimizer steps, and at the end of the run (0: at every epoch's end)."""
     keep_last: int = 3
     """Complete checkpoints kept on disk."""
     resume: str = "auto"

@@ -287,9 +287,9 @@ class Trainer:
                 result.update(self._log_eval())
             elif last:
                 result.update(self._log_eval())
-            if epoch_done or last:
-                if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
-                    self._save()
+            saved = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0  # in the loop above
+            if (last or (epoch_done and not cfg.train.ckpt_every)) and not saved:
+                self._save()  # the end of the run; epoch ends only without train.ckpt_every
         return result
 
     def _check_step(self, step_losses: torch.Tensor, names: List[str]) -> None:
