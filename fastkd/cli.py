@@ -189,6 +189,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Nam
 
 def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
+    # torch logs "No CUDA runtime is found, using CUDA_HOME=..." when DeepSpeed imports its extension
+    # builder on a machine without CUDA: noise before every message, and nothing fastkd builds that way
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher appends it
     args = parse_args(build_parser(), argv)
