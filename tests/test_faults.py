@@ -23,7 +23,7 @@ from fastkd.config import ConfigError, load_config
 from fastkd.engine import checkpoint as ckpt
 from fastkd.engine import guard, preflight, resume
 from fastkd.engine.export import student_state_dict
-from tests.test_engine_deepspeed import TINY, _env, _ok, _port, fastkd, metrics
+from tests.test_engine_deepspeed import TINY, _env, _ok, fastkd, metrics
 from tests.test_engine_nets import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

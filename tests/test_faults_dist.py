@@ -112,9 +112,9 @@ def test_group_that_does_not_form_at_start_up_is_one_line_and_exit_4(work, rank)
     env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "fastkd.cli", "train", TINY, f"teacher.checkpoint={work / 'teacher.pt'}",
-                          f"run_dir={work / f'alone_{rank}'}", f"train.dist_timeout_s={timeout_s}"],
-                         cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "fastkd.cli", "train", TINY, f"teacher.checkpoint={work / 'teacher.pt'}",
+           f"run_dir={work / f'alone_{rank}'}", f"train.dist_timeout_s={timeout_s}"]
+    res = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 4, res.stderr[-3000:]
     lines = _error_lines(res.stderr)
     assert len(lines) == 1, res.stderr[-3000:]

@@ -88,7 +88,8 @@ class SegmentationTask(Task):
         images = torch.addcmul(shift, images.float(), scale).to(dtype)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return SegBatch(images, batch.labels.to(device, non_blocking=non_blocking).long(), getattr(batch, "sizes", None))
+        labels = batch.labels.to(device, non_blocking=non_blocking).long()
+        return SegBatch(images, labels, getattr(batch, "sizes", None))
 
     def batch_size(self, batch: SegBatch) -> int:
         return int(batch.images.shape[0])
