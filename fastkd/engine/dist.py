@@ -278,7 +278,6 @@ def explain_comm_failure(grace_s: float = 5.0) -> Optional[str]:
     store, is stopped."""
     rank, world = dist.get_rank(), dist.get_world_size()
     seen: dict = {}
-    first = ""
 
     def exchange() -> str:
         store = _store()
