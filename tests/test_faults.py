@@ -396,7 +396,7 @@ def test_stop_message_says_how_large_the_last_good_weights_are(work):
     path = work / "absurd" / "checkpoints" / "step_00000001"
     assert ckpt.latest_checkpoint(str(work / "absurd"))[1] == "step_00000001"
     state = torch.load(path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)
-    peak = max(float(t.abs().max()) for t in state["optimizer_state_dict"]["single_partition_of_fp32_groups"])
+    peak = max(float(t.detach().abs().max()) for t in state["optimizer_state_dict"]["single_partition_of_fp32_groups"])
     assert peak > 1e29
     (line,) = [x for x in res.stderr.splitlines() if x.startswith("fastkd: error")]
     assert "non-finite loss at step 2" in line and "sane before resuming" in line, line
@@ -416,10 +416,12 @@ def test_huge_loss_weight_stops_at_the_guard_and_inf_at_load(work, backend):
     assert res.returncode == 3, res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "non-finite" in res.stderr, res.stderr[-3000:]
     assert ckpt.latest_checkpoint(str(work / f"alpha_{backend}")) is None
-    res = train(work, f"alpha_inf_{backend}", f"distill.backend={backend}", "distill.pairs.1.alpha=inf", check=False)
+    if backend != "reference":
+        return  # refused at load: the same for every backend
+    res = train(work, "alpha_inf", "distill.pairs.1.alpha=inf", check=False)
     _one_message(res, "invalid configuration")
     assert "distill.pairs.1: alpha must be a finite number" in res.stderr and "got inf" in res.stderr
-    assert not (work / f"alpha_inf_{backend}").exists()
+    assert not (work / "alpha_inf").exists()
 
 
 # -- resume with changed settings ----------------------------------------------------------------------------
