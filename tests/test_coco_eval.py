@@ -182,3 +182,15 @@ def test_detection_log_line_names_the_limit():
     line = DetectionTask().describe({"bbox_AP": 0.5, "bbox_AP50": 0.7, "bbox_AP75": 0.4, "bbox_APs": -1.0,
                                      "bbox_APm": 0.5, "bbox_APl": 0.6, "bbox_max_dets": 300.0})
     assert line.startswith("bbox_AP 0.5 bbox_AP50 0.7") and line.endswith("(maxDets 300)")
+
+
+@pytest.mark.parametrize("max_dets", [0, 2.5, "300"])
+def test_bad_max_dets_is_refused_before_training(max_dets):
+    from fastkd.config import Config, ConfigError, DataConfig, ModelConfig
+    from fastkd.tasks.detection import DetectionTask
+
+    cfg = Config(task="detection", student=ModelConfig(name="retinanet_resnet18_fpn", num_classes=3),
+                 data=DataConfig(kwargs={"max_dets": max_dets}))
+    with pytest.raises(ConfigError, match="data.kwargs.max_dets: .* must be an integer >= 1"):
+        DetectionTask(cfg).preflight()
+    DetectionTask(Config(task="detection", student=cfg.student, data=DataConfig(kwargs={"max_dets": 300}))).preflight()

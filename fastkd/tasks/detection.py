@@ -169,13 +169,18 @@ class DetectionTask(Task):
 
     # -- data ------------------------------------------------------------------------------------------
     def preflight(self) -> None:
-        """Evaluation reads the ground truth the val .beton's sidecar names (an absolute path recorded when
-        the .beton was written): it must exist before training starts, not only when training ends."""
+        """What evaluation needs, checked before training starts rather than when it ends: a valid
+        ``max_dets``, and the ground truth the val .beton's sidecar names (an absolute path recorded when
+        the .beton was written)."""
         import os
 
         from ..data.coco import CocoFormatError, read_sidecar
 
         data = self.cfg.data if self.cfg is not None else None
+        max_dets = data.kwargs.get("max_dets", 100) if data is not None else 100
+        if isinstance(max_dets, bool) or not isinstance(max_dets, int) or max_dets < 1:
+            raise ConfigError(f"data.kwargs.max_dets: the detections per image scored must be an integer >= 1, "
+                              f"got {max_dets!r}")
         val = data and (data.val_path or data.path)
         if not val or not os.path.isfile(val):
             return  # no .beton there: the loader says so
