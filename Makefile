@@ -73,10 +73,18 @@ gpu-wheels:
 
 # Every GPU claim in one command (benchmarks/gpu_check.py): results in $$OUT (or GPU_CHECK_ARGS="--out DIR").
 # The wheels go into a temporary folder, put on the path only when pydantic is missing. Without CUDA: the dry run.
+# Its python: PY when given, else the project's environment where it exists (a fresh CPU machine's python3 has
+# no torch), else python3 (the GPU image's).
+ifeq ($(origin PY),file)
+GPU_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+else
+GPU_PY := $(PY)
+endif
+
 gpu-check:
 	@set -e; site=$$(mktemp -d); trap 'rm -rf "$$site"' EXIT; \
-	if ! $(PY) -c "import pydantic" 2>/dev/null; then \
+	if ! $(GPU_PY) -c "import pydantic" 2>/dev/null; then \
 	  ls .whl/*.whl >/dev/null 2>&1 || { echo "gpu-check: pydantic is missing and .whl/ is empty: run make gpu-wheels"; exit 2; }; \
-	  $(PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$$site" .whl/*.whl; \
+	  $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$$site" .whl/*.whl; \
 	fi; \
-	PYTHONPATH="$$site:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+	PYTHONPATH="$$site:$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -316,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_forward(
   }
   at::Tensor dp = linear(h, w2, nullptr, false);
   const double denom = mean ? static_cast<double>(t.numel()) : static_cast<double>(N);
-  const float scale = static_cast<float>(2.0 * alpha / denom);
+  const float scale = to_float32(2.0 * alpha / denom);
   at::Tensor db2 = at::empty({t.size(1)}, t.options());
   double sq;
   {
@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ct_forward(
     sq = ct_sq_error(dp.data_ptr<float>(), b2c.data_ptr<float>(), feat_of(t), scale,
                         db2.data_ptr<float>());
   }
-  at::Tensor loss = at::scalar_tensor(alpha * sq / denom, t.options());
+  at::Tensor loss = at::scalar_tensor(to_float32(alpha * sq / denom), t.options());
   return {loss, h, dp, db2};
 }
 

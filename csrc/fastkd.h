@@ -15,10 +15,21 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace fastkd {
+
+// A double (a loss, or the gradient scale 2 alpha / N) as the float32 it is stored in: beyond float32's range
+// it becomes +-inf (at::scalar_tensor would throw "cannot be converted to type float without overflow"), so a
+// huge but finite loss weight ends in the engine's non-finite guard like on the reference backend.
+inline float to_float32(double v) {
+  constexpr double kMax = static_cast<double>(std::numeric_limits<float>::max());
+  if (std::isnan(v) || std::fabs(v) <= kMax) return static_cast<float>(v);
+  return v > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+}
 
 // ---------------------------------------------------------------------------------------------
 // The mask contract (fastkd/ops/mask.py): Philox-4x32-10, first output word, tl.rand's mapping.

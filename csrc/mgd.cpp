@@ -92,10 +92,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward(
   bias_relu_(h.data_ptr<float>(), b1c.data_ptr<float>(), M, C);
   at::Tensor dg = as_rows(conv(rows_as_nchw(h, N, H, W), weight_to_channels_last(w2), 1));
   at::Tensor db2 = at::empty({C}, t.options());
-  const float scale = static_cast<float>(2.0 * alpha / static_cast<double>(N));
+  const float scale = to_float32(2.0 * alpha / static_cast<double>(N));
   const double sq = sq_error_grad_(dg.data_ptr<float>(), b2c.data_ptr<float>(), feat_of(t), scale,
                                    db2.data_ptr<float>());
-  at::Tensor loss = at::scalar_tensor(alpha * sq / static_cast<double>(N), t.options());
+  at::Tensor loss = at::scalar_tensor(to_float32(alpha * sq / static_cast<double>(N)), t.options());
   return {loss, h, dg, db2};
 }
 

@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward_wino(
   const float* pab = align ? ab.data_ptr<float>() : nullptr;
   float* ph = h.data_ptr<float>();
   float* pdg = dg.data_ptr<float>();
-  const float scale = static_cast<float>(2.0 * alpha / static_cast<double>(N));
+  const float scale = to_float32(2.0 * alpha / static_cast<double>(N));
   std::vector<double> loss_part(N, 0.0), col_part(N * C, 0.0);
 
   const int64_t chunk = chunk_samples(N, C, g);
@@ -253,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mgd_forward_wino(
   ordered_colsum(col_part, N, C, scale, db2.data_ptr<float>());
   double sq = 0.0;
   for (double v : loss_part) sq += v;
-  at::Tensor loss = at::scalar_tensor(alpha * sq / static_cast<double>(N), t.options());
+  at::Tensor loss = at::scalar_tensor(to_float32(alpha * sq / static_cast<double>(N)), t.options());
   return {loss, h, dg, db2};
 }
 

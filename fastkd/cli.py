@@ -2,7 +2,7 @@
 
     fastkd train configs/demo/mgd.yaml optim.lr=0.2 distill.pairs.0.alpha=1e-5
     deepspeed --num_gpus 8 --module fastkd.cli train cfg.yaml          (or: deepspeed $(which fastkd) train ...)
-    fastkd eval cfg.yaml --weights runs/x/student.pt
+    fastkd eval cfg.yaml --weights runs/x/student.pt [KEY=VALUE ...]   (overrides before or after the options)
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
     fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
@@ -56,9 +56,11 @@ def cmd_eval(args) -> int:
     from .distill.models import load_state_dict_file, load_strict
     from .engine.dist import setup
     from .engine.export import student_state_dict
+    from .engine.preflight import check_data
     from .tasks import build_task
 
     cfg = load_config(args.config, args.overrides)
+    check_data(cfg)  # a bad data file or missing ground truth ends here
     _quiet_deepspeed()
     ctx = setup(cfg.train.dist_timeout_s)
     if args.teacher and cfg.teacher is None:
@@ -84,7 +86,7 @@ def cmd_eval(args) -> int:
                                 device=ctx.device, dtype=torch.float32, channels_last=False)
     metrics = task.evaluate(model, val, ctx.device, torch.float32)
     if ctx.is_main:
-        print(f"{src}: {task.describe(metrics)}")
+        print(f"{src}: {task.report(metrics)}")
     return 0
 
 
@@ -129,9 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. optim.lr=0.2")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="top-1/top-5 of a student (or the teacher) on the validation set")
-    e.add_argument("config")
-    e.add_argument("overrides", nargs="*")
+    what = ("evaluate a student (or the teacher) on the whole validation set: the task's metrics (top-1/top-5, "
+            "COCO box AP, mIoU with IoU per class)")
+    e = sub.add_parser("eval", help=what, description=what)
+    e.add_argument("config", help="YAML config")
+    e.add_argument("overrides", nargs="*", help="key.path=value overrides, before or after the options, e.g. "
+                                                "data.kwargs.val_batch_size=4")
     e.add_argument("--weights", help="exported student.pt or a run directory (default: the config's run_dir)")
     e.add_argument("--teacher", action="store_true", help="evaluate the teacher checkpoint instead")
     e.set_defaults(func=cmd_eval)
@@ -170,11 +175,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """``parse_args``, except that KEY=VALUE overrides of ``train`` / ``eval`` may also follow the options
+    (argparse ends a positional list at the first option: ``eval CFG --weights W a=b`` would be refused)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .config import ConfigError
+    # torch logs "No CUDA runtime is found, using CUDA_HOME=..." when DeepSpeed imports its extension
+    # builder on a machine without CUDA: noise before every message, and nothing fastkd builds that way
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher appends it
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     rank = int(os.environ.get("RANK", "0"))
     prefix = f"fastkd: error{f' [rank {rank}]' if rank else ''}: "
     comm_failed = False
@@ -184,10 +204,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(prefix + str(exc))
         return EXIT_USER_ERROR
     except Exception as exc:
-        from .engine.errors import NonFiniteLossError
+        from .engine.errors import NonFiniteLossError, PeerFailure
         if isinstance(exc, NonFiniteLossError):
             _fail(prefix + str(exc))
             return EXIT_NONFINITE
+        if isinstance(exc, PeerFailure):  # the process group did not form: nothing to tear down
+            print(prefix + str(exc), file=sys.stderr, flush=True)
+            return EXIT_PEER_FAILED
         line = _peer_failure(exc)
         if line is None:
             _fail(f"{type(exc).__name__}: {exc}", print_it=False)
@@ -199,10 +222,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         try:
             from .engine.dist import teardown
-            if not comm_failed:  # a broken group may hang in its destructor; the process ends anyway
+            if not comm_failed:
                 teardown()
         except ImportError:
             pass
+        if comm_failed:  # a broken group hangs in its destructors, and a store call to a stopped rank 0 never
+            sys.stdout.flush()  # returns: end the process here, with the status a peer failure has
+            sys.stderr.flush()
+            os._exit(EXIT_PEER_FAILED)
 
 
 def _fail(text: str, print_it: bool = True) -> None:

@@ -13,6 +13,7 @@ torch and DeepSpeed are loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
@@ -53,6 +54,19 @@ def import_factory(spec: str, what: str):
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+"""The largest loss weight: every loss backend takes the weight as (or scales float32 sums by) a float32."""
+
+
+def check_weight(name: str, value: Union[float, str], *, auto: bool = True) -> None:
+    """A loss weight is a finite number in [0, FLOAT32_MAX] (or ``auto`` where allowed)."""
+    if auto and value == "auto":
+        return
+    _check(math.isfinite(value) and 0.0 <= value <= FLOAT32_MAX,
+           f"{name} must be a finite number in [0, {FLOAT32_MAX:.4g}] (the float32 range every loss backend "
+           f"takes){' or auto' if auto else ''}, got {value}")
 
 
 @_cfg
@@ -139,9 +153,8 @@ class PairConfig:
         return object.__new__(cls)
 
     def __post_init__(self):
-        _check(self.target > 0, f"target must be > 0, got {self.target}")
-        if self.alpha != "auto":
-            _check(self.alpha >= 0, f"alpha must be >= 0 or 'auto', got {self.alpha}")
+        _check(0 < self.target < math.inf, f"target must be a finite number > 0, got {self.target}")
+        check_weight("alpha", self.alpha)
 
 
 _PAIRS: Dict[str, type] = {}  # loss name -> its PairConfig subclass, in registration order
@@ -242,7 +255,9 @@ class KDConfig:
     """With ``alpha: auto``: the starting ratio of KD to the task loss."""
 
     def __post_init__(self):
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(0 < self.temperature < math.inf, f"temperature must be a finite number > 0, got {self.temperature}")
+        _check(0 < self.target < math.inf, f"target must be a finite number > 0, got {self.target}")
+        check_weight("alpha", self.alpha)
 
 
 @_cfg
@@ -262,6 +277,7 @@ class DistillConfig:
 
     def __post_init__(self):
         _check(0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        check_weight("task_weight", self.task_weight, auto=False)
         _check(self.calibration_batches >= 1, "calibration_batches must be >= 1")
         names = [f"{p.loss}:{p.student}->{p.teacher}" for p in self.pairs]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -363,7 +379,7 @@ class TrainConfig:
     eval_teacher: bool = True
     """Report the teacher's validation accuracy once at start."""
     ckpt_every: int = 0
-    """Save a checkpoint every this many optimizer steps (0: at epoch ends only)."""
+    """Save a checkpoint every this many optimizer steps, and at the end of the run (0: at every epoch's end)."""
     keep_last: int = 3
     """Complete checkpoints kept on disk."""
     resume: str = "auto"

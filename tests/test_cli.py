@@ -49,6 +49,7 @@ def test_user_errors_are_one_clear_message(case, teacher):
     assert res.returncode == 2, res.stderr[-3000:]
     assert expected.format(d=teacher) in res.stderr
     assert "Traceback" not in res.stderr
+    assert "No CUDA runtime is found" not in res.stderr  # torch's note when DeepSpeed loads, on a CPU machine
     assert not os.path.isdir(teacher / "run" / "checkpoints")
 
 
@@ -64,3 +65,19 @@ def test_help_lists_subcommands(tmp_path):
     assert res.returncode == 0
     for sub in ("train", "eval", "export", "plot", "bench"):
         assert sub in res.stdout
+    assert "top-1/top-5 of a student" not in res.stdout  # eval is not classification only
+    res = run_cli("eval", "--help", cwd=tmp_path)
+    assert res.returncode == 0
+    for what in ("top-1/top-5", "COCO box AP", "mIoU", "IoU per class", "before or after the options"):
+        assert what in " ".join(res.stdout.split()), what
+
+
+def test_eval_takes_overrides_after_its_options(teacher):
+    """`fastkd eval CFG --teacher KEY=VALUE ...`: the overrides after the option are applied (the teacher file
+    and a 5-image validation set), not refused as unrecognized arguments."""
+    res = run_cli("eval", TINY, "--teacher", f"teacher.checkpoint={teacher}/teacher.pt", "data.val_size=5",
+                  cwd=teacher)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"{teacher}/teacher.pt: top1 " in res.stdout and " on 5 images" in res.stdout, res.stdout
+    res = run_cli("eval", TINY, "data.val_size=5", "--teacher", "--bogus", cwd=teacher)
+    assert res.returncode == 2 and "unrecognized arguments: --bogus" in res.stderr

@@ -384,6 +384,18 @@ def test_cli_writes_and_reports_bad_input_with_status_2(tmp_path, capsys):
     assert not [n for n in os.listdir(tmp_path) if n.startswith("b.beton")]
 
 
+def test_cli_no_progress_silences_ffcv_s_bar(tmp_path, capsys):
+    from fastkd.data.cli import main
+
+    images, path = _tiny_coco(tmp_path)
+    args = ["write", "coco", "--images", str(images), "--annotations", path, "--num-workers", "1"]
+    assert main(args + [str(tmp_path / "a.beton")]) == 0
+    assert "4/4 [" in capsys.readouterr().err  # FFCV's writer draws a bar by default
+    assert main(args + [str(tmp_path / "b.beton"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "4/4" not in err, err
+
+
 def test_training_shards_are_disjoint_equal_and_one_orientation_per_batch(betons):
     kw = dict(source="torch", train=True, batch_size=2, seed=9, world_size=2, **SIZES)
     shards = [build_detection_loader(betons["train"], rank=r, **kw) for r in range(2)]

@@ -1,4 +1,6 @@
 """COCO evaluation: 2 real processes (gloo) sharding the validation set give the AP of one process."""
+import contextlib
+import io
 import json
 import os
 import socket
@@ -109,3 +111,86 @@ def test_empty_predictions_and_unknown_images(tmp_path):
     assert json.load(open(tmp_path / "r.json")) == perfect
     with pytest.raises(ValueError, match="image ids \\[7\\] are not in the ground truth"):
         evaluate_coco(perfect, str(gt), image_ids=[1, 7])
+
+
+def _dense_scene(tmp_path, n=150):
+    """One image with ``n`` objects on a grid, most of one category (COCO's limit counts per image and
+    category: more than 100 of it); predictions: every box slightly shifted, a few confused, scores
+    falling with the index."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    anns, results = [], []
+    for i in range(n):
+        x, y = 20 * (i % 15) + 2, 20 * (i // 15) + 2
+        cat = 2 if i % 10 == 0 else 1
+        anns.append({"id": i + 1, "image_id": 1, "category_id": cat, "bbox": [x, y, 12, 12], "area": 144,
+                     "iscrowd": 0})
+        dx, dy = rng.normal(0, 1.5, 2)
+        results.append({"image_id": 1, "category_id": cat if i % 25 != 3 else 3 - cat, "bbox": [x + dx, y + dy, 12, 12],
+                        "score": 1.0 - i / (2 * n)})
+    gt = tmp_path / "dense.json"
+    gt.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "height": 320, "width": 320}],
+                              "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    return str(gt), results
+
+
+def _pycocotools_at(gt_path, results, limit):
+    """pycocotools' own numbers at ``limit`` detections per image, run separately: evaluate and accumulate
+    with ``params.maxDets = [1, 2, limit]``, then let ``summarize`` read the third column under the label
+    100 that it looks up (its AP lines take the last column; only its first line asks for 100 by value)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(gt_path)
+        ev = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
+        ev.params.maxDets = [1, 2, limit]
+        ev.evaluate()
+        ev.accumulate()
+        ev.params.maxDets = [1, 10, 100]
+        ev.summarize()
+    return [float(v) for v in ev.stats[:6]]
+
+
+@pytest.mark.parametrize("limit", [5, 100, 300])
+def test_ap_at_a_max_dets_other_than_100_is_pycocotools_at_that_limit(tmp_path, limit):
+    gt, results = _dense_scene(tmp_path)
+    m = coco_metrics(results, gt, max_dets=limit)
+    expected = _pycocotools_at(gt, results, limit)
+    assert [m[k] for k in ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")] == expected
+    assert m["bbox_max_dets"] == limit
+    assert m["bbox_AP"] > 0  # not pycocotools' "-1" of a limit its summary does not know
+    if limit == 100:  # the default is COCOeval's plain summary, bit for bit
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO(gt)
+            ev = COCOeval(coco, coco.loadRes([dict(r) for r in results]), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        assert expected == [float(v) for v in ev.stats[:6]]
+    # 135 objects of one category in one image: a limit of 100 caps recall, 300 does not
+    assert coco_metrics(results, gt, max_dets=300)["bbox_AP50"] > coco_metrics(results, gt)["bbox_AP50"] + 0.05
+
+
+def test_detection_log_line_names_the_limit():
+    from fastkd.tasks.detection import DetectionTask
+
+    line = DetectionTask().describe({"bbox_AP": 0.5, "bbox_AP50": 0.7, "bbox_AP75": 0.4, "bbox_APs": -1.0,
+                                     "bbox_APm": 0.5, "bbox_APl": 0.6, "bbox_max_dets": 300.0})
+    assert line.startswith("bbox_AP 0.5 bbox_AP50 0.7") and line.endswith("(maxDets 300)")
+
+
+@pytest.mark.parametrize("max_dets", [0, 2.5, "300"])
+def test_bad_max_dets_is_refused_before_training(max_dets):
+    from fastkd.config import Config, ConfigError, DataConfig, ModelConfig
+    from fastkd.tasks.detection import DetectionTask
+
+    cfg = Config(task="detection", student=ModelConfig(name="retinanet_resnet18_fpn", num_classes=3),
+                 data=DataConfig(kwargs={"max_dets": max_dets}))
+    with pytest.raises(ConfigError, match="data.kwargs.max_dets: .* must be an integer >= 1"):
+        DetectionTask(cfg).preflight()
+    DetectionTask(Config(task="detection", student=cfg.student, data=DataConfig(kwargs={"max_dets": 300}))).preflight()

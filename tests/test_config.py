@@ -66,3 +66,20 @@ def test_teacher_optional_for_baselines():
         load_config(TINY, ["teacher=null"])
     assert str(err.value).endswith("\n  distill.pairs / distill.kd need a teacher: set teacher (or remove them for a "
                                    "baseline)")
+
+
+@pytest.mark.parametrize("override, name", [
+    ("distill.pairs.0.alpha=inf", "distill.pairs.0: alpha"), ("distill.pairs.1.alpha=.nan", "distill.pairs.1: alpha"),
+    ("distill.pairs.1.alpha=1e39", "distill.pairs.1: alpha"), ("distill.kd.alpha=-inf", "distill.kd: alpha"),
+    ("distill.task_weight=inf", "distill: task_weight"), ("distill.pairs.0.target=inf", "distill.pairs.0: target"),
+])
+def test_loss_weights_are_finite_and_within_float32_at_load(override, name):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override])
+    assert f"{name} must be a finite number" in str(err.value)
+    assert override.split("=")[1].lstrip(".") in str(err.value).replace("+", "")  # names the value given
+
+
+def test_largest_accepted_loss_weight_is_float32_max():
+    assert load_config(TINY, ["distill.pairs.1.alpha=1e38"]).distill.pairs[1].alpha == 1e38
+    assert load_config(TINY, ["distill.pairs.1.alpha=3.4028234663852886e38"]).distill.pairs[1].alpha > 3.4e38

@@ -217,6 +217,25 @@ def test_ct_matches_reference(reduction, weights_4d, channels_last):
     _compare(got, want, ["student", "w1", "b1", "w2", "b2"])
 
 
+@pytest.mark.parametrize("alpha", [1e38, 3.4028234663852886e38])
+def test_largest_loss_weights_give_inf_like_the_reference_not_an_error(alpha, algo):
+    """A loss weight the config accepts (finite, at most float32's largest) times a loss over 3.4 is beyond
+    float32: every CPU backend returns inf (the engine's non-finite guard then stops the run), none raises."""
+    csrc()
+    s, t, params = _mgd_inputs(2, 8, 8, 5, 6)
+    p = [params[k] for k in ("gen_w1", "gen_b1", "gen_w2", "gen_b2")]
+    kw = dict(mask="spatial", ratio=0.5, alpha=alpha, seed=3)
+    (cs, w1, b1, w2, b2), ct_t = _ct_inputs(2, 8, 8, 8, 5, 6, False, False)
+    for backend in ("reference", "csrc"):
+        mgd = mgd_loss(s, t + 10, *p, backend=backend, **kw)
+        ct = ct_loss(cs, ct_t + 10, w1, b1, w2, b2, alpha=alpha, backend=backend)
+        assert mgd.dtype == ct.dtype == torch.float32
+        assert mgd.item() == ct.item() == float("inf"), backend
+        mgd.backward()  # the backward takes the same weight without raising
+        assert not torch.isfinite(s.grad).all()
+        s.grad = None
+
+
 def test_ct_student_without_grad():
     csrc()
     (s, w1, b1, w2, b2), t = _ct_inputs(2, 8, 8, 8, 7, 7, False)

@@ -107,6 +107,46 @@ def test_student_initialisation(tmp_path):
         task.build_model(model_cfg("retinanet_resnet18_fpn", init_backbone=str(cls_path)), "teacher")
 
 
+def _structure(model):
+    """What training changes in a backbone: which parameters train, and the norm layers' kinds."""
+    body = model.backbone.body
+    return ({n: p.requires_grad for n, p in body.named_parameters()},
+            {n: type(m).__name__ for n, m in body.named_modules() if "bn" in n.split(".")[-1] or n.endswith(".1")})
+
+
+@pytest.mark.parametrize("name, factory", [("retinanet_resnet50_fpn", "retinanet_resnet50_fpn"),
+                                           ("fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn"),
+                                           ("retinanet_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2")])
+def test_student_from_scratch_trains_its_whole_backbone_as_torchvision_does(name, factory):
+    """Without pretrained weights torchvision's factories train every stage with trainable BatchNorm (they
+    freeze the stem, layer1 and the statistics only for pretrained weights): a student from scratch is built
+    the same way; one with init_backbone keeps the pretrained structure (FrozenBatchNorm2d in v1, 3 stages)."""
+    import warnings
+
+    from torchvision.models import detection as tvd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about with the defaults
+        ours = DetectionTask(None).build_model(ModelConfig(name=name, num_classes=4), "student")
+    theirs = getattr(tvd, factory)(weights=None, weights_backbone=None, num_classes=4)
+    assert _structure(ours) == _structure(theirs)
+    assert all(_structure(ours)[0].values())
+
+
+def test_student_with_pretrained_backbone_keeps_frozen_stages_and_explicit_freezing_warns(tmp_path):
+    cls_path = tmp_path / "resnet18.pth"
+    torch.save(build_detector("retinanet_resnet18_fpn", num_classes=4, **SMALL).backbone.body.state_dict(), cls_path)
+    task = DetectionTask(None)
+    pretrained = task.build_model(model_cfg("retinanet_resnet18_fpn", init_backbone=str(cls_path)), "student")
+    grads, norms = _structure(pretrained)
+    assert not grads["conv1.weight"] and not grads["layer1.0.conv1.weight"] and grads["layer2.0.conv1.weight"]
+    assert norms["bn1"] == "FrozenBatchNorm2d"
+    with pytest.warns(UserWarning, match="trainable_backbone_layers=3 freezes part of a backbone that starts from "
+                                         "random weights"):
+        frozen = task.build_model(model_cfg("retinanet_resnet18_fpn", trainable_backbone_layers=3), "student")
+    assert not _structure(frozen)[0]["conv1.weight"] and _structure(frozen)[1]["bn1"] == "BatchNorm2d"
+
+
 def test_no_logit_loss():
     task = DetectionTask(None)
     assert task.logit_loss(None, "auto") is None

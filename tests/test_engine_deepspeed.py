@@ -167,6 +167,15 @@ def test_cpu_offload_preset_trains_the_same_model(work, one_proc):
         assert ra["loss/total"] == pytest.approx(rb["loss/total"], rel=1e-5), ra["step"]
 
 
+def test_checkpoints_follow_ckpt_every_and_the_run_s_end_not_every_epoch(work):
+    """2 epochs of 4 steps: with train.ckpt_every=3 the checkpoints are steps 3, 6 and the end (8), not also the
+    end of epoch 0 (4); without it, every epoch's end (4, 8)."""
+    train(work, "cadence", "train.ckpt_every=3", "train.keep_last=10", "train.eval_every=0")
+    assert complete_tags(str(work / "cadence" / "checkpoints")) == ["step_00000003", "step_00000006", "step_00000008"]
+    train(work, "cadence0", "train.keep_last=10", "train.eval_every=0")
+    assert complete_tags(str(work / "cadence0" / "checkpoints")) == ["step_00000004", "step_00000008"]
+
+
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(work):
     res = train(work, "nan", "optim.lr=1e30", "train.ckpt_every=1", check=False)
     assert res.returncode == 3

@@ -177,3 +177,26 @@ def test_checked_in_table_is_valid():
         for kernel, entries in kernels.items():
             for key, entry in entries.items():
                 _tuning.config_from_dict(entry, f"{device}: {kernel}: {key}")
+
+
+def test_make_gpu_check_prefers_the_project_environment(tmp_path):
+    """`make gpu-check` runs with .venv/bin/python where the project's environment exists (a fresh CPU
+    machine's python3 has no torch), python3 where it does not (the GPU image), PY when given."""
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    shutil.copy(os.path.join(REPO, "Makefile"), tmp_path / "Makefile")
+
+    def python_of(*args, env=None):
+        out = subprocess.run(["make", "-n", "gpu-check", *args], cwd=tmp_path, capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if k != "PY"}, **(env or {})}, check=True)
+        (line,) = [x for x in out.stdout.splitlines() if "benchmarks/gpu_check.py" in x]
+        return line.split("benchmarks/gpu_check.py")[0].split()[-1]
+
+    assert python_of() == "python3"
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").write_text("")
+    assert python_of() == ".venv/bin/python"
+    assert python_of("PY=/usr/bin/python3") == "/usr/bin/python3"
+    assert python_of(env={"PY": "python3.12"}) == "python3.12"

@@ -169,6 +169,19 @@ def test_cli_writes_cityscapes_and_reports_bad_roots(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_cli_cityscapes_no_progress_silences_ffcv_s_bar(tmp_path, capsys):
+    from fastkd.cli import main
+
+    root = str(tmp_path / "cs")
+    write_cityscapes(root, "val")
+    base = ["data", "write", "cityscapes", root, "--splits", "val", "--num-workers", "1"]
+    assert main(base + [str(tmp_path / "a")]) == 0
+    assert "4/4 [" in capsys.readouterr().err  # FFCV's writer draws a bar by default
+    assert main(base + [str(tmp_path / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "4/4" not in err, err
+
+
 def batches(loader):
     return [(b.images.clone(), b.labels.clone()) for b in loader]
 

@@ -90,14 +90,33 @@ def test_evaluate_is_the_miou_of_full_resolution_predictions(setup):
         assert pred.shape == label.shape
         metric.update(pred, torch.from_numpy(label.astype(np.int64)))
     want = metric.compute()
-    # padding inside a batch of two touches the borders of the smaller image's predictions, so compare
-    # with batch 1 as well: exact
-    val1 = type(val)(val.source, transform=None, batch_size=1, num_workers=0, drop_last=False)
-    exact = task.evaluate(model, val1, torch.device("cpu"), torch.float32)
-    assert exact["mIoU"] == pytest.approx(want["mIoU"], rel=1e-12)
-    assert exact["IoU.background"] == pytest.approx(want["IoU.0"], rel=1e-12)
-    assert got["pixels"] == want["pixels"]  # padding is never scored
-    assert task.describe(exact).startswith("mIoU ")
+    for key in ("mIoU", "mAcc", "aAcc", "pixels"):  # val_batch_size 2, images of two sizes: exact
+        assert got[key] == pytest.approx(want[key], rel=1e-12, nan_ok=True), key
+    assert got["IoU.background"] == pytest.approx(want["IoU.0"], rel=1e-12)
+    assert task.describe(got).startswith("mIoU ")
+
+
+def test_evaluation_does_not_depend_on_which_images_share_a_batch(tmp_path):
+    """16 val scenes of four sizes: val_batch_size 1, 5 and 16 give the same confusion histogram, bit for
+    bit (a batch padded to its largest image would let the network see the padding: PSP pooling, the
+    receptive field)."""
+    write_scenes(str(tmp_path), "val", 16, sizes=((40, 56), (48, 48), (32, 64), (48, 48), (24, 40)))
+    from fastkd.data.seg_loader import SegLoader, make_source
+
+    task = SegmentationTask(Config(task="segmentation", student=ModelConfig(name="pspnet_r18", num_classes=11,
+                                                                           kwargs=TINY)))
+    torch.manual_seed(0)
+    model = task.build_model(task.cfg.student, "student").eval()
+    source = make_source("fashion-scenes", str(tmp_path), "val")
+    loaders = {b: SegLoader(source, transform=None, batch_size=b, num_workers=0, drop_last=False) for b in (1, 5, 16)}
+    metrics = {b: task.evaluate(model, loader, "cpu") for b, loader in loaders.items()}
+    for b in (5, 16):  # exactly (NaN: a class neither labelled nor predicted)
+        assert metrics[b] == pytest.approx(metrics[1], rel=0, abs=0, nan_ok=True), b
+    counts = {b: task.area_counts(model, loader, "cpu") for b, loader in loaders.items()}
+    assert counts[1][3].sum() == sum(int((source[i][1] != 255).sum()) for i in range(16))  # every labelled pixel
+    assert counts[1][2].count_nonzero() > 1  # more than one class predicted: a histogram that can change
+    for b in (5, 16):
+        assert torch.equal(counts[b], counts[1]), (b, (counts[b] - counts[1]).abs().sum())
 
 
 def test_bad_data_config_is_one_clear_error(tmp_path):
@@ -119,3 +138,13 @@ def test_bad_data_config_is_one_clear_error(tmp_path):
         loaders(source="fashion-scenes", path=str(tmp_path), kwargs={"crop": 3})
     with pytest.raises(FileNotFoundError, match="train"):
         loaders(source="ffcv", path=str(tmp_path))
+
+
+def test_eval_report_prints_iou_per_class(setup):
+    task, model, _, val = setup
+    metrics = task.evaluate(model.eval(), val, torch.device("cpu"), torch.float32)
+    lines = task.report(metrics).splitlines()
+    assert lines[0] == task.describe(metrics) and lines[1] == "IoU per class (%):"
+    assert [line.split()[0] for line in lines[2:]] == list(val.classes)[:1] + [
+        c.replace("/", "_").replace(" ", "_") for c in val.classes[1:]]
+    assert float(lines[2].split()[1]) == pytest.approx(metrics["IoU.background"], abs=0.005)

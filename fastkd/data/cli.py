@@ -173,7 +173,7 @@ def _write_cityscapes(args) -> int:
             raise FileExistsError(f"refusing to overwrite {', '.join(existing)} (use --force)")
         for split, src in sources.items():
             n = write_seg_beton(src, outs[split], image_format=args.image_format, jpeg_quality=args.jpeg_quality,
-                                num_workers=args.num_workers, force=args.force)
+                                num_workers=args.num_workers, force=args.force, progress=args.progress)
             print(f"wrote {outs[split]}: {n} images + label maps ({split})")
     except (SegDataError, FileExistsError) as exc:
         raise ConfigError(str(exc)) from None
@@ -208,7 +208,7 @@ def _write_coco(args) -> int:
     try:
         r = write_coco_beton(args.images, args.annotations, args.out, jpeg_quality=args.jpeg_quality,
                              max_side=args.max_side, max_boxes=args.max_boxes, num_workers=args.num_workers,
-                             force=args.force)
+                             force=args.force, progress=args.progress)
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         return _user_error(e)
     print(f"wrote {r.path}: {r.num_images} images ({r.empty_images} without boxes), {r.num_boxes} boxes, "

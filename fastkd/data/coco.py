@@ -227,12 +227,14 @@ class CocoWriteReport:
 
 def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_quality: int = 90,
                      max_side: Optional[int] = None, max_boxes: Optional[int] = None,
-                     num_workers: Optional[int] = None, force: bool = False) -> CocoWriteReport:
-    """COCO images + instances JSON -> ``out_path`` (.beton) and its sidecar ``out_path + '.json'``."""
+                     num_workers: Optional[int] = None, force: bool = False,
+                     progress: bool = True) -> CocoWriteReport:
+    """COCO images + instances JSON -> ``out_path`` (.beton) and its sidecar ``out_path + '.json'``;
+    ``progress``: FFCV's progress bar while writing."""
     from ffcv.fields import IntField, NDArrayField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    from .writers import _MIN_PAGE, _cap_workers
+    from .writers import _MIN_PAGE, _cap_workers, ffcv_progress
 
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
@@ -271,7 +273,8 @@ def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_q
             page *= 2
         writer = DatasetWriter(tmp_beton, fields, num_workers=min(_cap_workers(num_workers), len(index.images)),
                                page_size=page)
-        writer.from_indexed_dataset(_Source(index.images, max_boxes, report_dir), chunksize=64)
+        with ffcv_progress(progress):
+            writer.from_indexed_dataset(_Source(index.images, max_boxes, report_dir), chunksize=64)
         failed = sorted(int(n) for n in os.listdir(report_dir))
         if failed:
             paths = [index.images[n].path for n in failed]

@@ -1,10 +1,11 @@
 """Segmentation loaders: ``SegBatch`` es of images and label maps, sharded, seeded, resumable.
 
 ``for batch in loader``: ``batch.images`` uint8 [N, 3, H, W] (pinned on a CUDA run; normalised on the
-device by the task's ``to_device``), ``batch.labels`` uint8 [N, H, W] (255 = ignored).  Training: every
-sample through :class:`fastkd.data.seg_transforms.SegTrainTransform` (the crop size fixes H, W); eval:
-images and labels as stored, a batch padded at the bottom/right to its largest image (image 0, label
-255, so padding is never scored).
+device by the task's ``to_device``), ``batch.labels`` uint8 [N, H, W] (255 = ignored), ``batch.sizes``
+int64 [N, 2] (each image's own H, W).  Training: every sample through
+:class:`fastkd.data.seg_transforms.SegTrainTransform` (the crop size fixes H, W); eval: images and labels as
+stored, a batch padded at the bottom/right to its largest image (image 0, label 255); evaluation runs
+each image at its own size (:meth:`fastkd.tasks.segmentation.SegmentationTask.area_counts`).
 
 Order, sharding, ``set_epoch``, ``len``, ``state_dict`` / ``load_state_dict`` are the classification
 loaders' (:class:`fastkd.data.base.EpochLoader`): the same seed gives the same samples, crops, flips
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,12 +33,25 @@ class SegBatch:
     """uint8 [N, 3, H, W] from the loader; float, normalised, on the device after ``to_device``."""
     labels: torch.Tensor
     """uint8 [N, H, W] from the loader (int64 after ``to_device``); 255 = ignored."""
+    sizes: Optional[torch.Tensor] = None
+    """int64 [N, 2], on the CPU: each image's own (H, W) at the top left of the padded batch (None: all
+    fill it)."""
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def pin_memory(self) -> "SegBatch":
-        return SegBatch(self.images.pin_memory(), self.labels.pin_memory())
+        return SegBatch(self.images.pin_memory(), self.labels.pin_memory(), self.sizes)
+
+    def same_size_groups(self) -> List[Tuple[Tuple[int, int], List[int]]]:
+        """[((h, w), indices)]: the images of each size, in the order sizes first appear."""
+        full = (int(self.images.shape[-2]), int(self.images.shape[-1]))
+        if self.sizes is None:
+            return [(full, list(range(len(self))))]
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for i, (h, w) in enumerate(self.sizes.tolist()):
+            groups.setdefault((h, w), []).append(i)
+        return list(groups.items())
 
 
 class _Samples(Dataset):
@@ -64,7 +78,8 @@ def collate(samples, ignore_index: int = IGNORE_INDEX) -> SegBatch:
     for i, (image, label) in enumerate(samples):
         images[i, :, :image.shape[0], :image.shape[1]] = image.permute(2, 0, 1)
         labels[i, :label.shape[0], :label.shape[1]] = label
-    return SegBatch(images, labels)
+    sizes = torch.tensor([list(s[1].shape[:2]) for s in samples], dtype=torch.int64)
+    return SegBatch(images, labels, sizes)
 
 
 class SegLoader(EpochLoader):

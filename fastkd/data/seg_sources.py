@@ -179,11 +179,14 @@ def _page_size(source) -> int:
 
 
 def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_quality: int = 95,
-                    num_workers: Optional[int] = None, force: bool = False) -> int:
+                    num_workers: Optional[int] = None, force: bool = False, progress: bool = True) -> int:
     """Write ``source`` to ``out_path``; returns the number of samples. ``image_format``: 'png' (PNG files
-    kept byte for byte, other files re-encoded losslessly) or 'jpg' (re-encoded at ``jpeg_quality``)."""
+    kept byte for byte, other files re-encoded losslessly) or 'jpg' (re-encoded at ``jpeg_quality``);
+    ``progress``: FFCV's progress bar while writing."""
     from ffcv.fields import BytesField, IntField
     from ffcv.writer import DatasetWriter
+
+    from .writers import ffcv_progress
 
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
@@ -199,7 +202,8 @@ def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_qu
     try:
         fields = {"image": BytesField(), "label": BytesField(), "height": IntField(), "width": IntField()}
         writer = DatasetWriter(tmp, fields, num_workers=workers, page_size=_page_size(source))
-        writer.from_indexed_dataset(_Encoded(source, image_format, jpeg_quality, report_dir), chunksize=16)
+        with ffcv_progress(progress):
+            writer.from_indexed_dataset(_Encoded(source, image_format, jpeg_quality, report_dir), chunksize=16)
         failures = [open(os.path.join(report_dir, n)).read() for n in sorted(os.listdir(report_dir), key=int)]
         if failures:
             more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""

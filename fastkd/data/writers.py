@@ -11,6 +11,7 @@ options and the skipped files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -131,6 +132,25 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="img")
 
 
+@contextlib.contextmanager
+def ffcv_progress(enabled: bool):
+    """FFCV's ``DatasetWriter`` always draws a tqdm bar (it has no switch): with ``enabled`` False, the bar
+    its module draws inside this block is a disabled one (the writer's ``tqdm`` name, restored after)."""
+    if enabled:
+        yield
+        return
+    import functools
+
+    from ffcv import writer
+
+    drawn = writer.tqdm
+    writer.tqdm = functools.partial(drawn, disable=True)
+    try:
+        yield
+    finally:
+        writer.tqdm = drawn
+
+
 def _cap_workers(num_workers: Optional[int]) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cpus, num_workers if num_workers and num_workers > 0 else cpus))
@@ -193,8 +213,9 @@ def write_beton(source, out_path: str, *, write_mode: str = "proportion",
             writer = DatasetWriter(tmp_path, fields, num_workers=min(_cap_workers(num_workers),
                                                                       -(-len(good) // chunksize)),
                                    page_size=_page_size(max_side, max_resolution))
-            writer.from_indexed_dataset(_GuardedSource(source, report_dir), indices=np.asarray(good),
-                                        chunksize=chunksize)
+            with ffcv_progress(progress):
+                writer.from_indexed_dataset(_GuardedSource(source, report_dir), indices=np.asarray(good),
+                                            chunksize=chunksize)
             bad = sorted(int(n) for n in os.listdir(report_dir))
             if not bad:
                 break

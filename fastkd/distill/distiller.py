@@ -19,7 +19,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import ConfigError, DistillConfig, PairConfig
+from ..config import FLOAT32_MAX, ConfigError, DistillConfig, PairConfig
 from ..losses import FeatureLoss, feature_loss
 
 
@@ -197,8 +197,12 @@ class Distiller(nn.Module):
         for (name, (mod, target)), value in zip(terms.items(), means[1:]):
             if not value > 0:
                 raise ConfigError(f"alpha: auto for {name}: the measured loss is {value}; set alpha explicitly")
-            mod.alpha = float(target * means[0] / value)
-            chosen[name] = mod.alpha
+            alpha = float(target * means[0] / value)
+            if not alpha <= FLOAT32_MAX:
+                raise ConfigError(f"alpha: auto for {name} chose {alpha:.4g} (task loss {means[0]:.4g}, this loss "
+                                  f"{value:.4g} at alpha 1), outside the float32 range of the loss backends; set "
+                                  "alpha explicitly")
+            mod.alpha = chosen[name] = alpha
         return chosen
 
     def apply_explicit_alphas(self, cfg: DistillConfig) -> List[Tuple[str, float, float]]:

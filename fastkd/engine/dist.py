@@ -5,12 +5,15 @@ import contextlib
 import datetime
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from .errors import PeerFailure
 
 
 @dataclass
@@ -37,7 +40,8 @@ def setup(timeout_s: int = 1800) -> DistContext:
     """Join the process group the launcher describes (RANK/WORLD_SIZE/...), or form a group of one.
 
     ``fastkd train`` as a plain process gets a one-process group, so the code path is the same as under
-    the ``deepspeed`` launcher. The timeout makes a dead rank bring the others down instead of a hang.
+    the ``deepspeed`` launcher. The timeout makes a dead rank bring the others down instead of a hang;
+    a group that does not form within it (rank 0 unreachable, a rank missing) is a :class:`PeerFailure`.
     """
     import deepspeed
 
@@ -50,11 +54,46 @@ def setup(timeout_s: int = 1800) -> DistContext:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         _forget_deepspeed_groups()
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+        if os.environ.get("RANK", "0") != "0":
+            _wait_for_rank0(timeout_s)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                       timeout=datetime.timedelta(seconds=timeout_s))
+        except dist.DistError as exc:  # DistNetworkError (rank 0 unreachable), DistStoreError (a rank missing)
+            raise PeerFailure(_startup_failure(exc, timeout_s)) from None
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     groups = DataParallelGroups(timeout_s) if dist.get_world_size() > 1 else None
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, timeout_s, groups)
+
+
+def _wait_for_rank0(timeout_s: float) -> None:
+    """Wait until rank 0's rendezvous store accepts connections (PeerFailure after ``timeout_s``). c10d's own
+    client would wait as long, but logs every retry with a C++ stack trace."""
+    addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise PeerFailure(
+                    f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE', '?')} cannot reach rank 0 at "
+                    f"{addr}:{port} within train.dist_timeout_s={timeout_s:g} s (rank 0 has not started, has "
+                    f"failed, or MASTER_ADDR/MASTER_PORT is wrong): {exc.strerror or exc}") from None
+            time.sleep(0.5)
+
+
+def _startup_failure(exc: BaseException, timeout_s: int) -> str:
+    """The one line for a process group that did not form at start-up."""
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    cause = " ".join(str(exc).split())
+    if rank != "0" and isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return (f"rank {rank} of {world} cannot reach rank 0 at {where} within train.dist_timeout_s={timeout_s} s "
+                f"(rank 0 has not started, has failed, or MASTER_ADDR/MASTER_PORT is wrong): {cause}")
+    return (f"rank {rank} of {world}: the process group at {where} did not form within "
+            f"train.dist_timeout_s={timeout_s} s (a rank did not start, or failed): {cause}")
 
 
 def _forget_deepspeed_groups() -> None:
@@ -109,6 +148,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -183,25 +229,57 @@ def _store():
     return distributed_c10d._get_default_store()
 
 
-def record_own_failure(message: str) -> None:
+def _within(seconds: float, fn):
+    """``fn()``, waited for at most ``seconds`` (TimeoutError after). The store lives in rank 0's process:
+    when rank 0 is stopped (SIGSTOP, a hung host) its socket stays open and c10d's client waits for the
+    reply forever, whatever the store's timeout; the call is left behind in a daemon thread."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="fastkd-store", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"rank 0's rendezvous store gave no answer within {seconds:.0f} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+_STORE_GONE = (RuntimeError, ValueError, TimeoutError)  # the store lives in rank 0's process: dead or stopped
+
+
+def record_own_failure(message: str, wait_s: float = 5.0) -> None:
     """A rank failing on its own (bad file, full disk, NaN) says so first, for the others to report."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    try:
+    rank = dist.get_rank()
+
+    def report():
         store = _store()
-        store.compare_set("fastkd/first_failure", "", f"rank {dist.get_rank()}: {message}")
-        store.set(f"fastkd/failed/{dist.get_rank()}", "own")
-    except (RuntimeError, ValueError):  # the store lives in rank 0's process: gone with it
+        store.compare_set("fastkd/first_failure", "", f"rank {rank}: {message}")
+        store.set(f"fastkd/failed/{rank}", "own")
+
+    try:
+        _within(wait_s, report)
+    except _STORE_GONE:
         pass
 
 
 def explain_comm_failure(grace_s: float = 5.0) -> Optional[str]:
     """After a collective failed in this rank: one line naming the rank that failed first, or None when
     another surviving rank (the lowest-numbered) prints it. Ranks that reported nothing within ``grace_s``
-    are the ones that died or stopped."""
+    are the ones that died or stopped. Returns within ``grace_s`` + 2 s even when rank 0, which hosts the
+    store, is stopped."""
     rank, world = dist.get_rank(), dist.get_world_size()
     seen: dict = {}
-    try:
+
+    def exchange() -> str:
         store = _store()
         store.set(f"fastkd/failed/{rank}", "comm")
         deadline = time.monotonic() + grace_s
@@ -209,11 +287,17 @@ def explain_comm_failure(grace_s: float = 5.0) -> Optional[str]:
             seen.update({r: store.get(f"fastkd/failed/{r}").decode() for r in range(world)
                          if r not in seen and store.check([f"fastkd/failed/{r}"])})
             time.sleep(0.2)
-        first = store.get("fastkd/first_failure").decode() if store.check(["fastkd/first_failure"]) else ""
-    except (RuntimeError, ValueError):  # the store lives in rank 0's process
+        return store.get("fastkd/first_failure").decode() if store.check(["fastkd/first_failure"]) else ""
+
+    try:
+        first = _within(grace_s + 2.0, exchange)
+    except _STORE_GONE:
         if seen.get(0) == "comm":
             return None  # rank 0 survived and printed; it has exited since
-        return "rank 0 failed first: it died or stopped answering (the rendezvous store it hosts is gone)"
+        if rank != 1 and os.environ.get("LOCAL_RANK") != "0":
+            return None  # without the store the survivors cannot agree: rank 1, and local rank 0 of other nodes
+        return ("rank 0 failed first: it died or stopped answering (a collective failed or waited "
+                "train.dist_timeout_s, and the rendezvous store it hosts does not answer); the other ranks stop too")
     survivors = [r for r, how in seen.items() if how == "comm"]
     if rank != min(survivors, default=rank):
         return None

@@ -1,7 +1,9 @@
 """Checks made before any expensive set-up: a bad input ends in one message naming the file and the cause.
 
 ``check(cfg)`` runs in every process before the process group, the models and the loaders exist: the
-run directory (a file? not writable?) and every ``.beton`` the config points at (truncated? not a .beton?).
+run directory (a file? not writable?), every ``.beton`` the config points at (truncated? not a .beton?)
+and what the task checks itself (``Task.preflight``: e.g. the ground truth detection evaluates against).
+``check_data(cfg)`` is the part without the run directory (``fastkd eval``).
 """
 from __future__ import annotations
 
@@ -13,8 +15,14 @@ from ..config import Config, ConfigError, DataConfig
 
 def check(cfg: Config) -> None:
     check_run_dir(cfg.run_dir)
+    check_data(cfg)
+
+
+def check_data(cfg: Config) -> None:
     for path in beton_files(cfg.data):
         check_beton(path)
+    from ..tasks import build_task
+    build_task(cfg).preflight()
 
 
 def check_run_dir(run_dir: str) -> None:

@@ -171,3 +171,19 @@ def apply_lr(engine, lr: float) -> Tuple[float, float]:
             group["initial_lr"] = lr
             group["lr"] = lr * f(sched.last_epoch)
     return old, lr
+
+
+def check_not_past_end(found: Optional[Tuple[str, str]], total_steps: int, cfg: Config) -> None:
+    """A resume whose run length ends before the checkpoint's step cannot train anything: refused (a run
+    cannot be shortened below what it has trained), instead of "applied" and an exit with nothing done."""
+    if found is None:
+        return
+    from .checkpoint import read_marker
+    tag = re.match(r"^step_(\d+)$", found[1])
+    step = (read_marker(os.path.join(*found)) or {}).get("step", int(tag.group(1)) if tag else None)
+    if step is not None and step > total_steps:
+        length = (f"train.max_steps={cfg.train.max_steps}" if cfg.train.max_steps
+                  else f"train.epochs={cfg.train.epochs} ({total_steps} steps)")
+        raise ConfigError(f"{length} ends the run at step {total_steps}, but the checkpoint {os.path.join(*found)} "
+                          f"is at step {step}: the run is already past its end and nothing would be trained. Raise "
+                          "the run length to continue it, or start afresh (another run_dir, or train.resume=none)")

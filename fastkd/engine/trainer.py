@@ -22,7 +22,7 @@ from ..tasks import Task, build_task
 from . import checkpoint as ckpt
 from . import guard, preflight, resume
 from .data import loader_state, restore_loader, sample_offset
-from .dist import DistContext, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
+from .dist import DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
 from .errors import NonFiniteLossError
 from .metrics import MetricsLogger
 from .schedules import build_optimizer, build_scheduler
@@ -132,6 +132,7 @@ class Trainer:
             device=ctx.device, dtype=self.dtype, channels_last=self.channels_last)
         self.steps_per_epoch = len(self.train_loader) // self.gas
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        resume.check_not_past_end(self.resume_from, self.total_steps, cfg)
         self.distiller = build_distiller(cfg, ctx, self.task, self._to_device(next(iter(self.train_loader))))
         self.alphas = {} if self.resume_from else self._calibrate()
         optimizer = build_optimizer(self.distiller, cfg.optim)
@@ -198,6 +199,7 @@ class Trainer:
         with averaged_norm_buffers(student):  # dist: the checkpoint holds one model
             path = ckpt.save(self.engine, self.cfg.run_dir, self.step, client, rank_state, rank=self.ctx.rank,
                              keep_last=self.cfg.train.keep_last)
+        self.saved = (self.step, getattr(self, "good_peak", None))  # for the stop message
         self._message(f"checkpoint {path}")
 
     # -- the loop ------------------------------------------------------------------------------------------
@@ -212,6 +214,9 @@ class Trainer:
             acc = self._eval(self.distiller.teacher)
             self._message(f"teacher val {self.task.describe(acc)}")
             self.log.log(self.step, {f"teacher/{k}": v for k, v in acc.items()}, kind="teacher")
+        if self.step >= self.total_steps:
+            self._message(f"the run already ended at step {self.step} (its length: {self.total_steps} steps): "
+                          "nothing to train")
         old_handlers = self._install_signal_handlers()
         try:
             result = self._loop()
@@ -282,31 +287,48 @@ class Trainer:
                 result.update(self._log_eval())
             elif last:
                 result.update(self._log_eval())
-            if epoch_done or last:
-                if not (cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0):
-                    self._save()
+            saved = cfg.train.ckpt_every and self.step % cfg.train.ckpt_every == 0  # in the loop above
+            if (last or (epoch_done and not cfg.train.ckpt_every)) and not saved:
+                self._save()  # the end of the run; epoch ends only without train.ckpt_every
         return result
 
     def _check_step(self, step_losses: torch.Tensor, names: List[str]) -> None:
         """Stop on a non-finite loss, or on weights/optimizer state the optimizer step made non-finite, before
         anything is checkpointed (the last checkpoint stays good); also carries the preemption flag so every
         rank agrees to stop at the same step."""
-        state = guard.state_flag(self.engine, self.distiller, step_losses.device)  # this rank's partition
+        state, weight_peak = guard.state_check(self.engine, self.distiller, step_losses.device)  # this rank's share
         flags = torch.cat([(~torch.isfinite(step_losses)).double(), state.view(1),
                            torch.tensor([float(self.stop_requested)], dtype=torch.float64, device=step_losses.device)])
         flags = all_reduce_sum(flags).tolist()  # sync + dist
         self.stop_requested = flags[-1] > 0
-        kept = (f"it is not checkpointed; the last good checkpoint is kept in "
-                f"{os.path.join(self.cfg.run_dir, ckpt.SUBDIR)}")
         bad = [n for n, f in zip(names, flags[:-2]) if f > 0 and n != "total"] or (["total"] if flags[-3] else [])
         if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {self.step + 1} (epoch {self.epoch}) in term(s): {', '.join(bad)}; {kept}")
+            raise NonFiniteLossError(f"non-finite loss at step {self.step + 1} (epoch {self.epoch}) in term(s): "
+                                     f"{', '.join(bad)}; {self._kept()}")
         if flags[-2]:
             raise NonFiniteLossError(
                 f"non-finite weights or optimizer state after the optimizer step of step {self.step + 1} (epoch "
                 f"{self.epoch}), with a finite loss: the update overflowed (lower optim.lr or the alphas, or set "
-                f"train.grad_clip); {kept}")
+                f"train.grad_clip); {self._kept()}")
+        self.good_peak = weight_peak  # max |weight| after this (good) step, this rank's share; no sync
+
+    def _kept(self) -> str:
+        """What the stop message says of the last good state: where the checkpoint is, and how large the
+        weights of the last good step and of that checkpoint were (finite can still be absurd)."""
+        where = os.path.join(self.cfg.run_dir, ckpt.SUBDIR)
+        saved_step, saved_peak = getattr(self, "saved", None) or (None, None)
+        peaks = [p for p in (getattr(self, "good_peak", None), saved_peak) if p is not None]
+        if not peaks:
+            return f"it is not checkpointed; the last good checkpoint is kept in {where}"
+        peaks = all_reduce_max(torch.stack(peaks)).tolist()  # sync + dist: every rank stops here together
+        lr = self.engine.get_lr()[0]
+        if saved_step == self.step or getattr(self, "good_peak", None) is None:
+            sizes = f"its weights (step {saved_step}) reach |w| = {peaks[-1]:.3g}, lr {lr:.3g}"
+        else:
+            sizes = (f"the last good step ({self.step}) left weights up to |w| = {peaks[0]:.3g}, lr {lr:.3g}"
+                     + (f"; the checkpoint (step {saved_step}): |w| up to {peaks[1]:.3g}" if len(peaks) > 1 else ""))
+        return (f"it is not checkpointed; the last good checkpoint is kept in {where} ({sizes}: make sure they "
+                "are sane before resuming from it)")
 
     def _log_train(self, names, acc, steps, t0) -> Dict[str, float]:
         world = self.ctx.world_size

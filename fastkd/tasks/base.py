@@ -48,6 +48,10 @@ class Task(abc.ABC):
         return load_teacher(mcfg, device, build=self.build_model)
 
     # -- data --------------------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Cheap checks of the files the task will read, before any set-up (ConfigError naming the file):
+        what fails later (evaluation, after training) must fail here. Default: nothing to check."""
+
     @abc.abstractmethod
     def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int,
                       device: torch.device, dtype: torch.dtype, channels_last: bool) -> Tuple[object, object]:
@@ -93,3 +97,7 @@ class Task(abc.ABC):
         head = [self.headline] if self.headline in metrics else []
         rest = [k for k in metrics if k not in head and isinstance(metrics[k], float)]
         return " ".join(f"{k} {metrics[k]:.4g}" for k in head + rest[:5])
+
+    def report(self, metrics: Dict[str, float]) -> str:
+        """What ``fastkd eval`` prints: the log line, and more detail where the task has it."""
+        return self.describe(metrics)

@@ -15,7 +15,8 @@ left out of the .beton do not count as misses), writes the results JSON there wh
 broadcasts the metrics: every rank returns the same dict.  Keys: ``bbox_AP`` (AP@[.5:.95]),
 ``bbox_AP50``, ``bbox_AP75``, ``bbox_APs``, ``bbox_APm``, ``bbox_APl`` as fractions; pycocotools
 reports -1 for a size range without ground truth.  ``max_dets`` is the detections per image kept
-(COCO's 100; dense scenes may need more).
+(COCO's 100; dense scenes may need more), and every AP is pycocotools' at that limit (its own
+``summarize`` reads the limit 100 only: -1 at any other); ``bbox_max_dets`` says which it was.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import torch
 from fastkd.data.detection import boxes_to_original
 
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")
+# (IoU threshold or None for the mean over .50:.05:.95, area range) of each metric, as COCOeval.summarize
+_SUMMARY = ((None, "all"), (0.5, "all"), (0.75, "all"), (None, "small"), (None, "medium"), (None, "large"))
 
 
 def detections_to_coco(detections: Sequence[Dict[str, torch.Tensor]], targets: Sequence[dict],
@@ -94,17 +97,33 @@ def coco_metrics(results: List[dict], gt_json_path: str, *, image_ids: Optional[
     unknown = sorted(set(ids) - set(gt.getImgIds()))
     if unknown:
         raise ValueError(f"{gt_json_path}: image ids {unknown[:5]} are not in the ground truth")
+    max_dets = int(max_dets)
+    if max_dets < 1:
+        raise ValueError(f"max_dets must be >= 1, got {max_dets}")
     if not results:
-        return {k: 0.0 for k in METRICS}
+        return {**{k: 0.0 for k in METRICS}, "bbox_max_dets": float(max_dets)}
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes([{**r, "bbox": list(r["bbox"])} for r in results])  # loadRes adds keys in place
         ev = COCOeval(gt, dt, "bbox")
         ev.params.imgIds = ids
-        ev.params.maxDets = [1, 10, int(max_dets)]
+        ev.params.maxDets = sorted({1, 10, max_dets})  # evaluate() keeps the largest per image
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return {k: float(v) for k, v in zip(METRICS, ev.stats[:6])}
+    out = {k: summary_ap(ev, max_dets, iou, area) for k, (iou, area) in zip(METRICS, _SUMMARY)}
+    return {**out, "bbox_max_dets": float(max_dets)}
+
+
+def summary_ap(ev, max_dets: int, iou: Optional[float] = None, area: str = "all") -> float:
+    """One AP line of ``COCOeval.summarize`` at the limit ``max_dets`` (one of ``ev.params.maxDets``):
+    the mean of the accumulated precision [T, R, K, A, M] over the entries > -1 at that IoU threshold
+    (all ten when None), area range and limit; -1 when there are none."""
+    p = ev.params
+    precision = ev.eval["precision"]
+    if iou is not None:
+        precision = precision[np.where(iou == p.iouThrs)[0]]  # exact, as summarize compares
+    precision = precision[:, :, :, p.areaRngLbl.index(area), p.maxDets.index(max_dets)]
+    valid = precision[precision > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
 
 
 def evaluate_coco(predictions: List[dict], gt_json_path: str, *, image_ids: Optional[Iterable[int]] = None,

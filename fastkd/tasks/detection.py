@@ -11,13 +11,16 @@ Model options (``student.kwargs`` / ``teacher.kwargs``) are :func:`fastkd.models
 plus for the student ``init_backbone: PATH`` (an ImageNet ResNet/ResNeXt state dict in torchvision's
 layout, e.g. torchvision's ``IMAGENET1K_V1`` file, as mmdetection's recipes start from ImageNet weights)
 and ``init_neck_head: PATH``: start the FPN and the heads from that detector checkpoint (MGD's RetinaNet
-recipe initialises the student's neck and head from the teacher's). Data options
+recipe initialises the student's neck and head from the teacher's). A student whose backbone starts from
+random weights (no ``init_backbone`` nor ``student.checkpoint``) trains every stage with trainable
+BatchNorm by default, as torchvision's factories without pretrained weights (:func:`from_scratch`). Data options
 (``data.kwargs``): ``min_size`` / ``max_size`` (resize, default 800 / 1333), ``flip_prob`` (default 0.5),
-``val_batch_size``, ``max_dets`` (COCO maxDets, default 100), ``results_path`` (write the COCO results
-JSON there).
+``val_batch_size``, ``max_dets`` (detections kept per image, COCO's maxDets, default 100: every AP is
+computed at this limit and the log says which), ``results_path`` (write the COCO results JSON there).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -96,6 +99,24 @@ def init_neck_head(student: nn.Module, state: Dict[str, torch.Tensor], path: str
     return len(picked)
 
 
+# torchvision's factories without pretrained weights: every backbone stage trains, with trainable BatchNorm
+SCRATCH = {"trainable_backbone_layers": 5, "frozen_bn": False}
+
+
+def from_scratch(name: str, kwargs: dict) -> dict:
+    """The model options of a student whose backbone starts from random weights (no ``init_backbone``, no
+    ``student.checkpoint``), as torchvision's factories build it then: every stage trainable, BatchNorm
+    trainable (they freeze the stem, layer1 and the BatchNorm statistics only for pretrained weights).
+    An explicit value is kept (e.g. to time a recipe's structure), with a warning: it freezes random weights."""
+    frozen = {k: kwargs[k] for k, v in SCRATCH.items() if k in kwargs and kwargs[k] != v}
+    if frozen:
+        warnings.warn(f"{name}: student.kwargs {', '.join(f'{k}={v}' for k, v in frozen.items())} freezes part of a "
+                      "backbone that starts from random weights (no init_backbone, no student.checkpoint); "
+                      f"torchvision trains it whole then ({', '.join(f'{k}={v}' for k, v in SCRATCH.items())})",
+                      stacklevel=3)
+    return {**SCRATCH, **kwargs}
+
+
 class DetectionTask(Task):
     """``task: detection`` (see the module docstring)."""
 
@@ -118,6 +139,8 @@ class DetectionTask(Task):
                 raise ConfigError(f"teacher.kwargs.{next(iter(inits))}: only a student is initialised this way "
                                   "(the teacher loads teacher.checkpoint)")
             kwargs["features_only"] = True
+        elif "init_backbone" not in inits and not mcfg.checkpoint:
+            kwargs = from_scratch(mcfg.name, kwargs)
         try:
             model = models.build(mcfg.name, num_classes=mcfg.num_classes, in_channels=mcfg.in_channels, **kwargs)
         except (ValueError, ImportError, TypeError) as exc:
@@ -145,6 +168,31 @@ class DetectionTask(Task):
         return teacher
 
     # -- data ------------------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """What evaluation needs, checked before training starts rather than when it ends: a valid
+        ``max_dets``, and the ground truth the val .beton's sidecar names (an absolute path recorded when
+        the .beton was written)."""
+        import os
+
+        from ..data.coco import CocoFormatError, read_sidecar
+
+        data = self.cfg.data if self.cfg is not None else None
+        max_dets = data.kwargs.get("max_dets", 100) if data is not None else 100
+        if isinstance(max_dets, bool) or not isinstance(max_dets, int) or max_dets < 1:
+            raise ConfigError(f"data.kwargs.max_dets: the detections per image scored must be an integer >= 1, "
+                              f"got {max_dets!r}")
+        val = data and (data.val_path or data.path)
+        if not val or not os.path.isfile(val):
+            return  # no .beton there: the loader says so
+        try:
+            gt = read_sidecar(val).get("annotations")
+        except CocoFormatError as exc:
+            raise ConfigError(str(exc)) from None
+        if not gt or not os.path.isfile(gt):
+            raise ConfigError(f"ground truth {gt} not found: evaluation of {val} reads it (its path was recorded in "
+                              f"{val}.json when the .beton was written); put it back there, or write the .beton "
+                              "again with `fastkd data write coco`")
+
     def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int,
                       device: torch.device, dtype: torch.dtype = torch.float32,
                       channels_last: bool = False) -> Tuple[object, object]:
@@ -226,6 +274,13 @@ class DetectionTask(Task):
         return None
 
     # -- evaluation ------------------------------------------------------------------------------------
+    def describe(self, metrics: Dict[str, float]) -> str:
+        """The six AP numbers and the limit of detections per image they were computed at."""
+        from .coco_eval import METRICS
+
+        limit = f" (maxDets {int(metrics['bbox_max_dets'])})" if "bbox_max_dets" in metrics else ""
+        return " ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics) + limit
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device, dtype: torch.dtype) -> Dict[str, float]:
         """COCO box AP of ``model`` (eval mode) over this rank's part of ``loader``, every rank's gathered."""

@@ -8,15 +8,17 @@
   ``avg_non_ignore=False``);
 - teacher forward: the same call without gradients: its logits (for the logit loss) and the features asked for;
 - logit loss: channel-wise spatial-softmax KD (:class:`fastkd.losses.ChannelWiseKD`, MGD's ``use_logit``);
-- evaluation: whole images at their stored resolution, argmax of the upsampled logits, mIoU / mAcc /
-  aAcc / per-class IoU summed over every rank (:mod:`fastkd.engine.miou`).
+- evaluation: whole images at their stored resolution (mmseg's whole-image test mode: the images of a
+  validation batch go through the model in groups of one size, never padded), argmax of the upsampled
+  logits, mIoU / mAcc / aAcc / per-class IoU summed over every rank (:mod:`fastkd.engine.miou`): the
+  numbers do not depend on ``val_batch_size`` or on which images share a batch.
 
 Data config (``data:``): ``source`` ffcv | cityscapes | fashion-scenes, ``path`` (a folder of
 ``train.beton`` / ``val.beton``, a Cityscapes root, or a fashion-scenes root), ``val_path``, ``mean`` /
 ``std`` (default ImageNet's, as mmseg's Cityscapes configs), ``num_workers``, ``image_size`` (the crop
 side unless ``kwargs.crop_size`` is given) and ``kwargs``: ``crop_size``, ``img_scale``, ``ratio_range``,
 ``cat_max_ratio``, ``flip_prob``, ``photometric`` (:class:`fastkd.data.seg_transforms.SegTrainTransform`)
-and ``val_batch_size`` (default 1: whole images of any size).
+and ``val_batch_size`` (default 1; images of different sizes in a batch are run apart).
 """
 from __future__ import annotations
 
@@ -86,7 +88,8 @@ class SegmentationTask(Task):
         images = torch.addcmul(shift, images.float(), scale).to(dtype)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return SegBatch(images, batch.labels.to(device, non_blocking=non_blocking).long())
+        labels = batch.labels.to(device, non_blocking=non_blocking).long()
+        return SegBatch(images, labels, getattr(batch, "sizes", None))
 
     def batch_size(self, batch: SegBatch) -> int:
         return int(batch.images.shape[0])
@@ -120,15 +123,33 @@ class SegmentationTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, val_loader, device, dtype=torch.float32) -> Dict[str, float]:
         """mIoU over the whole validation set; every rank returns the same dict."""
+        return self._metric(model, val_loader, device, dtype).compute()  # dist: sums every rank's areas
+
+    @torch.no_grad()
+    def area_counts(self, model: nn.Module, val_loader, device, dtype=torch.float32) -> torch.Tensor:
+        """[4, K] float64 intersection / union / prediction / label areas of this rank's images."""
+        return self._metric(model, val_loader, device, dtype).counts
+
+    def _metric(self, model: nn.Module, val_loader, device, dtype) -> MIoU:
         device = torch.device(device)
         num_classes = getattr(val_loader, "num_classes", None) or model.num_classes
         metric = MIoU(num_classes, self.ignore_index, device, getattr(val_loader, "classes", None) or None)
         for batch in val_loader:
             batch = self.to_device(batch, device, dtype)
-            logits = model(batch.images)
-            metric.update(logits.argmax(dim=1), batch.labels)
-        return metric.compute()
+            for (h, w), idx in batch.same_size_groups():  # each image whole, never beside padding
+                whole = len(idx) == len(batch) and (h, w) == tuple(batch.images.shape[-2:])
+                images = batch.images if whole else batch.images[idx, :, :h, :w]
+                labels = batch.labels if whole else batch.labels[idx, :h, :w]
+                metric.update(model(images).argmax(dim=1), labels)
+        return metric
 
     def describe(self, metrics: Dict[str, float]) -> str:
         return (f"mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
                 f"({int(metrics['pixels'])} labelled pixels)")
+
+    def report(self, metrics: Dict[str, float]) -> str:
+        """The log line, then IoU per class (nan: a class neither labelled nor predicted)."""
+        per_class = [(k[len("IoU."):], v) for k, v in metrics.items() if k.startswith("IoU.")]
+        width = max((len(name) for name, _ in per_class), default=0)
+        return "\n".join([self.describe(metrics), "IoU per class (%):"]
+                         + [f"  {name:<{width}}  {value:6.2f}" for name, value in per_class])
