@@ -146,7 +146,7 @@ def eager_traffic(op: str, shape, dtype: torch.dtype) -> Tuple[float, float]:
 # ----------------------------------------------------------------------------------------------- table
 
 COLUMNS = ["op", "shape", "dims", "dtype", "GFLOP", "compulsory MB", "fastkd MB", "eager MB", "eager saved MB"] + [
-    f"{d}: {c}" for d in REPORTED for c in ("bound ms", "fastkd bound ms", "eager bound ms", "fusion x")]
+    f"{d}: {c}" for d in REPORTED for c in ("bound ms", "bound by", "fastkd bound ms", "eager bound ms", "fusion x")]
 
 
 def rows(dtypes=(torch.bfloat16, torch.float32)):
@@ -161,7 +161,8 @@ def rows(dtypes=(torch.bfloat16, torch.float32)):
                        w["flops"] / 1e9, w["compulsory"] / 1e6, w["design"] / 1e6, eager / 1e6, saved / 1e6]
                 for d in REPORTED:
                     lb = bound_ms(w["flops"], w["compulsory"], d, dtype)
-                    row += [lb, bound_ms(w["flops"], w["design"], d, dtype), bound_ms(w["flops"], eager, d, dtype),
+                    by = "FLOPs" if lb == bound_ms(w["flops"], 0.0, d, dtype) else "bytes"
+                    row += [lb, by, bound_ms(w["flops"], w["design"], d, dtype), bound_ms(w["flops"], eager, d, dtype),
                             f"{bound_ms(w['flops'], eager, d, dtype) / lb:.2f}x"]
                 out.append(row)
     return out
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     peaks = "; ".join(f"{k}: bf16 {v['bf16']} / TF32 {v['tf32']} TFLOP/s, HBM {v['hbm']} TB/s"
                       for k, v in DEVICES.items() if k in REPORTED)
-    text = (f"# Roofline of the fused losses\n\n{__doc__.split(chr(10) + chr(10))[1]}\n\n"
+    what = "\n\n".join(__doc__.split("\n\n")[1:3])  # the shapes and the columns
+    text = (f"# Roofline of the fused losses\n\n{what}\n\n"
             f"Date {datetime.date.today().isoformat()}, torch {torch.__version__} (eager traffic on meta tensors). "
             f"Peaks (dense, datasheet): {peaks}.\n\nCommand: `python benchmarks/roofline.py`\n\n"
             f"{markdown_table(COLUMNS, rows())}\n")
