@@ -165,6 +165,13 @@ def autotune(configs: Union[List[triton.Config], ConfigsFor], key: List[str], si
     return wrap
 
 
+def tile_configs(tiles, element_size: int, names=("BLOCK_M", "BLOCK_N", "BLOCK_K"), **fixed) -> List[triton.Config]:
+    """Configs of ``(m, n, k, num_warps, num_stages)`` tiles given for 16-bit inputs; 32-bit inputs take the same
+    tiles with half the k (the reduction step): the same bytes per pipeline stage, so the same shared memory."""
+    return [triton.Config({names[0]: m, names[1]: n, names[2]: k if element_size <= 2 else k // 2, **fixed},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in tiles]
+
+
 def all_configs(configs_for: ConfigsFor) -> List[triton.Config]:
     """Every config of every architecture and element size, each once."""
     out: Dict[str, triton.Config] = {}
