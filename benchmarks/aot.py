@@ -12,13 +12,14 @@ reading what a GPU would meet:
     regs, spill stores / loads   ptxas -v (bytes per thread)
     shared                       dynamic (Triton's request) + static shared memory of the cubin, per block,
                                  against the architecture's opt-in maximum
-    mma                          wgmma (sm_90 warpgroup MMA) / mma.sync / none, from the PTX
+    mma                          tcgen05 (sm_100) / wgmma (sm_90 warpgroup MMA) / mma.sync / none, from the PTX
     loads                        global -> shared copies: cp.async of 16 bytes, narrower cp.async, TMA
                                  (cp.async.bulk.tensor), and synchronous ld.global (count and widths, PTX)
     sass                         SASS instructions (cuobjdump), occupancy (resident warps per SM)
 
 Results are cached per compile input (kernel source hash, signature, constants, options, target, Triton
-version) under ``cache_dir``: a rerun compiles only what changed.
+version) under ``cache_dir``: a rerun compiles only what changed. ``FACTS_VERSION`` names the way the facts are
+read: the callers keep one cache per value, so a change here (bump it) re-reads every compile.
 """
 from __future__ import annotations
 
@@ -161,6 +162,8 @@ def bind(launch: Launch, config, arch: int) -> Job:
 
 # ------------------------------------------------------------------------------------------ compiling
 
+FACTS_VERSION = 2  # 2: tcgen05 (sm_100) among the MMA kinds
+
 _CP_ASYNC = re.compile(r"cp\.async\.c[ag]\.shared\.global(?:\.L2::\w+)?\s*\[[^\]]*\],\s*\[[^\]]*\],"
                        r"\s*(0x[0-9a-f]+|\d+)")
 _LD_GLOBAL = re.compile(r"\bld\.global(?:\.\w+)*?\.(v[248]\.)?[bfsu](8|16|32|64)\b")
@@ -168,7 +171,8 @@ _LD_GLOBAL = re.compile(r"\bld\.global(?:\.\w+)*?\.(v[248]\.)?[bfsu](8|16|32|64)
 
 def ptx_facts(ptx: str) -> dict:
     """Tensor-core instruction kind and the global-memory loads of a kernel's PTX (static counts)."""
-    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "none"
+    mma = ("tcgen05" if "tcgen05.mma" in ptx else "wgmma" if "wgmma.mma_async" in ptx else
+           "mma.sync" if "mma.sync" in ptx else "none")
     cp = [int(v, 0) for v in _CP_ASYNC.findall(ptx)]
     sync = {}
     for vec, bits in _LD_GLOBAL.findall(ptx):

@@ -13,7 +13,8 @@ spills or needs more shared memory than a block may have.
                                                             # benchmarks/results/gpu_static_triton3.8.md / .json
     python benchmarks/gpu_static.py --triton-path .cache/triton-3.6   # the GPU image's Triton 3.6, installed
                                                             # there by `make triton-3.6` (never into the venv)
-    python benchmarks/gpu_static.py --arch 100 --out -      # sm_100 too (printed only)
+    python benchmarks/gpu_static.py --arch 100 --out -      # sm_100 (Triton 3.8 builds it; not in the default
+                                                            # audit: the channel-mask conv1 forward spills there)
     python benchmarks/gpu_static.py --check                 # the CI guard (tests/test_gpu_static.py)
 
 `make gpu-static` runs the audit for both Triton versions. Compiled results are cached per compile input in
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         print(f"gpu_static: {exc}", file=sys.stderr)
         return 2
-    cache = None if args.no_cache else os.path.join(CACHE, triton.__version__)
+    cache = None if args.no_cache else os.path.join(CACHE, f"{triton.__version__}-facts{aot.FACTS_VERSION}")
     rows = audit(build_jobs(scenarios, archs, dtypes), args.workers, cache)
     seconds = time.monotonic() - t0
     title = f"Triton {triton.__version__}: {', '.join(f'sm_{a}' for a in archs)}"
