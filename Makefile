@@ -10,7 +10,7 @@ SYS_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup sysdeps venv test demo demo-seg demo-det bench clean gpu-wheels gpu-check
+.PHONY: setup sysdeps venv test demo demo-seg demo-det bench clean gpu-wheels gpu-check gpu-static triton-3.6
 
 # Debian packages FFCV builds against, and Fashion-MNIST for the demo.
 sysdeps:
@@ -36,8 +36,26 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 setup: sysdeps $(VENV)/.built
 
-test: setup
+test: setup triton-3.6
 	FASTKD_REQUIRE_EXT=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The GPU image's Triton, for the ahead-of-time compilation audit only (benchmarks/gpu_static.py runs it in a
+# subprocess with this folder first on the path): its own git-ignored folder, never the venv (~640 MB).
+TRITON_GPU ?= 3.6.0
+TRITON_GPU_DIR := .cache/triton-3.6
+$(TRITON_GPU_DIR)/.installed: | $(BIN)/python
+	rm -rf $(TRITON_GPU_DIR)
+	$(BIN)/pip install -q --no-deps --target $(TRITON_GPU_DIR) triton==$(TRITON_GPU)
+	touch $@
+
+triton-3.6: $(TRITON_GPU_DIR)/.installed
+
+# Every Triton kernel the host code launches x every tile config, compiled for sm_90 and sm_80 on the CPU with
+# both Triton versions: registers, spills, shared memory, MMA kind, load pipelining, occupancy
+# (benchmarks/results/gpu_static_triton3.8.md and _triton3.6.md; ~10-25 min on 2 cores, cached per compile).
+gpu-static: setup triton-3.6
+	@status=0; $(BIN)/python benchmarks/gpu_static.py || status=1; \
+	$(BIN)/python benchmarks/gpu_static.py --triton-path $(TRITON_GPU_DIR) || status=1; exit $$status
 
 # The main job: Fashion-MNIST teacher, then one student distilled four ways, one table (fastkd/demo.py).
 # More: make demo DEMO_ARGS="--device cuda --students train.max_steps=null train.epochs=10"

@@ -338,6 +338,7 @@ def _mgd_bench(ctx, name, shape, dtype, peaks, reps):
                     vs_eager=_vs(results, "eager", pas, ms), vs_compiled=_vs(results, "compiled", pas, ms),
                     tflops=round(fl / ms / 1e9, 2), pct_bf16_peak=_pct(fl / ms / 1e9, peaks, "bf16_tflops"),
                     peak_mib=round(res["peak"] / 2**20, 1) if pas == "full" and res["peak"] else "-")
+    _roofline_row(ctx, "mgd", name, shape, dtype, results)
     if name.startswith("det"):
         _ratio_target(ctx, f"MGD {name}: fwd+bwd >= 1.3x compiled", results, "compiled", 1.3)
         _ratio_target(ctx, f"MGD {name}: fwd+bwd >= 1.5x eager", results, "eager", 1.5)
@@ -374,6 +375,7 @@ def _ct_bench(ctx, name, shape, dtype, peaks, reps):
                     tflops=round(fl / ms / 1e9, 2), gbps=round(nbytes / ms / 1e6, 1),
                     pct_hbm=_pct(nbytes / ms / 1e9, peaks, "hbm_tbps", 1e3),
                     peak_mib=round(res["peak"] / 2**20, 1) if pas == "full" and res["peak"] else "-")
+    _roofline_row(ctx, "ct", name, shape, dtype, results)
     if name.startswith("det"):
         _ratio_target(ctx, f"CT {name}: fwd+bwd >= 2x eager", results, "eager", 2.0)
         _ratio_target(ctx, f"CT {name}: fwd+bwd >= 1.3x compiled", results, "compiled", 1.3)
@@ -384,6 +386,19 @@ def _ct_bench(ctx, name, shape, dtype, peaks, reps):
             ctx.target(f"CT {name}: >= 70% HBM roofline", pct >= 70, f"{pct:.1f}% ({gbps:.0f} GB/s)")
     else:
         _ratio_target(ctx, f"CT {name}: fwd+bwd >= 1.0x compiled", results, "compiled", 1.0)
+
+
+def _roofline_row(ctx, op, name, shape, dtype, results):
+    """Measured forward+backward against the roofline bound on this device (benchmarks/roofline.py: max of
+    FLOPs at the dense peak and compulsory bytes at the HBM bandwidth); '-' where the device is not modelled."""
+    from benchmarks import roofline
+
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else ""
+    bound = roofline.lower_bound_ms(op, shape, dtype, device)
+    for impl, res in results.items():
+        ms = res["full"]["ms"]
+        ctx.row("roofline", op=op.upper(), shape=name, impl=impl, ms=round(ms, 4),
+                bound_ms=round(bound, 4) if bound else "-", pct_of_bound=round(100 * bound / ms, 1) if bound else "-")
 
 
 def _vs(results, other, pas, ms):

@@ -287,10 +287,11 @@ for dt, epis in (("bf16", range(4)), ("fp16", (1,)), ("fp32", (1, 2))):  # fp32:
     types = {**ptrs, "part_ptr": "*fp32", "dbp_ptr": "*fp32", "g_ptr": "*fp32"}
     for epi in epis:
         prec = "ieee" if dt == "fp32" and epi == 2 else "tf32"
-        k = build(C._row_gemm_kernel.fn, types, dict(K=200, EPI=epi, STORE_OUT=True, DOT_PREC=prec), C._ROW_CONFIGS[-1])
+        k = build(C._row_gemm_kernel.fn, types, dict(K=200, EPI=epi, STORE_OUT=True, DOT_PREC=prec),
+                  C._row_configs(90, 2)[-1])
         assert dt == "fp32" or "wgmma" in k.asm["ptx"], "bf16/fp16 GEMM not on the Hopper tensor cores"
     build(C._weight_grad_kernel.fn, {**types, "out_ptr": "*fp32"},
-          dict(ROWS_PER_SPLIT=3712, DOT_PREC="ieee" if dt == "fp32" else "tf32"), C._WG_CONFIGS[-1])
+          dict(ROWS_PER_SPLIT=3712, DOT_PREC="ieee" if dt == "fp32" else "tf32"), C._wg_configs(90, 2)[-1])
 print("compiled")
 """
 

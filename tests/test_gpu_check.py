@@ -152,10 +152,13 @@ def test_modes_and_table_errors(tmp_path, monkeypatch):
     x = torch.zeros(1)
     table = tmp_path / "t.json"
     _tuning.merge_table(str(table), "interpreter", {"k": {"5,torch.float32": {"kwargs": {"BLOCK": 2},
+                                                                              "num_warps": 4, "num_stages": 3},
+                                                          "7,torch.float32": {"kwargs": {"BLOCK": 2},
                                                                               "num_warps": 2, "num_stages": 1}}})
     monkeypatch.setenv("FASTKD_TRITON_TUNING", str(table))
+    # n = 7: the entry is no config the kernel ships (num_warps 2): ignored, as an unaudited config
     for mode, few, n, want in (("table", "2", 5, [2]), ("table", "2", 6, [1, 2, 4]), ("few", "2", 6, [1, 2]),
-                               ("few", "2", 5, [2]), ("full", "2", 5, [1, 2, 4])):
+                               ("few", "2", 5, [2]), ("full", "2", 5, [1, 2, 4]), ("table", "2", 7, [1, 2, 4])):
         monkeypatch.setenv("FASTKD_TRITON_TUNE", mode)
         monkeypatch.setenv("FASTKD_TRITON_TUNE_FEW", few)
         assert [c.kwargs["BLOCK"] for c in prune(configs, {"x_ptr": x, "N": n})] == want, (mode, n)

@@ -5,13 +5,13 @@
 - ``dot`` / ``store``: ``tl.dot`` with fp32 accumulation and a store rounding to nearest even, both faithful
   to the GPU under Triton 3.6's interpreter too.
 - Host helpers: feature strides as (sample, pixel, channel) rows, the float32 dot precision, the device
-  guard, and the row split of the split-K weight-gradient kernels.
+  guard, and the row split of the split-K weight-gradient kernels. Precision and parallelism follow the
+  GPU the launch is bound for (``_target.py``: the tensors' device, or an ahead-of-time target).
 - ``autotune``: ``triton.autotune`` with the tuning table and the tuning mode (see ``_tuning.py``).
 """
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from typing import Tuple
 
@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._target import on_gpu, sm_count
 from ._tuning import autotune  # noqa: F401  (re-exported for the kernel modules)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -53,7 +54,7 @@ def dot_precision(t: torch.Tensor) -> str:
     """float32 follows PyTorch's convolution setting (``torch.backends.cudnn.allow_tf32``, the flag that
     governs the reference's convolutions on the same GPU): TF32 on tensor cores unless disabled; "tf32"
     for bf16/fp16 only names the default (their products are exact)."""
-    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cudnn.allow_tf32):
+    if t.dtype == torch.float32 and not (on_gpu(t) and torch.backends.cudnn.allow_tf32):
         return "ieee"
     return "tf32"
 
@@ -78,16 +79,11 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def parallel_target(device: torch.device) -> int:
-    """Programs that keep the device busy: two per SM on a GPU, 16 elsewhere (the interpreter)."""
-    if device.type != "cuda":
-        return 16
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    """Programs that keep the device busy: two per SM on a GPU (the bound one, _target.py), 16 elsewhere
+    (the interpreter)."""
+    sms = sm_count(device)
+    return 16 if sms is None else 2 * sms
 
 
 def split_rows(rows: int, splits: int, align: int) -> Tuple[int, int]:

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
+from ._tuning import all_configs, tile_configs
 from ._triton_common import (INTERPRET, INTERPRETING, autotune, device_guard, dot, dot_precision, nhwc_strides,
                              parallel_target, pixel_rows, split_rows, store)
 
@@ -51,20 +52,29 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 EPI_HIDDEN, EPI_MSE, EPI_DHIDDEN, EPI_PLAIN = 0, 1, 2, 3
 
-if INTERPRET:  # one small config: exercises several row/column tiles and masking at test shapes
-    _ROW_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})]
-    _WG_CONFIGS = [triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_K": 16})]
-else:
-    _ROW_CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (128, 128, 64, 8, 3),
-                                 (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                 (64, 64, 64, 4, 4)]]
-    _WG_CONFIGS = [
-        triton.Config({"BLOCK_A": ba, "BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for ba, bb, bk, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-                                 (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]]
-_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _ROW_CONFIGS)
+# Tiles (rows, columns, reduction step for 16-bit inputs, num_warps, num_stages) per architecture family, in order
+# of preference; 32-bit inputs halve the reduction step (_tuning.tile_configs). Each compiles for its architecture
+# without a spill and within its shared memory (benchmarks/gpu_static.py; tests/test_gpu_static.py guards it).
+_ROW_TILES = {90: [(64, 256, 64, 8, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                   (64, 64, 64, 4, 4)],
+              80: [(64, 128, 64, 4, 4), (64, 64, 64, 8, 3)]}
+_WG_TILES = {90: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)],
+             80: [(128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4)]}
+
+
+def _row_configs(family, element_size):
+    if INTERPRET:  # one small config: exercises several row/column tiles and masking at test shapes
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 16})]
+    return tile_configs(_ROW_TILES.get(family, []), element_size)
+
+
+def _wg_configs(family, element_size):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_K": 16})]
+    return tile_configs(_WG_TILES.get(family, []), element_size, names=("BLOCK_A", "BLOCK_B", "BLOCK_K"))
+
+
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in all_configs(_row_configs))
 # Rows per split of the weight-gradient kernel: a multiple of this, itself a multiple of every BLOCK_K.
 _WG_ROW_ALIGN = 32 if INTERPRET else 128
 
@@ -76,7 +86,7 @@ def _row_offsets(rows, HW, s_n, s_p):
 
 
 # Tuned per row-count bucket (M_KEY, a power of two: a new H x W reuses its bucket's tiles; _tuning.py)
-@autotune(configs=_ROW_CONFIGS, key=["M_KEY", "K", "N_OUT", "EPI"], reset_to_zero=["part_ptr", "dbp_ptr"])
+@autotune(configs=_row_configs, key=["M_KEY", "K", "N_OUT", "EPI"], reset_to_zero=["part_ptr", "dbp_ptr"])
 @triton.jit
 def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K]
                      w_ptr, sw_k, sw_n,                  # B [K, N_OUT] (a weight, through strides)
@@ -136,7 +146,7 @@ def _row_gemm_kernel(x_ptr, sx_n, sx_p, sx_c,            # X: feature rows [M, K
         store(out_ptr + o_off, acc, mask)
 
 
-@autotune(configs=_WG_CONFIGS, key=["M_KEY", "A", "B"])
+@autotune(configs=_wg_configs, key=["M_KEY", "A", "B"])
 @triton.jit
 def _weight_grad_kernel(a_ptr, sa_n, sa_p, sa_c,         # A: feature rows [M, A]
                         b_ptr, sb_n, sb_p, sb_c,         # B: feature rows [M, B]
@@ -183,6 +193,13 @@ def _denominator(reduction: str, n: int, numel: int) -> float:
 
 def _matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1])
+
+
+def _k_major(b: torch.Tensor) -> torch.Tensor:
+    """The GEMM operand B [K, N] with K contiguous for 4-byte inputs: a copy of the weight (TF32 tensor cores take
+    K-major operands only; an N-major one reaches shared memory 4 bytes at a time). 16-bit inputs keep the
+    weight as it is: their MMAs read either layout from shared memory after 16-byte copies."""
+    return b.t().contiguous().t() if b.element_size() == 4 and b.stride(0) != 1 else b
 
 
 def _row_gemm(x, xs, w_kn, bias, out, os_, aux, as_, part, dbp, g, m, hw, epi, store_out):
@@ -269,7 +286,7 @@ def ct_backward(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2:
     s, ss = pixel_rows(student)
     dp = torch.empty((m, ch), device=student.device, dtype=student.dtype)
     dbp = torch.zeros((triton.cdiv(m, _MIN_BLOCK_M), ch), device=student.device, dtype=torch.float32)
-    _row_gemm(err, nhwc_strides(hw, ct), _matrix(w2), None, dp, nhwc_strides(hw, ch), hidden,
+    _row_gemm(err, nhwc_strides(hw, ct), _k_major(_matrix(w2)), None, dp, nhwc_strides(hw, ch), hidden,
               nhwc_strides(hw, ch), None, dbp, c, m, hw, EPI_DHIDDEN, True)
     if need_b1:
         grads[2] = dbp.sum(0).to(w1.dtype)
@@ -277,8 +294,8 @@ def ct_backward(grad: torch.Tensor, student: torch.Tensor, w1: torch.Tensor, w2:
         grads[1] = _weight_grad(dp, nhwc_strides(hw, ch), s, ss, m, hw, ch, cs).to(w1.dtype).reshape(w1.shape)
     if need_s:
         ds = torch.empty_like(s)  # same memory format as the student (NCHW or channels_last)
-        _row_gemm(dp, nhwc_strides(hw, ch), _matrix(w1), None, ds, pixel_rows(ds)[1], None, (0, 0, 0), None, None,
-                  None, m, hw, EPI_PLAIN, True)
+        _row_gemm(dp, nhwc_strides(hw, ch), _k_major(_matrix(w1)), None, ds, pixel_rows(ds)[1], None, (0, 0, 0),
+                  None, None, None, m, hw, EPI_PLAIN, True)
         grads[0] = ds
     return grads
 

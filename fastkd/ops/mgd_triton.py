@@ -25,20 +25,25 @@ float32 inputs use TF32 when torch.backends.cudnn.allow_tf32 allows it, as PyTor
 IEEE fp32 otherwise):
   _conv_fwd_kernel    Y[p, co] = sum_{tap, ci} X[p + off(tap), ci] Wt[tap, ci, co], 1x1 or 3x3 window, one flat
                       (tap, channel-block) loop per output tile. KEEP_IN regenerates the mask while loading X
-                      (dropped pixels/channels are not even read). Epilogues: +bias (align) / +bias, ReLU (conv1) /
+                      (dropped pixels are not even read; dropped channels are zeroed after the load, which
+                      stays one 16-byte cp.async per 8 channels). Epilogues: +bias (align) / +bias, ReLU (conv1) /
                       +bias, squared error against T, the tile's loss partial and D (conv2) / ReLU gate by H1
-                      times c (input gradient of conv2) / mask gate (input gradient of conv1). Flipped taps and
+                      times c (input gradient of conv2) / mask gate (input gradient of conv1; the channel mask
+                      read from its [N, C] keep table). Flipped taps and
                       transposed weight strides make it the input gradient of a convolution (also dS = dA Wa).
   _conv_wgrad_kernel  dW[co, ci, tap] over a split of the pixels (KEEP_IN for conv1's masked input), the bias
-                      gradient from the centre tap; per-split fp32 partials, or dW itself with one split.
+                      gradient from the centre tap (a pass over dY after the main loop); per-split fp32
+                      partials, or dW itself with one split.
   _sum_rows_kernel / _sum_all_kernel   fixed-order sums of the partials (no float atomics anywhere: the same
                       seed gives the same loss and gradients bit for bit on the same device and configuration).
 Launches: forward = [align] + conv1 + conv2 + loss sum; backward = wgrad2, dgrad2, wgrad1, dgrad1, [dgrad_align,
 wgrad_align] (+ partial sums where a weight gradient is split over pixels).
 Written to memory: forward A (only with align), H1 and D ([N*H*W, Ct] each, channels-last, saved for the
-backward; D only when a gradient is wanted); backward dH1 and dA (with align) and the gradients. Nothing is
-written for the mask, the masked input, G or a scaled dL/dG. S, T and dS are addressed through their strides
-(NCHW-contiguous or channels_last, no copies); weights are permuted once per call to [3, 3, Cin, Cout].
+backward; D only when a gradient is wanted); backward dH1 and dA (with align) and the gradients, and for the
+channel mask its keep table (one byte per sample and channel, drawn from the seed by _keep_table_kernel).
+Nothing is written for the spatial mask, the masked input, G or a scaled dL/dG. S, T and dS are addressed
+through their strides (NCHW-contiguous or channels_last, no copies); weights are permuted once per call, the reduction axis
+contiguous ([3, 3, Cout, Cin] for the forward, [3, 3, Cin, Cout] for the input gradients).
 """
 from __future__ import annotations
 
@@ -49,6 +54,8 @@ import triton
 import triton.language as tl
 
 from ._custom_op import fused_loss_op
+from ._target import on_gpu
+from ._tuning import all_configs, tile_configs
 from ._triton_common import (INTERPRET, INTERPRETING, autotune, device_guard, dot, dot_precision, nhwc_strides,
                              parallel_target, pixel_rows, split_rows, store)
 
@@ -58,22 +65,25 @@ _KEEP_MODE = {"spatial": KEEP_SPATIAL, "channel": KEEP_CHANNEL}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _conv_configs():
+# Tiles (BLOCK_M, BLOCK_N, BLOCK_K for 16-bit inputs, num_warps, num_stages) per architecture family, in order of
+# preference; 32-bit inputs halve BLOCK_K (_tuning.tile_configs). Each compiles for its architecture without a
+# spill and within its shared memory, for every launch of the host code (benchmarks/gpu_static.py, the table in
+# benchmarks/results/gpu_static_triton3.8.md; tests/test_gpu_static.py guards it).
+_CONV_TILES = {90: [(128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)],
+               80: [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 64, 32, 4, 4)]}
+_WGRAD_TILES = {90: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)],
+                80: [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]}
+
+def _conv_configs(family, element_size):
     if INTERPRET:  # the interpreter is slow: one small tile, no tuning
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    shapes = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4),
-              (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    return tile_configs(_CONV_TILES.get(family, []), element_size, GROUP_M=8)
 
 
-def _wgrad_configs():
+def _wgrad_configs(family, element_size):
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-    shapes = [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 3)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    return tile_configs(_WGRAD_TILES.get(family, []), element_size)
 
 
 def _prune(rows: str, cols: str):
@@ -88,10 +98,10 @@ def _prune(rows: str, cols: str):
     return prune
 
 
-_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in _conv_configs())
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _conv_configs())
-_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in _conv_configs())
-_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in _wgrad_configs())
+_MIN_BLOCK_M = min(c.kwargs["BLOCK_M"] for c in all_configs(_conv_configs))
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in all_configs(_conv_configs))
+_MAX_BLOCK_M = max(c.kwargs["BLOCK_M"] for c in all_configs(_conv_configs))
+_MAX_BLOCK_K = max(c.kwargs["BLOCK_K"] for c in all_configs(_wgrad_configs))
 
 
 def _span(block_rows: int, hw: int) -> int:
@@ -130,8 +140,18 @@ def _channel_keep(n, cs, n_lo, C, seed, sample_offset, ratio, SPAN: tl.constexpr
     return keep
 
 
+@triton.jit(do_not_specialize=_PER_STEP)
+def _keep_table_kernel(out_ptr, NC, seed: tl.uint64, sample_offset: tl.int64, C, ratio, BLOCK: tl.constexpr):
+    """out[n * C + c] = keep of channel c of sample n (uint8): the channel mask of the input gradient's epilogue,
+    read there like an auxiliary tensor (drawn in the epilogue, SPAN draws per column beside the whole
+    accumulator, it spilled)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(seed, idx.to(tl.int64) + sample_offset * C) >= ratio
+    tl.store(out_ptr + idx, keep.to(tl.uint8), mask=idx < NC)
+
+
 # Tuned per pixel-count bucket (P_KEY, a power of two: a new H x W reuses its bucket's tiles; _tuning.py)
-@autotune(configs=_conv_configs(), reset_to_zero=["part_ptr"], size_prune=_prune("P", "COUT"),
+@autotune(configs=_conv_configs, reset_to_zero=["part_ptr"], size_prune=_prune("P", "COUT"),
           key=["P_KEY", "CIN", "COUT", "KSIZE", "FLIP", "KEEP_IN", "KEEP_OUT", "EPILOGUE"])
 @triton.jit(do_not_specialize=_PER_STEP)
 def _conv_fwd_kernel(
@@ -175,11 +195,10 @@ def _conv_fwd_kernel(
         if KEEP_IN == 1:  # dropped pixels are not even read
             ok = ok & _spatial_keep(n, hs * W + ws, HW, seed, sample_offset, ratio)
         k_ok = ks < CIN
-        x_mask = ok[:, None] & k_ok[None, :]
-        if KEEP_IN == 2:
-            x_mask = x_mask & _channel_keep(n, ks, n_lo, CIN, seed, sample_offset, ratio, SPAN)
         x_rows = n.to(tl.int64) * sxn + (hs * W + ws).to(tl.int64) * sxp
-        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * sxc, mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + x_rows[:, None] + ks[None, :] * sxc, mask=ok[:, None] & k_ok[None, :], other=0.0)
+        if KEEP_IN == 2:  # after the load: a per-channel load mask would split it into 2-byte loads (no cp.async)
+            x = tl.where(_channel_keep(n, ks, n_lo, CIN, seed, sample_offset, ratio, SPAN), x, 0.0)
         w_tap = (KSIZE * KSIZE - 1 - tap) if FLIP else tap
         wt = tl.load(w_ptr + w_tap * swt + ks[:, None] * swk + cols[None, :] * swn,
                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)
@@ -203,14 +222,15 @@ def _conv_fwd_kernel(
     if EPILOGUE == 4:  # gradient through the mask: regenerate it for the output pixels / channels
         if KEEP_OUT == 1:
             acc = tl.where(_spatial_keep(n, pix, HW, seed, sample_offset, ratio)[:, None], acc, 0.0)
-        if KEEP_OUT == 2:
-            acc = tl.where(_channel_keep(n, cols, n_lo, COUT, seed, sample_offset, ratio, SPAN), acc, 0.0)
+        if KEEP_OUT == 2:  # the channel mask, from the keep table in aux (_keep_table_kernel)
+            keep = tl.load(aux_ptr + n.to(tl.int64)[:, None] * san + cols[None, :] * sac, mask=out_mask, other=0)
+            acc = tl.where(keep != 0, acc, 0.0)
     if WRITE_Y:
         y = y_ptr + n.to(tl.int64)[:, None] * syn + pix.to(tl.int64)[:, None] * syp + cols[None, :] * syc
         store(y, acc, out_mask)
 
 
-@autotune(configs=_wgrad_configs(), key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
+@autotune(configs=_wgrad_configs, key=["P_KEY", "CIN", "COUT", "KSIZE", "KEEP_IN"],
           size_prune=_prune("COUT", "CIN"))
 @triton.jit(do_not_specialize=_PER_STEP)
 def _conv_wgrad_kernel(
@@ -221,8 +241,8 @@ def _conv_wgrad_kernel(
     DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """part[split, co, ci, tap] = sum_{p in split} dY[p, co] (X * keep)[p + off(tap), ci];
-    bpart[split, co] = sum_{p in split} dY[p, co] (centre tap, first channel block only). With one split
-    (HAS_G) part/bpart are dW/db themselves."""
+    bpart[split, co] = sum_{p in split} dY[p, co] (centre tap, first channel block only, after the main loop).
+    With one split (HAS_G) part/bpart are dW/db themselves."""
     HW = H * W
     pid = tl.program_id(0)
     tap = tl.program_id(1)
@@ -246,7 +266,6 @@ def _conv_wgrad_kernel(
         chunk = p_chunk
     p_start = split * chunk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for p0 in range(0, chunk, BLOCK_K):  # chunk is a multiple of every BLOCK_K
         ps = p_start + p0 + tl.arange(0, BLOCK_K)
         p_ok = ps < P
@@ -257,24 +276,29 @@ def _conv_wgrad_kernel(
         ok = p_ok & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
         if KEEP_IN == 1:
             ok = ok & _spatial_keep(n, hs * W + ws, HW, seed, sample_offset, ratio)
-        x_mask = ok[:, None] & ci_ok[None, :]
-        if KEEP_IN == 2:
-            x_mask = x_mask & _channel_keep(n, ci, (p_start + p0) // HW, CIN, seed, sample_offset, ratio, SPAN)
         x = tl.load(x_ptr + (n.to(tl.int64) * sxn + (hs * W + ws).to(tl.int64) * sxp)[:, None]
-                    + ci[None, :] * sxc, mask=x_mask, other=0.0)
+                    + ci[None, :] * sxc, mask=ok[:, None] & ci_ok[None, :], other=0.0)
+        if KEEP_IN == 2:  # after the load (see _conv_fwd_kernel)
+            x = tl.where(_channel_keep(n, ci, (p_start + p0) // HW, CIN, seed, sample_offset, ratio, SPAN), x, 0.0)
         dyt = tl.load(dy_ptr + (n.to(tl.int64) * sdn + pix.to(tl.int64) * sdp)[None, :] + co[:, None] * sdc,
                       mask=p_ok[None, :] & co_ok[:, None], other=0.0)
         acc = dot(dyt, x, acc, DOT_PREC)
-        if do_bias:
-            bacc += tl.sum(dyt.to(tl.float32), axis=1)
+    g = 1.0
     if HAS_G:  # a single split writes the gradient itself: scaled by dL_total/dloss, in the weights' dtype
         g = tl.load(g_ptr).to(tl.float32)
         acc = acc * g
-        bacc = bacc * g
     n_w = COUT * CIN * KSIZE * KSIZE
     part = part_ptr + split.to(tl.int64) * n_w + (co[:, None] * CIN + ci[None, :]) * (KSIZE * KSIZE) + tap
     store(part, acc, co_ok[:, None] & ci_ok[None, :])
-    store(bpart_ptr + split * COUT + co, bacc, co_ok & do_bias)
+    if do_bias:  # a second pass over dY once the accumulator is stored (in the main loop the row sums would
+        bacc = tl.zeros((BLOCK_M,), dtype=tl.float32)  # copy the dY tile from shared memory every iteration)
+        for p0 in range(0, chunk, BLOCK_K):
+            ps = p_start + p0 + tl.arange(0, BLOCK_K)
+            p_ok = ps < P
+            dyt = tl.load(dy_ptr + ((ps // HW).to(tl.int64) * sdn + (ps % HW).to(tl.int64) * sdp)[None, :]
+                          + co[:, None] * sdc, mask=p_ok[None, :] & co_ok[:, None], other=0.0)
+            bacc += tl.sum(dyt.to(tl.float32), axis=1)
+        store(bpart_ptr + split * COUT + co, bacc * g, co_ok)
 
 
 @triton.jit
@@ -326,7 +350,7 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     """(dW [cout, cin, k, k], db [cout]) = g * (sum over pixel splits of the wgrad partials)."""
     P = N * H * W
     tiles = ksize * ksize * triton.cdiv(cout, 128) * triton.cdiv(cin, 128)
-    want = max(1, min(triton.cdiv(parallel_target(x.device), tiles), triton.cdiv(P, 512 if x.is_cuda else 64)))
+    want = max(1, min(triton.cdiv(parallel_target(x.device), tiles), triton.cdiv(P, 512 if on_gpu(x) else 64)))
     # pixels per split: a multiple of every BLOCK_K (static loop bound), the last split more than half full
     split, p_chunk = split_rows(P, want, _MAX_BLOCK_K)
     dw = torch.empty(cout, cin, ksize, ksize, device=x.device, dtype=dtype)
@@ -347,18 +371,28 @@ def _wgrad(x, x_str, dy, dy_str, g, *, N, H, W, cin, cout, ksize, dtype, keep_in
     return dw, db
 
 
+def _keep_table(n: int, c: int, seed: int, sample_offset: int, ratio: float, device) -> torch.Tensor:
+    """The channel mask's keep of every (sample, channel) as uint8 [N, C] (_keep_table_kernel)."""
+    out = torch.empty(n, c, device=device, dtype=torch.uint8)
+    _keep_table_kernel[(triton.cdiv(n * c, 1024),)](out, n * c, seed, sample_offset, c, ratio, BLOCK=1024)
+    return out
+
+
 def _sum_rows(part: torch.Tensor, out: torch.Tensor, g: Optional[torch.Tensor], block: int = 1024):
     m = out.numel()
     _sum_rows_kernel[(triton.cdiv(m, block),)](part, out, g if g is not None else part, m, R=part.shape[0],
                                                 HAS_G=g is not None, BLOCK=block)
 
 
-def _gen_weights(w: torch.Tensor):
-    """[co, ci, 3, 3] -> [3, 3, ci, co] contiguous: (tap, ci, co) strides for the forward, (tap, co, ci)
-    with flipped taps for the input gradient."""
-    wt = w.permute(2, 3, 1, 0).contiguous()
+def _gen_weights(w: torch.Tensor, input_grad: bool = False):
+    """-> (wt, (tap, k, n) strides): a 3x3 weight [co, ci, 3, 3] as the GEMM operand B[tap, k, n], copied once
+    per call so that k, the reduction axis, is contiguous (16-byte cp.async for every dtype: TF32 tensor cores
+    take K-major operands only). Forward: k = ci, n = co ([3, 3, co, ci]); input gradient (flipped taps):
+    k = co, n = ci ([3, 3, ci, co])."""
     c_out, c_in = w.shape[0], w.shape[1]
-    return wt, (c_in * c_out, c_out, 1), (c_in * c_out, 1, c_out)
+    if input_grad:
+        return w.permute(2, 3, 1, 0).contiguous(), (c_in * c_out, 1, c_out)
+    return w.permute(2, 3, 0, 1).contiguous(), (c_in * c_out, 1, c_in)
 
 
 def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align_b, mask: str, ratio: float,
@@ -380,8 +414,8 @@ def mgd_forward(student, teacher, gen_w1, gen_b1, gen_w2, gen_b2, align_w, align
         x, x_str = a, nhwc
     else:
         a, x, x_str = student.new_empty(0), student, s_str
-    w1t, w1_str, _ = _gen_weights(gen_w1)
-    w2t, w2_str, _ = _gen_weights(gen_w2)
+    w1t, w1_str = _gen_weights(gen_w1)
+    w2t, w2_str = _gen_weights(gen_w2)
     hidden = torch.empty(P, C, device=dev, dtype=dtype)
     _conv(x, x_str, w1t, w1_str, gen_b1, hidden, nhwc, cin=C, cout=C, ksize=3, keep_in=_KEEP_MODE[mask],
           epilogue=EPI_BIAS_RELU, **rng, **geo)
@@ -423,7 +457,7 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
         grads[5], grads[6] = _wgrad(hidden, nhwc, dg, nhwc, g, cin=C, cout=C, ksize=3, dtype=dtype, **geo)
     if not any(needs[:5]):
         return _only_needed(grads, needs)
-    w2t, _, w2_str_t = _gen_weights(gen_w2)
+    w2t, w2_str_t = _gen_weights(gen_w2, input_grad=True)
     dh = torch.empty_like(hidden)  # dL/dZ1 = g * relu'(Z1) * (conv2 input gradient)
     _conv(dg, nhwc, w2t, w2_str_t, None, dh, nhwc, cin=C, cout=C, ksize=3, flip=True,
           epilogue=EPI_RELU_GRAD, aux=hidden, aux_str=nhwc, g=g, **geo)
@@ -432,20 +466,22 @@ def mgd_backward(grad_loss, student, gen_w1, gen_w2, align_w, a, hidden, dg, mas
                                     keep_in=mode, **rng, **geo)
     if not any(needs[:3]):
         return _only_needed(grads, needs)
-    w1t, _, w1_str_t = _gen_weights(gen_w1)
+    w1t, w1_str_t = _gen_weights(gen_w1, input_grad=True)
+    gate = dict(epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
+    if mode == KEEP_CHANNEL:  # the [N, C] keep table (one byte an entry), read by the epilogue as aux
+        gate.update(aux=_keep_table(N, C, seed, sample_offset, ratio, dev), aux_str=(C, 0, 1))
     if align_w is None:  # dS = keep * (conv1 input gradient), written in the student's layout
         ds, ds_str = pixel_rows(ds)
-        _conv(dh, nhwc, w1t, w1_str_t, None, ds, ds_str, cin=C, cout=C, ksize=3, flip=True,
-              epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
+        _conv(dh, nhwc, w1t, w1_str_t, None, ds, ds_str, cin=C, cout=C, ksize=3, flip=True, **gate)
         grads[0] = ds
         return _only_needed(grads, needs)
     da = torch.empty_like(hidden)
-    _conv(dh, nhwc, w1t, w1_str_t, None, da, nhwc, cin=C, cout=C, ksize=3, flip=True,
-          epilogue=EPI_KEEP_GRAD, keep_out=mode, **rng, **geo)
+    _conv(dh, nhwc, w1t, w1_str_t, None, da, nhwc, cin=C, cout=C, ksize=3, flip=True, **gate)
     if needs[0]:
         ds, ds_str = pixel_rows(ds)
-        _conv(da, nhwc, align_w, (0, align_w.stride(0), align_w.stride(1)), None, ds, ds_str, cin=C, cout=cs,
-              ksize=1, **geo)
+        wa = align_w.reshape(C, cs)  # B[k = c, n = cs]; K-major for 4-byte inputs (TF32, see _gen_weights)
+        wa = wa.t().contiguous().t() if wa.element_size() == 4 else wa
+        _conv(da, nhwc, wa, (0, wa.stride(0), wa.stride(1)), None, ds, ds_str, cin=C, cout=cs, ksize=1, **geo)
         grads[0] = ds
     if needs[1] or needs[2]:
         grads[1], grads[2] = _wgrad(student, s_str, da, nhwc, None, cin=cs, cout=C, ksize=1, dtype=dtype, **geo)
