@@ -21,9 +21,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-EXIT_USER_ERROR = 2
-EXIT_NONFINITE = 3
-EXIT_PEER_FAILED = 4
+from .errors import EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, PeerFailure
 
 
 def _quiet_deepspeed() -> None:
@@ -52,7 +50,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .distill.models import load_state_dict_file, load_strict
     from .engine.dist import setup
     from .engine.export import student_state_dict
@@ -105,7 +103,6 @@ def cmd_plot(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .config import ConfigError
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(repo, "benchmarks", f"bench_{args.name}.py")
     if not os.path.isfile(script):
@@ -188,7 +185,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Nam
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import ConfigError
     # torch logs "No CUDA runtime is found, using CUDA_HOME=..." when DeepSpeed imports its extension
     # builder on a machine without CUDA: noise before every message, and nothing fastkd builds that way
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -204,7 +200,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(prefix + str(exc))
         return EXIT_USER_ERROR
     except Exception as exc:
-        from .engine.errors import NonFiniteLossError, PeerFailure
         if isinstance(exc, NonFiniteLossError):
             _fail(prefix + str(exc))
             return EXIT_NONFINITE

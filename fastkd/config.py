@@ -23,13 +23,10 @@ from pydantic import ConfigDict, Discriminator, Tag, TypeAdapter, ValidationErro
 from pydantic.dataclasses import dataclass, rebuild_dataclass
 
 from .config_errors import format_validation_error as _format_validation_error, suggest
+from .errors import ConfigError
 
 _PYD = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
 field = dataclasses.field
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message says where and how."""
 
 
 def config_class(cls):

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import PeerFailure
+from ..errors import PeerFailure
 
 
 @dataclass
