@@ -15,6 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..comm import all_reduce_max, all_reduce_mean, all_reduce_sum
 from ..config import Config, ConfigError, to_dict
 from ..distill import Distiller, build_losses, check_pairs
 from ..distill.models import maybe_load_student
@@ -23,7 +24,7 @@ from ..tasks import Task, build_task
 from . import checkpoint as ckpt
 from . import guard, preflight, resume
 from .data import loader_state, restore_loader, sample_offset
-from .dist import DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
+from .dist import DistContext, averaged_norm_buffers, norm_buffers
 from .metrics import MetricsLogger
 from .schedules import build_optimizer, build_scheduler
 
