@@ -53,8 +53,8 @@ RECIPES = ("r34_r18_mgd", "r50_mbv1_mgd", "r50_mbv1_ct")
 def build(recipe: str, *, backend: str, compile: bool, student_only: bool, device, dtype):
     """(distiller, optimizer) for a recipe, exactly as the engine builds them (minus DeepSpeed)."""
     from fastkd.config import load_config
-    from fastkd.distill import Distiller, build_losses, build_model, check_pairs
-    from fastkd.distill.models import freeze
+    from fastkd.distill import Distiller, build_losses, check_pairs
+    from fastkd.models.loading import build_model, freeze
     from fastkd.engine.schedules import build_optimizer
 
     cfg = load_config(os.path.join(REPO, "configs", "imagenet", f"{recipe}.yaml"),

@@ -51,7 +51,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
     from .config import load_config
-    from .distill.models import load_state_dict_file, load_strict
+    from .models.loading import load_state_dict_file, load_strict
     from .engine.dist import setup
     from .engine.export import student_state_dict
     from .engine.preflight import check_data

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from fastkd.config import ConfigError, DistillConfig, KDConfig, ModelConfig, PairConfig
-from fastkd.distill import Distiller, build_losses, check_pairs, load_teacher
+from fastkd.distill import Distiller, build_losses, check_pairs
+from fastkd.models.loading import load_teacher
 
 from tests.test_engine_nets import tiny
 
@@ -90,7 +91,7 @@ def test_alpha_auto_calibration_and_checkpointed(tmp_path):
 
 def test_unknown_model_name_is_a_config_error_with_a_suggestion():
     from fastkd.config import ConfigError, ModelConfig
-    from fastkd.distill import build_model
+    from fastkd.models.loading import build_model
 
     with pytest.raises(ConfigError, match=r"student.name: unknown model 'resnet19'; did you mean 'resnet18'"):
         build_model(ModelConfig(name="resnet19", num_classes=10), "student")

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastkd.config import load_config
-from fastkd.distill import build_model, check_pairs
+from fastkd.distill import check_pairs
+from fastkd.models.loading import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITYSCAPES = sorted(glob.glob(os.path.join(REPO, "configs", "cityscapes", "*.yaml")))

@@ -18,7 +18,7 @@ from torch import nn
 from ..comm import all_reduce_max, all_reduce_mean, all_reduce_sum
 from ..config import Config, ConfigError, to_dict
 from ..distill import Distiller, build_losses, check_pairs
-from ..distill.models import maybe_load_student
+from ..models.loading import maybe_load_student
 from ..errors import NonFiniteLossError
 from ..tasks import Task, build_task
 from . import checkpoint as ckpt

@@ -103,7 +103,7 @@ def convert_checkpoint(path: str, out: str, *, model: Optional[str] = None, num_
         raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force)")
     state = convert_state_dict(load_mmseg_checkpoint(path), path)
     if model is not None:
-        from ..distill.models import load_strict
+        from .loading import load_strict
         from .registry import build
 
         load_strict(build(model, num_classes=num_classes), state, path, f"converted {model}")

@@ -39,12 +39,12 @@ class Task(abc.ABC):
     # -- models ------------------------------------------------------------------------------------------
     def build_model(self, mcfg: ModelConfig, role: str) -> nn.Module:
         """The model named by ``mcfg`` (``role`` is "student" or "teacher", for messages)."""
-        from ..distill.models import build_model
+        from ..models.loading import build_model
         return build_model(mcfg, role)
 
     def load_teacher(self, mcfg: ModelConfig, device: torch.device) -> nn.Module:
         """The frozen teacher: built, its checkpoint loaded with a strict key check, eval, no grad."""
-        from ..distill.models import load_teacher
+        from ..models.loading import load_teacher
         return load_teacher(mcfg, device, build=self.build_model)
 
     # -- data --------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class DetectionTask(Task):
         except (ValueError, ImportError, TypeError) as exc:
             raise ConfigError(f"{role}.name {mcfg.name!r}: {exc}") from None
         if inits:
-            from ..distill.models import load_state_dict_file
+            from ..models.loading import load_state_dict_file
 
             for key, fn in (("init_backbone", init_backbone), ("init_neck_head", init_neck_head)):
                 if key in inits:
@@ -155,7 +155,7 @@ class DetectionTask(Task):
 
     def load_teacher(self, mcfg: ModelConfig, device: torch.device) -> nn.Module:
         """Backbone + FPN of a detector checkpoint, strictly loaded, frozen; bf16 + channels_last on GPU."""
-        from ..distill.models import freeze, load_state_dict_file, load_strict
+        from ..models.loading import freeze, load_state_dict_file, load_strict
 
         if not mcfg.checkpoint:
             raise ConfigError("teacher.checkpoint is required (a detector checkpoint; its backbone + FPN are used)")

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, import_factory
+from .adapter import adapt
+from .registry import build
 
 # Containers a state dict may be wrapped in (fastkd export, DeepSpeed "module", common trainers).
 _WRAPPER_KEYS = ("student", "state_dict", "model", "module")
@@ -20,15 +22,10 @@ def build_model(cfg: ModelConfig, role: str) -> nn.Module:
         model = import_factory(cfg.name, f"{role}.name")(**kwargs)
     else:
         try:
-            from .. import models
-        except ImportError as exc:
-            raise ConfigError(f"{role}.name {cfg.name!r}: fastkd.models is not importable ({exc})") from None
-        try:
-            model = models.build(cfg.name, **kwargs)
+            model = build(cfg.name, **kwargs)
         except (KeyError, ValueError, ImportError) as exc:  # unknown name (with a suggestion), missing tv/timm
             raise ConfigError(f"{role}.name: {exc.args[0] if exc.args else cfg.name}") from None
     if cfg.feature_layers:
-        from ..models import adapt
         model = adapt(model, cfg.feature_layers)
     return model
 
