@@ -113,6 +113,25 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, script, *args.rest])
 
 
+def cmd_convert_mmseg(args) -> int:
+    from .models.mmseg import convert_checkpoint
+    try:
+        state = convert_checkpoint(args.checkpoint, args.out, model=args.model, num_classes=args.num_classes,
+                                   force=args.force)
+    except (ValueError, FileExistsError) as exc:  # ConversionError, an unknown --model
+        raise ConfigError(str(exc)) from None
+    n = sum(v.numel() for v in state.values() if v.is_floating_point())
+    print(f"wrote {args.out}: {len(state)} tensors, {n:,} values")
+    return 0
+
+
+def cmd_convert_mmdet(args) -> int:
+    from .models.convert_mmdet import convert_file
+    conv = convert_file(args.checkpoint, args.out)
+    print(f"{args.out}: {conv.describe()}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import main as demo_main
     return demo_main(args.rest)
@@ -159,9 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("rest", nargs=argparse.REMAINDER)
     dm.set_defaults(func=cmd_demo)
 
-    from .models import convert_mmdet, mmseg  # import torch only (no torchvision) to convert
-    convert = mmseg.add_parser(sub)
-    convert_mmdet.add_parser(convert)
+    convert = sub.add_parser("convert", help="convert foreign checkpoints to fastkd's layouts")
+    kinds = convert.add_subparsers(dest="convert_kind", required=True)
+    c = kinds.add_parser("mmseg", help="mmsegmentation PSPNet / DeepLabV3 (ResNet-V1c) -> native segmentation model")
+    c.add_argument("checkpoint", help="mmseg .pth file")
+    c.add_argument("out", help="output state_dict file")
+    c.add_argument("--model", default=None, help="check by loading strictly into this model (e.g. pspnet_r101)")
+    c.add_argument("--num-classes", type=int, default=19, help="classes of --model (default 19, Cityscapes)")
+    c.add_argument("--force", action="store_true", help="overwrite OUT")
+    c.set_defaults(func=cmd_convert_mmseg)
+    c = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN, RetinaNet head) -> torchvision layout")
+    c.add_argument("checkpoint", help="mmdetection .pth")
+    c.add_argument("out", help="output state_dict (.pt)")
+    c.set_defaults(func=cmd_convert_mmdet)
 
     try:
         from .data import cli as data_cli

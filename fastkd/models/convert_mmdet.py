@@ -23,7 +23,6 @@ BatchNorm's ``num_batches_tracked`` is dropped (the teacher's BatchNorm is froze
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -239,18 +238,3 @@ def convert_file(src: str, dst: str) -> Conversion:
         if os.path.exists(tmp):
             os.remove(tmp)
     return conv
-
-
-def add_parser(convert: argparse.ArgumentParser) -> None:
-    """``fastkd convert mmdet CKPT OUT``, beside the other kinds of the ``convert`` command's parser."""
-    kinds = next(a for a in convert._actions if isinstance(a, argparse._SubParsersAction))
-    m = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN, RetinaNet head) -> torchvision layout")
-    m.add_argument("checkpoint", help="mmdetection .pth")
-    m.add_argument("out", help="output state_dict (.pt)")
-    m.set_defaults(func=_cmd_mmdet)
-
-
-def _cmd_mmdet(args) -> int:
-    conv = convert_file(args.checkpoint, args.out)
-    print(f"{args.out}: {conv.describe()}")
-    return 0

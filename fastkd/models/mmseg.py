@@ -118,30 +118,3 @@ def convert_checkpoint(path: str, out: str, *, model: Optional[str] = None, num_
         if os.path.exists(tmp):
             os.remove(tmp)
     return state
-
-
-def add_parser(subparsers):
-    """``fastkd convert mmseg CKPT OUT [--model NAME] [--num-classes K] [--force]``."""
-    convert = subparsers.add_parser("convert", help="convert foreign checkpoints to fastkd's layouts")
-    kinds = convert.add_subparsers(dest="convert_kind", required=True)
-    p = kinds.add_parser("mmseg", help="mmsegmentation PSPNet / DeepLabV3 (ResNet-V1c) -> native segmentation model")
-    p.add_argument("checkpoint", help="mmseg .pth file")
-    p.add_argument("out", help="output state_dict file")
-    p.add_argument("--model", default=None, help="check by loading strictly into this model (e.g. pspnet_r101)")
-    p.add_argument("--num-classes", type=int, default=19, help="classes of --model (default 19, Cityscapes)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT")
-    p.set_defaults(func=_cmd_convert)
-    return convert
-
-
-def _cmd_convert(args) -> int:
-    from ..config import ConfigError
-
-    try:
-        state = convert_checkpoint(args.checkpoint, args.out, model=args.model, num_classes=args.num_classes,
-                                   force=args.force)
-    except (ValueError, FileExistsError) as exc:  # ConversionError, an unknown --model
-        raise ConfigError(str(exc)) from None
-    n = sum(v.numel() for v in state.values() if v.is_floating_point())
-    print(f"wrote {args.out}: {len(state)} tensors, {n:,} values")
-    return 0
