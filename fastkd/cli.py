@@ -126,7 +126,7 @@ def cmd_convert_mmseg(args) -> int:
 
 
 def cmd_convert_mmdet(args) -> int:
-    from .models.convert_mmdet import convert_file
+    from .tasks.detection.convert_mmdet import convert_file
     conv = convert_file(args.checkpoint, args.out)
     print(f"{args.out}: {conv.describe()}")
     return 0

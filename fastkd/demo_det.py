@@ -170,7 +170,7 @@ def draw_boxes(cfg, out: str, count: int) -> str:
     import torch
 
     from .engine.export import student_state_dict
-    from .models.detection_forward import predict
+    from .tasks.detection.forward import predict
     from .tasks.detection import DetectionTask
 
     task = DetectionTask(cfg)

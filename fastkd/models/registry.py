@@ -38,9 +38,6 @@ _NATIVE: dict[str, Callable[..., nn.Module]] = {
 }
 
 _PREFIXES = {"tv": "torchvision", "timm": "timm"}
-# torchvision detectors, ``{retinanet|fasterrcnn}_<backbone>_fpn[_v2]`` (fastkd.models.detection, which
-# imports torchvision: only loaded for such a name)
-_DETECTORS = ("retinanet_", "fasterrcnn_")
 
 
 def list_models() -> list[str]:
@@ -58,9 +55,6 @@ def build(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     (defaults: ``layer1``..``layer4`` for torchvision ResNets, ``feature_info`` for timm) plus
     ``input_size`` and the library's own keyword arguments (``weights=``, ``pretrained=``, ...).
 
-    Detector names ``{retinanet|fasterrcnn}_<backbone>_fpn[_v2]`` build torchvision's RetinaNet /
-    Faster R-CNN (``fastkd.models.detection.build_detector``; ``num_classes`` counts the background).
-
     Raises ValueError for an unknown name (with the closest known one), ImportError when the
     package behind a prefix is not importable.
     """
@@ -72,23 +66,12 @@ def build(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
             raise ValueError(f"unknown model prefix {prefix!r} in {name!r}: use one of "
                              f"{', '.join(p + ':' for p in _PREFIXES)} or a native name")
         return _build_foreign(prefix, rest, num_classes, **kwargs)
-    if name.startswith(_DETECTORS):
-        detection = _import_detection(name)
-        return detection.build_detector(name, num_classes=num_classes, **kwargs)
     if name not in _NATIVE:
         close = difflib.get_close_matches(name, list(_NATIVE), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())} "
                          "(and tv:<torchvision name>, timm:<timm name>)")
     return _NATIVE[name](num_classes=num_classes, **kwargs)
-
-
-def _import_detection(name: str):
-    try:
-        return importlib.import_module(".detection", __package__)
-    except Exception as err:  # torchvision absent or broken (e.g. not matching the installed torch)
-        raise ImportError(f"detector {name!r} needs torchvision, which cannot be imported here "
-                          f"({type(err).__name__}: {err})") from err
 
 
 def _import(prefix: str, name: str):

@@ -30,8 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..comm import all_gather_object, broadcast_object, rank
-from ..data.detection import boxes_to_original
+from ...comm import all_gather_object, broadcast_object, rank
+from ...data.detection import boxes_to_original
 
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")
 # (IoU threshold or None for the mean over .50:.05:.95, area range) of each metric, as COCOeval.summarize

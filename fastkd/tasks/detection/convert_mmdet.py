@@ -7,7 +7,7 @@ those are converted (plus a RetinaNet head, which MGD's RetinaNet recipe copies 
 ``init_neck_head``) and everything else (other heads) is dropped and counted. The key map (:data:`KEY_MAP`)
 is explicit; an unknown backbone or neck key is an error naming the key. The output is a plain
 state_dict with ``backbone.body.*`` / ``backbone.fpn.*`` keys that a ``features_only`` detector of
-:func:`fastkd.models.detection.build_detector` (or the whole detector, for those keys) loads strictly;
+:func:`fastkd.tasks.detection.models.build_detector` (or the whole detector, for those keys) loads strictly;
 :func:`convert` also says which fastkd model and options it maps to:
 
 - the stages with ``conv2.conv_offset`` get deformable convolutions (``dcn_stages``; DCN v2 when the
@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 # (mmdetection key pattern, torchvision key template); the FPN output convs are resolved afterwards,
 # since which of neck.fpn_convs.{i} are P6/P7 depends on the number of lateral convs.
