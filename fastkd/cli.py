@@ -114,7 +114,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_convert_mmseg(args) -> int:
-    from .models.mmseg import convert_checkpoint
+    from .tasks.segmentation.convert_mmseg import convert_checkpoint
     try:
         state = convert_checkpoint(args.checkpoint, args.out, model=args.model, num_classes=args.num_classes,
                                    force=args.force)
