@@ -103,12 +103,16 @@ def cmd_plot(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(repo, "benchmarks", f"bench_{args.name}.py")
+    from .resources import checkout_root
+    root = checkout_root()
+    folder = os.path.join(root, "benchmarks") if root else None
+    if folder is None or not os.path.isdir(folder):
+        raise ConfigError("fastkd bench runs the benchmarks of a source checkout (benchmarks/bench_NAME.py), and this "
+                          f"fastkd ({os.path.dirname(os.path.abspath(__file__))}) is installed without them: run it "
+                          "from a clone of the repository")
+    script = os.path.join(folder, f"bench_{args.name}.py")
     if not os.path.isfile(script):
-        names = sorted(f[6:-3] for f in os.listdir(os.path.join(repo, "benchmarks"))
-                       if f.startswith("bench_") and f.endswith(".py")) if os.path.isdir(
-                           os.path.join(repo, "benchmarks")) else []
+        names = sorted(f[6:-3] for f in os.listdir(folder) if f.startswith("bench_") and f.endswith(".py"))
         raise ConfigError(f"no benchmark {args.name!r} (available: {', '.join(names) or 'none'})")
     return subprocess.call([sys.executable, script, *args.rest])
 

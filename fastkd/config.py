@@ -331,7 +331,8 @@ class ScheduleConfig:
 @_cfg
 class DeepSpeedConfig:
     config: str = "configs/deepspeed/zero2.json"
-    """DeepSpeed JSON preset (relative paths: the working directory, then the fastkd repo)."""
+    """DeepSpeed JSON preset (a relative path: from the working directory; ``configs/...`` not found there
+    names fastkd's own presets, shipped with the package)."""
     zero_stage: Optional[int] = None
     """Override the preset's ZeRO stage (0-3)."""
     overrides: Dict[str, Any] = field(default_factory=dict)
