@@ -171,8 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .config import ConfigError
     from .data.seg_sources import SegDataError
-    from .engine.export import export_student
-    from .engine.export import student_state_dict
+    from .engine.export import export_student, student_state_dict
     from .tasks.segmentation.picture import draw_masks
 
     t_start = time.time()

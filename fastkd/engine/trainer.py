@@ -18,9 +18,9 @@ from torch import nn
 from ..comm import all_reduce_max, all_reduce_mean, all_reduce_sum
 from ..config import Config, ConfigError, to_dict
 from ..distill import Distiller, build_losses, check_pairs
+from ..errors import NonFiniteLossError
 from ..models.loading import maybe_load_student
 from ..resources import locate
-from ..errors import NonFiniteLossError
 from ..tasks import Task, build_task
 from . import checkpoint as ckpt
 from . import guard, preflight, resume

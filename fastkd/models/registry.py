@@ -1,9 +1,9 @@
 """Build a model by name: the native zoo, or torchvision / timm models behind ``tv:`` / ``timm:``.
 
-Native models need nothing but torch. A task with models of its own (segmentation's PSPNet / DeepLabV3)
-passes them as ``zoo``: their names are then known beside the native ones. ``build("tv:<name>")`` and ``build("timm:<name>")`` import
+Native models need nothing but torch. ``build("tv:<name>")`` and ``build("timm:<name>")`` import
 torchvision / timm on first use (never at import time) and wrap the model with
-:func:`fastkd.models.adapt`, so every model built here follows the same contract.
+:func:`fastkd.models.adapt`, so every model built here follows the same contract. A task with models of
+its own (segmentation's PSPNet / DeepLabV3) passes them as ``zoo``: their names are then known too.
 """
 from __future__ import annotations
 
@@ -50,10 +50,11 @@ def build(name: str, num_classes: int = 1000, *, zoo: Optional[Zoo] = None, **kw
     """Build model ``name`` with a ``num_classes``-way classifier (or dense head).
 
     Native names (:func:`list_models`) and those of ``zoo`` (a task's own models, name -> factory) take
-    ``in_channels`` and the model's own options (e.g. ``zero_init_residual``). ``tv:<name>`` builds ``torchvision.models.get_model(name, ...)``,
-    ``timm:<name>`` builds ``timm.create_model(name, ...)``; both take ``feature_layers=[...]``
-    (defaults: ``layer1``..``layer4`` for torchvision ResNets, ``feature_info`` for timm) plus
-    ``input_size`` and the library's own keyword arguments (``weights=``, ``pretrained=``, ...).
+    ``in_channels`` and the model's own options (e.g. ``zero_init_residual``). ``tv:<name>`` builds
+    ``torchvision.models.get_model(name, ...)``, ``timm:<name>`` builds ``timm.create_model(name, ...)``;
+    both take ``feature_layers=[...]`` (defaults: ``layer1``..``layer4`` for torchvision ResNets,
+    ``feature_info`` for timm) plus ``input_size`` and the library's own keyword arguments (``weights=``,
+    ``pretrained=``, ...).
 
     Raises ValueError for an unknown name (with the closest known one), ImportError when the
     package behind a prefix is not importable.
