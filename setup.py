@@ -69,8 +69,11 @@ setup(
     version="0.1.0",
     description="Fast feature knowledge distillation (MGD, CT, logit KD) for vision models",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastkd", "fastkd.*"]),
-    package_data={"fastkd": ["py.typed", "ops/triton_tuning.json"]},
+    # configs/ (recipes, the demos' configs, DeepSpeed presets) ships inside the package as fastkd/configs,
+    # read through fastkd.resources; a source checkout reads its own configs/ (the top level stays as it is)
+    packages=[*find_packages(include=["fastkd", "fastkd.*"]), "fastkd.configs"],
+    package_dir={"fastkd.configs": "configs"},
+    package_data={"fastkd": ["py.typed", "ops/triton_tuning.json"], "fastkd.configs": ["**/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     # torch is required but not pinned here: the Makefile installs the right build for the machine,

@@ -53,8 +53,9 @@ RECIPES = ("r34_r18_mgd", "r50_mbv1_mgd", "r50_mbv1_ct")
 def build(recipe: str, *, backend: str, compile: bool, student_only: bool, device, dtype):
     """(distiller, optimizer) for a recipe, exactly as the engine builds them (minus DeepSpeed)."""
     from fastkd.config import load_config
-    from fastkd.distill import Distiller, build_losses, build_model, check_pairs
-    from fastkd.distill.models import freeze
+    from fastkd.distill import Distiller, build_losses, check_pairs
+    from fastkd.models.loading import build_model, freeze
+    from fastkd.tasks.classification import ClassificationTask
     from fastkd.engine.schedules import build_optimizer
 
     cfg = load_config(os.path.join(REPO, "configs", "imagenet", f"{recipe}.yaml"),
@@ -75,7 +76,8 @@ def build(recipe: str, *, backend: str, compile: bool, student_only: bool, devic
     for mod in losses.values():  # alpha: auto is calibrated by the engine; a fixed value times the same work
         if not isinstance(mod.alpha, float) or mod.alpha == 1.0:
             mod.alpha = 1e-4
-    distiller = Distiller(student, teacher, specs, losses, distill_cfg, compile=compile)
+    distiller = Distiller(student, teacher, specs, losses, distill_cfg, compile=compile,
+                          task=ClassificationTask(label_smoothing=distill_cfg.label_smoothing))
     if compile:
         object.__setattr__(distiller, "_teacher", torch.compile(teacher))
     return distiller, build_optimizer(distiller, cfg.optim)

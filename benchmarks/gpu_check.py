@@ -61,57 +61,13 @@ import time
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORDS, SUMMARY, LOG = "gpu_check.jsonl", "summary.md", "gpu_check.log"
+sys.path.insert(0, REPO)
+from benchmarks.gpu_records import RECORDS, Context, read_records  # noqa: E402
 
-
-class Context:
-    """What a part sees: the device, the dry-run flag, and the recorders (each record is on disk at once)."""
-
-    def __init__(self, out: str, part: str, dry: bool):
-        import torch
-
-        self.out, self.part, self.dry = out, part, dry
-        self.device = torch.device("cpu" if dry else "cuda")
-
-    def _record(self, kind: str, **fields) -> None:
-        with open(os.path.join(self.out, RECORDS), "a") as f:
-            f.write(json.dumps({"part": self.part, "kind": kind, **fields}, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def row(self, table: str, **fields) -> None:
-        self._record("row", table=table, fields=fields)
-
-    def check(self, name: str, ok: bool, detail: str = "", **extra) -> None:
-        print(f"[{self.part}] {'ok  ' if ok else 'FAIL'} {name}: {detail}", flush=True)
-        self._record("check", name=name, ok=bool(ok), detail=detail, **extra)
-
-    def target(self, name: str, met: bool, figure: str) -> None:
-        print(f"[{self.part}] target {'met   ' if met else 'MISSED'} {name}: {figure}", flush=True)
-        self._record("target", name=name, met=bool(met), figure=figure)
-
-    def write_json(self, name: str, data) -> None:
-        tmp = os.path.join(self.out, name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(self.out, name))
+SUMMARY, LOG = "summary.md", "gpu_check.log"
 
 
 # ----------------------------------------------------------------------------------------------- summary
-
-def read_records(out: str) -> List[dict]:
-    path = os.path.join(out, RECORDS)
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # the last line of a part killed while writing it
-                continue
-    return records
-
 
 def _table(columns: List[str], rows: List[List[object]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -235,7 +191,6 @@ def run_all(parts, out: str, dry: bool, scale: float = 1.0) -> int:
 def run_child(name: str, out: str, dry: bool) -> int:
     if dry:
         os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
-    sys.path.insert(0, REPO)
     from benchmarks.gpu_parts import PARTS
 
     part = next(p for p in PARTS if p.name == name)
@@ -245,7 +200,6 @@ def run_child(name: str, out: str, dry: bool) -> int:
 
 def merge_tuning(path: str) -> int:
     """Add a run's tuning.json to the checked-in table."""
-    sys.path.insert(0, REPO)
     from fastkd.ops import _tuning
 
     try:
@@ -276,7 +230,6 @@ def main(argv=None) -> int:
     if not args.out:
         print("gpu_check: no results folder: give --out DIR (or set OUT)", file=sys.stderr)
         return 2
-    sys.path.insert(0, REPO)
     from benchmarks.gpu_parts import PARTS, WINDOW_2
 
     names = [p.name for p in PARTS]

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from benchmarks.common import bench, device_peaks, peak_memory_bytes
+from benchmarks.gpu_records import Context
 
 
 @dataclasses.dataclass
@@ -243,8 +244,6 @@ def correctness(ctx) -> None:
 
 def _check_job(args) -> None:
     """One correctness check in a pool process (it records through its own context)."""
-    from benchmarks.gpu_check import Context
-
     out, part, dry, job = args
     ctx = Context(out, part, dry)
     if job[0] == "mask":

@@ -101,7 +101,7 @@ def build_distiller(task, cfg, batch, device, dtype, *, backend: str, compile: b
     """(distiller, optimizer) for any task: random-weight student (and teacher), the engine's start-up probe of
     both models' features on ``batch``, checked pairs, losses, the Distiller, a compiled teacher if compiling."""
     from fastkd.distill import Distiller, build_losses, check_pairs
-    from fastkd.distill.models import freeze
+    from fastkd.models.loading import freeze
     from fastkd.engine.schedules import build_optimizer
 
     torch.manual_seed(0)

@@ -21,9 +21,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-EXIT_USER_ERROR = 2
-EXIT_NONFINITE = 3
-EXIT_PEER_FAILED = 4
+from .errors import EXIT_NONFINITE, EXIT_PEER_FAILED, EXIT_USER_ERROR, ConfigError, NonFiniteLossError, PeerFailure
 
 
 def _quiet_deepspeed() -> None:
@@ -52,8 +50,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import torch
-    from .config import ConfigError, load_config
-    from .distill.models import load_state_dict_file, load_strict
+    from .config import load_config
+    from .models.loading import load_state_dict_file, load_strict
     from .engine.dist import setup
     from .engine.export import student_state_dict
     from .engine.preflight import check_data
@@ -105,15 +103,37 @@ def cmd_plot(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .config import ConfigError
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = os.path.join(repo, "benchmarks", f"bench_{args.name}.py")
+    from .resources import checkout_root
+    root = checkout_root()
+    folder = os.path.join(root, "benchmarks") if root else None
+    if folder is None or not os.path.isdir(folder):
+        raise ConfigError("fastkd bench runs the benchmarks of a source checkout (benchmarks/bench_NAME.py), and this "
+                          f"fastkd ({os.path.dirname(os.path.abspath(__file__))}) is installed without them: run it "
+                          "from a clone of the repository")
+    script = os.path.join(folder, f"bench_{args.name}.py")
     if not os.path.isfile(script):
-        names = sorted(f[6:-3] for f in os.listdir(os.path.join(repo, "benchmarks"))
-                       if f.startswith("bench_") and f.endswith(".py")) if os.path.isdir(
-                           os.path.join(repo, "benchmarks")) else []
+        names = sorted(f[6:-3] for f in os.listdir(folder) if f.startswith("bench_") and f.endswith(".py"))
         raise ConfigError(f"no benchmark {args.name!r} (available: {', '.join(names) or 'none'})")
     return subprocess.call([sys.executable, script, *args.rest])
+
+
+def cmd_convert_mmseg(args) -> int:
+    from .tasks.segmentation.convert_mmseg import convert_checkpoint
+    try:
+        state = convert_checkpoint(args.checkpoint, args.out, model=args.model, num_classes=args.num_classes,
+                                   force=args.force)
+    except (ValueError, FileExistsError) as exc:  # ConversionError, an unknown --model
+        raise ConfigError(str(exc)) from None
+    n = sum(v.numel() for v in state.values() if v.is_floating_point())
+    print(f"wrote {args.out}: {len(state)} tensors, {n:,} values")
+    return 0
+
+
+def cmd_convert_mmdet(args) -> int:
+    from .tasks.detection.convert_mmdet import convert_file
+    conv = convert_file(args.checkpoint, args.out)
+    print(f"{args.out}: {conv.describe()}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -162,9 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("rest", nargs=argparse.REMAINDER)
     dm.set_defaults(func=cmd_demo)
 
-    from .models import convert_mmdet, mmseg  # import torch only (no torchvision) to convert
-    convert = mmseg.add_parser(sub)
-    convert_mmdet.add_parser(convert)
+    convert = sub.add_parser("convert", help="convert foreign checkpoints to fastkd's layouts")
+    kinds = convert.add_subparsers(dest="convert_kind", required=True)
+    c = kinds.add_parser("mmseg", help="mmsegmentation PSPNet / DeepLabV3 (ResNet-V1c) -> native segmentation model")
+    c.add_argument("checkpoint", help="mmseg .pth file")
+    c.add_argument("out", help="output state_dict file")
+    c.add_argument("--model", default=None, help="check by loading strictly into this model (e.g. pspnet_r101)")
+    c.add_argument("--num-classes", type=int, default=19, help="classes of --model (default 19, Cityscapes)")
+    c.add_argument("--force", action="store_true", help="overwrite OUT")
+    c.set_defaults(func=cmd_convert_mmseg)
+    c = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN, RetinaNet head) -> torchvision layout")
+    c.add_argument("checkpoint", help="mmdetection .pth")
+    c.add_argument("out", help="output state_dict (.pt)")
+    c.set_defaults(func=cmd_convert_mmdet)
 
     try:
         from .data import cli as data_cli
@@ -188,7 +218,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Nam
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .config import ConfigError
     # torch logs "No CUDA runtime is found, using CUDA_HOME=..." when DeepSpeed imports its extension
     # builder on a machine without CUDA: noise before every message, and nothing fastkd builds that way
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -204,7 +233,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         _fail(prefix + str(exc))
         return EXIT_USER_ERROR
     except Exception as exc:
-        from .engine.errors import NonFiniteLossError, PeerFailure
         if isinstance(exc, NonFiniteLossError):
             _fail(prefix + str(exc))
             return EXIT_NONFINITE

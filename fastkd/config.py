@@ -23,13 +23,10 @@ from pydantic import ConfigDict, Discriminator, Tag, TypeAdapter, ValidationErro
 from pydantic.dataclasses import dataclass, rebuild_dataclass
 
 from .config_errors import format_validation_error as _format_validation_error, suggest
+from .errors import ConfigError
 
 _PYD = ConfigDict(extra="forbid", arbitrary_types_allowed=False)
 field = dataclasses.field
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can fix; the message says where and how."""
 
 
 def config_class(cls):
@@ -334,7 +331,8 @@ class ScheduleConfig:
 @_cfg
 class DeepSpeedConfig:
     config: str = "configs/deepspeed/zero2.json"
-    """DeepSpeed JSON preset (relative paths: the working directory, then the fastkd repo)."""
+    """DeepSpeed JSON preset (a relative path: from the working directory; ``configs/...`` not found there
+    names fastkd's own presets, shipped with the package)."""
     zero_stage: Optional[int] = None
     """Override the preset's ZeRO stage (0-3)."""
     overrides: Dict[str, Any] = field(default_factory=dict)

@@ -80,9 +80,8 @@ def run(main: Callable[[], int]) -> int:
     """``python -m fastkd.demo*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs).
     A run whose loss became non-finite ends the demo with the trainer's one-line message and exit status 3
     (as ``fastkd train``), not a traceback."""
-    from .cli import EXIT_NONFINITE
     from .engine.dist import teardown
-    from .engine.errors import NonFiniteLossError
+    from .errors import EXIT_NONFINITE, NonFiniteLossError
 
     try:
         return main()

@@ -170,8 +170,8 @@ def draw_boxes(cfg, out: str, count: int) -> str:
     import torch
 
     from .engine.export import student_state_dict
-    from .models.detection_forward import predict
     from .tasks.detection import DetectionTask
+    from .tasks.detection.forward import predict
 
     task = DetectionTask(cfg)
     model = task.build_model(cfg.student, "student")

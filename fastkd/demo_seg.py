@@ -108,8 +108,9 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 
 def _parameters(model_cfg: Dict[str, object]) -> int:
     from .models import build
+    from .tasks.segmentation.models import MODELS
 
-    model = build(model_cfg["name"], model_cfg["num_classes"], **model_cfg.get("kwargs", {}))
+    model = build(model_cfg["name"], model_cfg["num_classes"], zoo=MODELS, **model_cfg.get("kwargs", {}))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -170,8 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .config import ConfigError
     from .data.seg_sources import SegDataError
-    from .engine.export import export_student
-    from .engine.seg_picture import draw_masks
+    from .engine.export import export_student, student_state_dict
+    from .tasks.segmentation.picture import draw_masks
 
     t_start = time.time()
     teacher_pt = os.path.join(args.out, "teacher.pt")
@@ -192,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     results.append(earlier)
                     run_configs[name] = run_config(name, args, teacher_pt)
             os.makedirs(args.out, exist_ok=True)
-            picture = draw_masks(run_configs, args.data_dir, os.path.join(args.out, "masks.png"), args.images)
+            picture = draw_masks(run_configs, args.data_dir, os.path.join(args.out, "masks.png"), args.images,
+                                 weights=student_state_dict)
             used_threads = torch.get_num_threads()
     except (ConfigError, SegDataError, FileNotFoundError) as exc:  # the last: Fashion-MNIST is not installed
         print(f"fastkd demo_seg: error: {exc}", file=sys.stderr)

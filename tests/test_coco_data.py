@@ -20,7 +20,7 @@ from fastkd.data.detection import (batch_bucket, boxes_to_original, bucket_shape
                                    resized_hw, to_device)
 from fastkd.data.detection_loader import build_detection_loader  # noqa: E402
 from fastkd.data.scenes import CANVASES, ScenesConfig, label_map, render_scene, write_fashion_scenes  # noqa: E402
-from fastkd.tasks.coco_eval import detections_to_coco, evaluate_coco  # noqa: E402
+from fastkd.tasks.detection.coco_eval import detections_to_coco, evaluate_coco  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 SIZES = dict(min_size=160, max_size=224)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 pytest.importorskip("pycocotools")
-from fastkd.tasks.coco_eval import coco_metrics, evaluate_coco  # noqa: E402
+from fastkd.tasks.detection.coco_eval import coco_metrics, evaluate_coco  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ _SCRIPT = r"""
 import json, os, sys
 import numpy as np, torch
 from fastkd.data.detection_loader import build_detection_loader
-from fastkd.tasks.coco_eval import detections_to_coco, evaluate_coco
+from fastkd.tasks.detection.coco_eval import detections_to_coco, evaluate_coco
 
 beton, gt, out = sys.argv[1:4]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

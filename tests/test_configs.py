@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastkd.config import load_config
-from fastkd.distill import build_model, check_pairs
-from fastkd.distill.models import load_teacher
+from fastkd.distill import check_pairs
+from fastkd.models.loading import build_model, load_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 YAMLS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))

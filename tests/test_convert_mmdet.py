@@ -10,8 +10,8 @@ pytest.importorskip("torchvision.ops", reason="torchvision does not import here"
 
 from fastkd.cli import main as cli_main  # noqa: E402
 from fastkd.config import ConfigError  # noqa: E402
-from fastkd.models.convert_mmdet import convert, convert_file, map_keys  # noqa: E402
-from fastkd.models.detection import DeformConv, build_detector  # noqa: E402
+from fastkd.tasks.detection.convert_mmdet import convert, convert_file, map_keys  # noqa: E402
+from fastkd.tasks.detection.models import DeformConv, build_detector  # noqa: E402
 
 BN = ("weight", "bias", "running_mean", "running_var")
 

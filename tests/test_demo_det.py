@@ -61,11 +61,11 @@ def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     assert "| mgd | retinanet_resnet18_fpn_v2 (32) |" in table and "load average" in table and table in printed
     assert (out / "boxes.png").stat().st_size > 5000
     # the exported teacher is a whole detector; its backbone + FPN load strictly into the teacher's features
-    from fastkd import models
+    from fastkd.tasks.detection.models import build_detector
 
     state = torch.load(out / "teacher.pt", weights_only=True)
-    feats = models.build("retinanet_resnet34_fpn_v2", num_classes=11, fpn_channels=64,
-                         anchor_sizes=[16, 32, 64, 128, 256], frozen_bn=False, features_only=True)
+    feats = build_detector("retinanet_resnet34_fpn_v2", num_classes=11, fpn_channels=64,
+                           anchor_sizes=[16, 32, 64, 128, 256], frozen_bn=False, features_only=True)
     feats.load_state_dict({k: v for k, v in state.items() if k.startswith("backbone.")}, strict=True)
     # --only a student: the others come from their run directories, the data is not written again
     rc = demo_det.main(["--device", "cpu", "--data-dir", str(data), "--out", str(out), "--only", "baseline",

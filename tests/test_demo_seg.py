@@ -13,6 +13,7 @@ from fastkd import demo_seg, models
 from fastkd.config import load_config
 from fastkd.data import fashion_mnist
 from fastkd.data.scenes import CANVASES, ScenesConfig, render_scene
+from fastkd.tasks.segmentation.models import MODELS
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
 
@@ -43,8 +44,8 @@ def test_demo_configs_validate_and_agree():
     assert (ct.loss, ct.student, ct.teacher, ct.alpha) == ("ct", "layer4", "layer4", "auto")
     assert cfgs["ct"].distill.kd is None
     # the student is narrower than the teacher: MGD's 1x1 align and CT's MLP map 64 -> 128 channels
-    s = models.build("pspnet_r18", 11, **cfgs["baseline"].student.kwargs)
-    t = models.build("pspnet_r18", 11, **teacher.kwargs)
+    s = models.build("pspnet_r18", 11, zoo=MODELS, **cfgs["baseline"].student.kwargs)
+    t = models.build("pspnet_r18", 11, zoo=MODELS, **teacher.kwargs)
     assert (s.feature_channels["layer4"], t.feature_channels["layer4"]) == (64, 128)
     assert sum(p.numel() for p in t.parameters()) > 3 * sum(p.numel() for p in s.parameters())
 
@@ -83,7 +84,7 @@ def test_demo_seg_end_to_end(tmp_path, capsys):
     # the exported teacher is the teacher alone, strict-loadable into the model the students' configs name
     teacher = load_config(os.path.join(demo_seg.CONFIG_DIR, "mgd.yaml")).teacher
     state = torch.load(out / "teacher.pt", weights_only=True)
-    models.build(teacher.name, teacher.num_classes, **teacher.kwargs).load_state_dict(state, strict=True)
+    models.build(teacher.name, teacher.num_classes, zoo=MODELS, **teacher.kwargs).load_state_dict(state, strict=True)
     md = (out / "results.md").read_text()
     assert "| mgd | pspnet_r18 (base 8) |" in md and "load average" in md and "torch threads 1" in md
     assert md.strip() in printed

@@ -6,9 +6,8 @@ import torch
 
 tv_detection = pytest.importorskip("torchvision.models.detection", reason="torchvision does not import here")
 
-from fastkd.models import build  # noqa: E402
-from fastkd.models.detection import build_detector, fpn_level_names  # noqa: E402
-from fastkd.models.detection_forward import (  # noqa: E402
+from fastkd.tasks.detection.models import build_detector, fpn_level_names  # noqa: E402
+from fastkd.tasks.detection.forward import (  # noqa: E402
     dense_forward, fpn_features, loss_names, predict, train_forward)
 
 VARIANTS = ["retinanet_resnet18_fpn", "retinanet_resnet18_fpn_v2", "fasterrcnn_resnet18_fpn",
@@ -111,7 +110,7 @@ def test_level_names_and_strides():
 def test_teacher_features_only_equals_detector_backbone():
     torch.manual_seed(0)
     full = tiny("retinanet_resnet18_fpn").eval()
-    teacher = build("retinanet_resnet18_fpn", num_classes=4, features_only=True, **SMALL).eval()
+    teacher = build_detector("retinanet_resnet18_fpn", num_classes=4, features_only=True, **SMALL).eval()
     backbone_keys = {k: v for k, v in full.state_dict().items() if k.startswith("backbone.")}
     assert sorted(teacher.state_dict()) == sorted(backbone_keys)
     teacher.load_state_dict(backbone_keys, strict=True)
@@ -130,7 +129,7 @@ def test_r50_layouts_are_torchvisions(name, ref):
     frozen BatchNorm as torchvision's pretrained v1 models (whose checkpoints carry no BN counters)."""
     from torchvision.ops import FrozenBatchNorm2d
 
-    ours_model = build(name, num_classes=91)
+    ours_model = build_detector(name, num_classes=91)
     theirs_model = getattr(tv_detection, ref)(weights=None, weights_backbone=None, num_classes=91)
     anchors = [m.anchor_generator if hasattr(m, "anchor_generator") else m.rpn.anchor_generator
                for m in (ours_model, theirs_model)]
@@ -169,13 +168,13 @@ def test_resnext_backbones_and_bad_names():
     x101 = build_detector("retinanet_resnext101_64x4d_fpn", num_classes=3, features_only=True)
     assert x101.backbone.body.layer1[0].conv2.weight.shape == (256, 4, 3, 3) and len(x101.backbone.body.layer3) == 23
     with pytest.raises(ValueError, match="unknown detection backbone"):
-        build("retinanet_resnet19_fpn")
+        build_detector("retinanet_resnet19_fpn")
     with pytest.raises(ValueError, match="unknown detector"):
-        build("fasterrcnn_vgg16_fpn")
+        build_detector("fasterrcnn_vgg16_fpn")
     with pytest.raises(ValueError, match="in_channels"):
-        build("retinanet_resnet18_fpn", in_channels=1)
+        build_detector("retinanet_resnet18_fpn", in_channels=1)
     with pytest.raises(ValueError, match="one size per FPN level"):
-        build("retinanet_resnet18_fpn", anchor_sizes=[8, 16])
+        build_detector("retinanet_resnet18_fpn", anchor_sizes=[8, 16])
 
 
 def scenes(n: int = 4):
@@ -202,7 +201,7 @@ def test_fpn_distillation_reduces_both_losses(kind):
 
     torch.manual_seed(0)
     student = tiny("retinanet_resnet18_fpn").train()
-    teacher = build("retinanet_resnet18_fpn", num_classes=4, features_only=True, **SMALL).eval()
+    teacher = build_detector("retinanet_resnet18_fpn", num_classes=4, features_only=True, **SMALL).eval()
     levels = ["fpn.p3", "fpn.p4", "fpn.p5", "fpn.p6", "fpn.p7"]
     losses = torch.nn.ModuleDict({
         lv.replace(".", "_"): MGD(32, 32, mask="spatial", ratio=0.65, alpha=2e-3, seed=i) if kind == "mgd"

@@ -14,8 +14,8 @@ pytest.importorskip("torchvision.ops", reason="torchvision does not import here"
 pytest.importorskip("fastkd.tasks.base", reason="the task interface (fastkd.tasks.base) is not in this checkout")
 
 from fastkd.config import ConfigError, KDConfig, ModelConfig  # noqa: E402
-from fastkd.models.detection import build_detector, fpn_level_names  # noqa: E402
-from fastkd.models.detection_forward import fpn_features, train_forward  # noqa: E402
+from fastkd.tasks.detection.models import build_detector, fpn_level_names  # noqa: E402
+from fastkd.tasks.detection.forward import fpn_features, train_forward  # noqa: E402
 from fastkd.tasks.detection import DetectionTask  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,8 +14,8 @@ import yaml
 pytest.importorskip("torchvision.ops", reason="torchvision does not import here")
 pytest.importorskip("fastkd.data.detection_loader", reason="the COCO detection loader is not in this checkout")
 
-from fastkd import models  # noqa: E402
 from fastkd.cli import main as cli_main  # noqa: E402
+from fastkd.tasks.detection.models import build_detector  # noqa: E402
 from tests.test_engine_deepspeed import _ok, fastkd, metrics  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
@@ -34,7 +34,7 @@ def work(tmp_path_factory):
         assert cli_main(["data", "write", "coco", "--images", str(d / "scenes" / split), "--annotations",
                          str(d / "scenes" / "annotations" / f"instances_{split}.json"), str(d / f"{split}.beton")]) == 0
     torch.manual_seed(0)
-    torch.save(models.build("retinanet_resnet34_fpn", num_classes=11, **SIZES).state_dict(), d / "teacher.pt")
+    torch.save(build_detector("retinanet_resnet34_fpn", num_classes=11, **SIZES).state_dict(), d / "teacher.pt")
     cfg = {"task": "detection", "seed": 3,
            "student": {"name": "retinanet_resnet18_fpn", "num_classes": 11, "kwargs": STUDENT},
            "teacher": {"name": "retinanet_resnet34_fpn", "num_classes": 11, "checkpoint": str(d / "teacher.pt"),
@@ -89,7 +89,7 @@ def test_two_processes_equal_one_resume_eval_export(work):
             assert rc[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-8), (key, rc["step"], rc[key], rb[key])
     # the student alone, in torchvision's keys, loads strictly into the same detector
     _ok(fastkd("export", str(work / "one"), "--out", str(work / "student.pt"), cwd=work))
-    student = models.build("retinanet_resnet18_fpn", num_classes=11, **STUDENT)
+    student = build_detector("retinanet_resnet18_fpn", num_classes=11, **STUDENT)
     student.load_state_dict(torch.load(work / "student.pt", weights_only=True), strict=True)
 
 

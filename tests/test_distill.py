@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from fastkd.config import ConfigError, DistillConfig, KDConfig, ModelConfig, PairConfig
-from fastkd.distill import Distiller, build_losses, check_pairs, load_teacher
+from fastkd.distill import Distiller, build_losses, check_pairs
+from fastkd.models.loading import load_teacher
+from fastkd.tasks.classification import ClassificationTask
 
 from tests.test_engine_nets import tiny
 
@@ -54,7 +56,8 @@ def _distiller(tmp_path, alpha="auto"):
                         kd=KDConfig(alpha=0.5), backend="reference", label_smoothing=0.1)
     x = torch.randn(4, 3, 8, 8)
     specs = check_pairs(cfg.pairs, student(x, features=True)[1], teacher(x, features=True)[1])
-    return Distiller(student, teacher, specs, build_losses(specs, seed=0, backend="reference"), cfg), cfg
+    return Distiller(student, teacher, specs, build_losses(specs, seed=0, backend="reference"), cfg,
+                     task=ClassificationTask(label_smoothing=cfg.label_smoothing)), cfg
 
 
 def test_teacher_frozen_and_outside_params_and_state(tmp_path):
@@ -90,7 +93,7 @@ def test_alpha_auto_calibration_and_checkpointed(tmp_path):
 
 def test_unknown_model_name_is_a_config_error_with_a_suggestion():
     from fastkd.config import ConfigError, ModelConfig
-    from fastkd.distill import build_model
+    from fastkd.models.loading import build_model
 
     with pytest.raises(ConfigError, match=r"student.name: unknown model 'resnet19'; did you mean 'resnet18'"):
         build_model(ModelConfig(name="resnet19", num_classes=10), "student")
@@ -104,7 +107,8 @@ def test_explicit_alphas_of_the_config_win_after_a_resume():
                         kd=KDConfig(alpha=0.5))
     s_feats = {"layer1": torch.randn(2, 4, 4, 4), "layer2": torch.randn(2, 8, 2, 2)}
     specs = check_pairs(cfg.pairs, s_feats, s_feats)
-    distiller = Distiller(tiny(width=4), tiny(width=4), specs, build_losses(specs, seed=0, backend="reference"), cfg)
+    distiller = Distiller(tiny(width=4), tiny(width=4), specs, build_losses(specs, seed=0, backend="reference"), cfg,
+                          task=ClassificationTask(label_smoothing=cfg.label_smoothing))
     mgd, ct = (distiller.losses[sp.key] for sp in specs)
     mgd.alpha, ct.alpha, distiller.kd.alpha = 7.0, 3.0, 9.0  # as restored from a checkpoint
     changed = distiller.apply_explicit_alphas(cfg)

@@ -9,6 +9,7 @@ import torch
 from fastkd.config import DistillConfig, PairConfig
 from fastkd.distill import Distiller, build_losses, check_pairs
 from fastkd.models import build
+from fastkd.tasks.classification import ClassificationTask
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -56,7 +57,8 @@ def test_timm_student_distilled_from_a_tv_teacher():
         student.train()
     specs = check_pairs(cfg.pairs, s_feats, teacher(x, features=True)[1])
     assert (specs[0].student_channels, specs[0].teacher_channels) == (s_feats["blocks.5"].shape[1], 512)
-    d = Distiller(student, teacher, specs, build_losses(specs, seed=0, backend="reference"), cfg)
+    d = Distiller(student, teacher, specs, build_losses(specs, seed=0, backend="reference"), cfg,
+                  task=ClassificationTask(label_smoothing=cfg.label_smoothing))
     opt = torch.optim.Adam(d.parameters(), lr=3e-3)  # scale-free: the tiny-alpha generator learns too
     first = None
     for _ in range(8):

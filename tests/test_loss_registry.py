@@ -14,6 +14,7 @@ from fastkd.config import (ConfigError, CTPairConfig, DistillConfig, MGDPairConf
 from fastkd.distill import Distiller, build_losses, check_pairs
 from fastkd.engine import resume
 from fastkd.losses import CT, MGD, feature_loss
+from fastkd.tasks.classification import ClassificationTask
 from tests.test_engine_nets import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,8 @@ def test_a_loss_of_ones_own_validates_builds_and_distils():
     specs = check_pairs(cfg.distill.pairs, student(x, features=True)[1], teacher(x, features=True)[1])
     losses = build_losses(specs, seed=0, backend="reference")
     assert [type(m) for m in losses.values()] == [L2Proj, DropL2] and list(losses) == ["l2proj_layer2", "dropl2_layer1"]
-    d = Distiller(student, teacher, specs, losses, cfg.distill)
+    d = Distiller(student, teacher, specs, losses, cfg.distill,
+                  task=ClassificationTask(label_smoothing=cfg.distill.label_smoothing))
     seeds = d.next_seeds()  # only the seeded loss draws seeds
     assert list(seeds) == ["dropl2_layer1"] and losses["dropl2_layer1"].seeds.calls == 1
     t_logits, t_feats = d.teacher_forward((x, y))

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fastkd.engine.miou import MIoU, area_counts, summarize
+from fastkd.tasks.segmentation.miou import MIoU, area_counts, summarize
 
 K = 5
 

@@ -27,11 +27,17 @@ def test_list_models_has_the_zoo():
         assert name in names
 
 
-# Segmentation models return dense logits [N, K, H, W]: tests/test_seg_models.py covers them.
-DENSE = {"pspnet_r18", "pspnet_r50", "pspnet_r101", "deeplabv3_r18", "deeplabv3_r101"}
+def test_a_task_zoo_is_known_beside_the_native_models():
+    zoo = {"dense_net": lambda num_classes, **kw: torch.nn.Conv2d(3, num_classes, 1)}
+    assert "dense_net" in list_models(zoo) and "dense_net" not in list_models()
+    assert build("dense_net", 4, zoo=zoo).out_channels == 4
+    with pytest.raises(ValueError, match=r"unknown model 'dense_nt'; did you mean 'dense_net'\?.*dense_net"):
+        build("dense_nt", zoo=zoo)
+    with pytest.raises(ValueError, match="unknown model 'dense_net'"):
+        build("dense_net")
 
 
-@pytest.mark.parametrize("name", [n for n in list_models() if n not in DENSE])
+@pytest.mark.parametrize("name", list_models())
 def test_logits_and_feature_shapes(name):
     size, in_ch = (64, 3) if name in IMAGENET else (28, 1)
     device = "cpu" if name in COMPUTED else "meta"

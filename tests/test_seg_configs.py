@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastkd.config import load_config
-from fastkd.distill import build_model, check_pairs
+from fastkd.distill import check_pairs
+from fastkd.tasks.segmentation import SegmentationTask
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITYSCAPES = sorted(glob.glob(os.path.join(REPO, "configs", "cityscapes", "*.yaml")))
@@ -47,7 +48,8 @@ def test_recipe_follows_dense_md(path):
 def test_pairs_fit_the_models(path):
     cfg = load_config(path)
     with torch.device("meta"):  # shapes only: the 68 M-parameter teacher costs nothing there
-        student, teacher = build_model(cfg.student, "student").eval(), build_model(cfg.teacher, "teacher").eval()
+        task = SegmentationTask(cfg)
+        student, teacher = task.build_model(cfg.student, "student").eval(), task.build_model(cfg.teacher, "teacher").eval()
         x = torch.empty(2, 3, 48, 48)
     with torch.no_grad():
         s_logits, s_feats = student(x, features=True)

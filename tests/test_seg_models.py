@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from fastkd import models
-from fastkd.models import mmseg
-from fastkd.models.segmentation import SegmentationModel, DilatedBasicBlock
+from fastkd.tasks.segmentation import convert_mmseg as mmseg
+from fastkd.tasks.segmentation.models import MODELS, SegmentationModel, DilatedBasicBlock
 
 
 def small(name, **kw):
     torch.manual_seed(0)
-    return models.build(name, num_classes=5, **kw)
+    return models.build(name, num_classes=5, zoo=MODELS, **kw)
 
 
 @pytest.mark.parametrize("name", ["pspnet_r18", "deeplabv3_r18"])
@@ -48,8 +48,8 @@ def test_dilations_follow_mmseg_contract_dilation():
 
 def test_r101_teacher_pairs_with_r18_student_on_layer4():
     with torch.device("meta"):
-        t = models.build("pspnet_r101", num_classes=19)
-        s = models.build("pspnet_r18", num_classes=19)
+        t = models.build("pspnet_r101", num_classes=19, zoo=MODELS)
+        s = models.build("pspnet_r18", num_classes=19, zoo=MODELS)
     assert t.feature_channels["layer4"] == 2048 and s.feature_channels["layer4"] == 512
     assert t.feature_reductions == s.feature_reductions
     n_t = sum(p.numel() for p in t.parameters())

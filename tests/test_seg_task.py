@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.config import Config, DataConfig, KDConfig, ModelConfig
-from fastkd.engine.miou import MIoU
+from fastkd.tasks.segmentation.miou import MIoU
 from fastkd.losses import ChannelWiseKD
 from fastkd.tasks import build_task
 from fastkd.tasks.segmentation import SegmentationTask

@@ -7,6 +7,7 @@ import torch
 import yaml
 
 from fastkd import models
+from fastkd.tasks.segmentation.models import MODELS
 from tests.test_engine_deepspeed import _ok, fastkd, metrics
 from tests.test_seg_data import write_scenes
 
@@ -23,7 +24,7 @@ def work(tmp_path_factory):
     write_scenes(str(d / "scenes"), "train", 16)
     write_scenes(str(d / "scenes"), "val", 5)
     torch.manual_seed(0)
-    torch.save(models.build("pspnet_r18", num_classes=11, **TEACHER).state_dict(), d / "teacher.pt")
+    torch.save(models.build("pspnet_r18", num_classes=11, zoo=MODELS, **TEACHER).state_dict(), d / "teacher.pt")
     cfg = {"task": "segmentation", "seed": 3,
            "student": {"name": "pspnet_r18", "num_classes": 11, "kwargs": STUDENT},
            "teacher": {"name": "pspnet_r18", "num_classes": 11, "checkpoint": str(d / "teacher.pt"), "kwargs": TEACHER},

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fastkd.config import ConfigError, load_config
-from fastkd.engine.data import build_loaders
-from fastkd.engine.dist import all_reduce_sum
+from fastkd.tasks.classification.loaders import build_loaders
+from fastkd.comm import all_reduce_sum
 from fastkd.tasks import Task, build_task
 from fastkd.tasks.classification import ClassificationTask
 

@@ -86,16 +86,13 @@ def build_losses(specs: Sequence[PairSpec], *, seed: int, backend: str) -> nn.Mo
 class Distiller(nn.Module):
     """Student + distillation modules; ``forward`` returns the named losses and their ``total``.
 
-    The task (``fastkd.tasks``) supplies the student's training forward (task-loss terms, logits,
-    features), the teacher's forward and the logit loss; the Distiller adds the feature pairs.
+    The task (a ``fastkd.tasks.Task``, required) supplies the student's training forward (task-loss terms,
+    logits, features), the teacher's forward and the logit loss; the Distiller adds the feature pairs.
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module], specs: Sequence[PairSpec], losses: nn.ModuleDict,
-                 cfg: DistillConfig, *, task=None, compile: bool = False):
+                 cfg: DistillConfig, *, task, compile: bool = False):
         super().__init__()
-        if task is None:
-            from ..tasks.classification import ClassificationTask
-            task = ClassificationTask(label_smoothing=cfg.label_smoothing)
         self.student = student
         self.losses = losses
         self.kd = task.logit_loss(cfg.kd, cfg.backend)

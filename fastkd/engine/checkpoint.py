@@ -27,8 +27,9 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..comm import barrier
 from ..config import ConfigError
-from .dist import barrier, is_comm_error
+from .dist import is_comm_error
 
 SUBDIR = "checkpoints"
 MARKER = "COMPLETE"

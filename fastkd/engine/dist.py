@@ -1,4 +1,5 @@
-"""Process-group setup and the few collectives the engine needs (gloo on CPU, NCCL on GPU)."""
+"""The process group: setting it up (gloo on CPU, NCCL on GPU), tearing it down, BatchNorm statistics across
+ranks, and what a rank says when another one fails. The collectives themselves are ``fastkd.comm``'s."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .errors import PeerFailure
+from ..errors import PeerFailure
 
 
 @dataclass
@@ -142,38 +143,6 @@ class DataParallelGroups:
 
     def get_model_parallel_world_size(self) -> int:
         return 1
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t
-
-
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    n = dist.get_world_size() if dist.is_initialized() else 1
-    return all_reduce_sum(t) / n
-
-
-def barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def broadcast_object(obj, src: int = 0):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj
 
 
 def teardown() -> None:

@@ -15,20 +15,19 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from ..comm import all_reduce_max, all_reduce_mean, all_reduce_sum
 from ..config import Config, ConfigError, to_dict
 from ..distill import Distiller, build_losses, check_pairs
-from ..distill.models import maybe_load_student
+from ..errors import NonFiniteLossError
+from ..models.loading import maybe_load_student
+from ..resources import locate
 from ..tasks import Task, build_task
 from . import checkpoint as ckpt
 from . import guard, preflight, resume
 from .data import loader_state, restore_loader, sample_offset
-from .dist import DistContext, all_reduce_max, all_reduce_mean, all_reduce_sum, averaged_norm_buffers, norm_buffers
-from .errors import NonFiniteLossError
+from .dist import DistContext, averaged_norm_buffers, norm_buffers
 from .metrics import MetricsLogger
 from .schedules import build_optimizer, build_scheduler
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Building the pieces
@@ -77,9 +76,7 @@ def build_distiller(cfg: Config, ctx: DistContext, task: Task, probe) -> Distill
 
 
 def deepspeed_config(cfg: Config, *, micro: int, dtype: torch.dtype) -> dict:
-    path = cfg.deepspeed.config
-    if not os.path.isabs(path) and not os.path.isfile(path):
-        path = os.path.join(REPO, path)
+    path = locate(cfg.deepspeed.config)  # configs/deepspeed/...: the presets fastkd ships
     if not os.path.isfile(path):
         raise ConfigError(f"deepspeed.config: preset not found: {cfg.deepspeed.config}")
     with open(path) as f:

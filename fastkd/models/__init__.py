@@ -17,11 +17,11 @@ Native models (``list_models()``) and their stages:
     mobilenet_v1          model.1, model.3, model.5, model.11, model.13         /2 ... /32
     resnet8/14/20/32/44/56/110, resnet8x4, resnet32x4 (CIFAR)   layer1..layer3   /1, /2, /4
     convnet_tiny/small/base (Fashion-MNIST-sized)               stage1..stage3   /2, /4, /8
-    pspnet_r18/r50/r101, deeplabv3_r18/r101 (segmentation)      layer1..layer4   /4, /8, /8, /8
-        (dense logits [N, K, H, W]; features=True adds "auxiliary_head"; fastkd.models.segmentation)
 
 All take ``num_classes`` and ``in_channels`` (default 3). ``build("tv:<name>")`` /
-``build("timm:<name>")`` build torchvision / timm models when those packages import.
+``build("timm:<name>")`` build torchvision / timm models when those packages import. A task's own
+models (segmentation's PSPNet / DeepLabV3, detection's torchvision detectors) live in its package
+under ``fastkd.tasks``; ``build(name, zoo=...)`` knows the names of such a table too.
 
 Example::
     from fastkd import models

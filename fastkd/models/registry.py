@@ -2,17 +2,18 @@
 
 Native models need nothing but torch. ``build("tv:<name>")`` and ``build("timm:<name>")`` import
 torchvision / timm on first use (never at import time) and wrap the model with
-:func:`fastkd.models.adapt`, so every model built here follows the same contract.
+:func:`fastkd.models.adapt`, so every model built here follows the same contract. A task with models of
+its own (segmentation's PSPNet / DeepLabV3) passes them as ``zoo``: their names are then known too.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 from torch import nn
 
-from . import cifar_resnet, convnet, mobilenet, resnet, segmentation
+from . import cifar_resnet, convnet, mobilenet, resnet
 from .adapter import FeatureAdapter
 
 _NATIVE: dict[str, Callable[..., nn.Module]] = {
@@ -31,35 +32,29 @@ _NATIVE: dict[str, Callable[..., nn.Module]] = {
     # plain ConvNets for Fashion-MNIST-sized inputs; stages stage1..stage3
     "convnet_tiny": convnet.convnet_tiny, "convnet_small": convnet.convnet_small,
     "convnet_base": convnet.convnet_base,
-    # semantic segmentation (dense logits): dilated ResNet-V1c D8 + PSP / ASPP head (+ FCN aux on layer3)
-    "pspnet_r18": segmentation.pspnet_r18, "pspnet_r50": segmentation.pspnet_r50,
-    "pspnet_r101": segmentation.pspnet_r101, "deeplabv3_r18": segmentation.deeplabv3_r18,
-    "deeplabv3_r101": segmentation.deeplabv3_r101,
 }
 
 _PREFIXES = {"tv": "torchvision", "timm": "timm"}
-# torchvision detectors, ``{retinanet|fasterrcnn}_<backbone>_fpn[_v2]`` (fastkd.models.detection, which
-# imports torchvision: only loaded for such a name)
-_DETECTORS = ("retinanet_", "fasterrcnn_")
 
 
-def list_models() -> list[str]:
-    """Names of the native models, sorted. ``tv:<name>`` / ``timm:<name>`` are also accepted by
-    :func:`build` when torchvision / timm are installed."""
-    return sorted(_NATIVE)
+Zoo = Mapping[str, Callable[..., nn.Module]]
 
 
-def build(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
-    """Build model ``name`` with a ``num_classes``-way classifier.
+def list_models(zoo: Optional[Zoo] = None) -> list[str]:
+    """Names of the native models (and of ``zoo``), sorted. ``tv:<name>`` / ``timm:<name>`` are also
+    accepted by :func:`build` when torchvision / timm are installed."""
+    return sorted({**_NATIVE, **(zoo or {})})
 
-    Native names (:func:`list_models`) take ``in_channels`` and the model's own options
-    (e.g. ``zero_init_residual``). ``tv:<name>`` builds ``torchvision.models.get_model(name, ...)``,
-    ``timm:<name>`` builds ``timm.create_model(name, ...)``; both take ``feature_layers=[...]``
-    (defaults: ``layer1``..``layer4`` for torchvision ResNets, ``feature_info`` for timm) plus
-    ``input_size`` and the library's own keyword arguments (``weights=``, ``pretrained=``, ...).
 
-    Detector names ``{retinanet|fasterrcnn}_<backbone>_fpn[_v2]`` build torchvision's RetinaNet /
-    Faster R-CNN (``fastkd.models.detection.build_detector``; ``num_classes`` counts the background).
+def build(name: str, num_classes: int = 1000, *, zoo: Optional[Zoo] = None, **kwargs) -> nn.Module:
+    """Build model ``name`` with a ``num_classes``-way classifier (or dense head).
+
+    Native names (:func:`list_models`) and those of ``zoo`` (a task's own models, name -> factory) take
+    ``in_channels`` and the model's own options (e.g. ``zero_init_residual``). ``tv:<name>`` builds
+    ``torchvision.models.get_model(name, ...)``, ``timm:<name>`` builds ``timm.create_model(name, ...)``;
+    both take ``feature_layers=[...]`` (defaults: ``layer1``..``layer4`` for torchvision ResNets,
+    ``feature_info`` for timm) plus ``input_size`` and the library's own keyword arguments (``weights=``,
+    ``pretrained=``, ...).
 
     Raises ValueError for an unknown name (with the closest known one), ImportError when the
     package behind a prefix is not importable.
@@ -72,23 +67,13 @@ def build(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
             raise ValueError(f"unknown model prefix {prefix!r} in {name!r}: use one of "
                              f"{', '.join(p + ':' for p in _PREFIXES)} or a native name")
         return _build_foreign(prefix, rest, num_classes, **kwargs)
-    if name.startswith(_DETECTORS):
-        detection = _import_detection(name)
-        return detection.build_detector(name, num_classes=num_classes, **kwargs)
-    if name not in _NATIVE:
-        close = difflib.get_close_matches(name, list(_NATIVE), n=1)
+    factories = {**_NATIVE, **(zoo or {})}
+    if name not in factories:
+        close = difflib.get_close_matches(name, list(factories), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models())} "
+        raise ValueError(f"unknown model {name!r}{hint} Known models: {', '.join(list_models(zoo))} "
                          "(and tv:<torchvision name>, timm:<timm name>)")
-    return _NATIVE[name](num_classes=num_classes, **kwargs)
-
-
-def _import_detection(name: str):
-    try:
-        return importlib.import_module(".detection", __package__)
-    except Exception as err:  # torchvision absent or broken (e.g. not matching the installed torch)
-        raise ImportError(f"detector {name!r} needs torchvision, which cannot be imported here "
-                          f"({type(err).__name__}: {err})") from err
+    return factories[name](num_classes=num_classes, **kwargs)
 
 
 def _import(prefix: str, name: str):

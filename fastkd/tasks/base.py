@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import Config, ConfigError, KDConfig, ModelConfig
+from ..models.registry import Zoo
 
 Features = Dict[str, torch.Tensor]
 
@@ -32,6 +33,7 @@ class Task(abc.ABC):
 
     name: str = ""
     headline: str = ""  # the metric printed first, e.g. "top1", "bbox_AP", "mIoU"
+    zoo: Optional[Zoo] = None  # the task's own model names (name -> factory), beside fastkd.models' zoo
 
     def __init__(self, cfg: Optional[Config] = None):
         self.cfg = cfg
@@ -39,12 +41,12 @@ class Task(abc.ABC):
     # -- models ------------------------------------------------------------------------------------------
     def build_model(self, mcfg: ModelConfig, role: str) -> nn.Module:
         """The model named by ``mcfg`` (``role`` is "student" or "teacher", for messages)."""
-        from ..distill.models import build_model
-        return build_model(mcfg, role)
+        from ..models.loading import build_model
+        return build_model(mcfg, role, self.zoo)
 
     def load_teacher(self, mcfg: ModelConfig, device: torch.device) -> nn.Module:
         """The frozen teacher: built, its checkpoint loaded with a strict key check, eval, no grad."""
-        from ..distill.models import load_teacher
+        from ..models.loading import load_teacher
         return load_teacher(mcfg, device, build=self.build_model)
 
     # -- data --------------------------------------------------------------------------------------------

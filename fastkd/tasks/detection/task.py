@@ -2,12 +2,12 @@
 
 Batches are :class:`fastkd.data.detection.DetectionBatch` (images padded to bucket shapes, targets in
 the resized image's pixels). The student's training forward is one pass returning torchvision's loss
-dict and the FPN levels ``fpn.pN`` (:func:`fastkd.models.detection_forward.train_forward`); the teacher
+dict and the FPN levels ``fpn.pN`` (:func:`fastkd.tasks.detection.forward.train_forward`); the teacher
 is its backbone + FPN alone, loaded from the ``backbone.*`` part of a detector checkpoint (a torchvision
 detector's, or ``fastkd convert mmdet``'s output). No logit loss. Evaluation: the detector in eval mode
 over the validation loader, COCO box AP by pycocotools (``bbox_AP`` first).
 
-Model options (``student.kwargs`` / ``teacher.kwargs``) are :func:`fastkd.models.detection.build_detector`'s,
+Model options (``student.kwargs`` / ``teacher.kwargs``) are :func:`fastkd.tasks.detection.models.build_detector`'s,
 plus for the student ``init_backbone: PATH`` (an ImageNet ResNet/ResNeXt state dict in torchvision's
 layout, e.g. torchvision's ``IMAGENET1K_V1`` file, as mmdetection's recipes start from ImageNet weights)
 and ``init_neck_head: PATH``: start the FPN and the heads from that detector checkpoint (MGD's RetinaNet
@@ -26,8 +26,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
-from .base import Task
+from ...config import ConfigError, ModelConfig
+from ..base import Task
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,8 +130,6 @@ class DetectionTask(Task):
 
     # -- models ----------------------------------------------------------------------------------------
     def build_model(self, mcfg: ModelConfig, role: str) -> nn.Module:
-        from .. import models
-
         kwargs = dict(mcfg.kwargs)
         inits = {k: kwargs.pop(k) for k in ("init_backbone", "init_neck_head") if k in kwargs}
         if role == "teacher":
@@ -142,11 +140,12 @@ class DetectionTask(Task):
         elif "init_backbone" not in inits and not mcfg.checkpoint:
             kwargs = from_scratch(mcfg.name, kwargs)
         try:
-            model = models.build(mcfg.name, num_classes=mcfg.num_classes, in_channels=mcfg.in_channels, **kwargs)
+            from .models import build_detector  # imports torchvision
+            model = build_detector(mcfg.name, num_classes=mcfg.num_classes, in_channels=mcfg.in_channels, **kwargs)
         except (ValueError, ImportError, TypeError) as exc:
             raise ConfigError(f"{role}.name {mcfg.name!r}: {exc}") from None
         if inits:
-            from ..distill.models import load_state_dict_file
+            from ...models.loading import load_state_dict_file
 
             for key, fn in (("init_backbone", init_backbone), ("init_neck_head", init_neck_head)):
                 if key in inits:
@@ -155,7 +154,7 @@ class DetectionTask(Task):
 
     def load_teacher(self, mcfg: ModelConfig, device: torch.device) -> nn.Module:
         """Backbone + FPN of a detector checkpoint, strictly loaded, frozen; bf16 + channels_last on GPU."""
-        from ..distill.models import freeze, load_state_dict_file, load_strict
+        from ...models.loading import freeze, load_state_dict_file, load_strict
 
         if not mcfg.checkpoint:
             raise ConfigError("teacher.checkpoint is required (a detector checkpoint; its backbone + FPN are used)")
@@ -174,7 +173,7 @@ class DetectionTask(Task):
         the .beton was written)."""
         import os
 
-        from ..data.coco import CocoFormatError, read_sidecar
+        from ...data.coco import CocoFormatError, read_sidecar
 
         data = self.cfg.data if self.cfg is not None else None
         max_dets = data.kwargs.get("max_dets", 100) if data is not None else 100
@@ -207,7 +206,7 @@ class DetectionTask(Task):
                                   grad_accum=grad_accum, **opts)
 
     def to_device(self, batch, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        from ..data.detection import to_device
+        from ...data.detection import to_device
 
         data = self.cfg.data if self.cfg is not None else None
         mean = (data.mean if data is not None and data.mean else None) or IMAGENET_MEAN
@@ -219,7 +218,7 @@ class DetectionTask(Task):
 
     # -- forwards --------------------------------------------------------------------------------------
     def loss_names(self, student: nn.Module) -> List[str]:
-        from ..models.detection_forward import loss_names
+        from .forward import loss_names
 
         return loss_names(_unwrap(student))
 
@@ -228,7 +227,7 @@ class DetectionTask(Task):
         (backbone + FPN + RetinaNet head) runs compiled, one graph per bucket shape; anchor matching,
         sampling and the loss reductions stay eager (``compiles_itself``: the Distiller does not compile
         this method as a whole)."""
-        from ..models.detection_forward import train_forward
+        from .forward import train_forward
 
         model = _unwrap(student)
         sizes = [tuple(t["size"]) for t in batch.targets]
@@ -243,15 +242,15 @@ class DetectionTask(Task):
         if id(model) not in self._compiled:
             from functools import partial
 
-            from ..models.detection_forward import dense_forward
+            from .forward import dense_forward
 
             self._compiled[id(model)] = torch.compile(partial(dense_forward, model), fullgraph=True, dynamic=False)
         return self._compiled[id(model)]
 
     @torch.no_grad()
     def teacher_forward(self, teacher: nn.Module, batch, layers: Optional[Sequence[str]] = None):
-        from ..models.detection import DetectorFeatures
-        from ..models.detection_forward import fpn_features
+        from .models import DetectorFeatures
+        from .forward import fpn_features
 
         model = _unwrap(teacher)
         p = next(model.parameters())
@@ -284,7 +283,7 @@ class DetectionTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, device, dtype: torch.dtype) -> Dict[str, float]:
         """COCO box AP of ``model`` (eval mode) over this rank's part of ``loader``, every rank's gathered."""
-        from ..models.detection_forward import predict
+        from .forward import predict
 
         device = getattr(device, "device", device)  # a DistContext or a device
         net = _unwrap(model)
@@ -299,7 +298,7 @@ class DetectionTask(Task):
 
 # -- the coupling to fastkd.data's COCO loaders and evaluator, kept here in three small functions ----------
 def _detection_loaders(train_path: str, val_path: str, **kwargs):
-    from ..data.detection_loader import build_detection_loaders
+    from ...data.detection_loader import build_detection_loaders
 
     try:
         return build_detection_loaders(train_path, val_path, **kwargs)

@@ -1,23 +1,25 @@
 """A picture of predicted segmentation masks: val images, their label maps, and each run's prediction.
 
-``draw_masks({"teacher": cfg, "baseline": cfg, ...}, scenes_root, "masks.png", n)`` loads each run's
-final student (:func:`fastkd.engine.export.student_state_dict`), predicts the first ``n`` val scenes at
-their stored size, and draws one row per scene: the image, the label map, then one mask per run titled
+``draw_masks({"teacher": cfg, "baseline": cfg, ...}, scenes_root, "masks.png", n, weights=...)`` loads each
+run's final student (``weights(run_dir)``: its state dict, e.g. :func:`fastkd.engine.export.student_state_dict`),
+predicts the first ``n`` val scenes at their stored size, and draws one row per scene: the image, the label map, then one mask per run titled
 with its pixel accuracy on that scene. Classes share one colour table (background dark grey, ignored
 pixels white) with a legend underneath.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError
-from ..data.seg_loader import SegBatch
-from ..data.seg_sources import fashion_scenes
-from ..data.seg_transforms import IGNORE_INDEX
-from .export import student_state_dict
+from ...config import Config, ConfigError
+from ...data.seg_loader import SegBatch
+from ...data.seg_sources import fashion_scenes
+from ...data.seg_transforms import IGNORE_INDEX
+from .task import SegmentationTask
+
+Weights = Callable[[str], Dict[str, torch.Tensor]]  # run directory -> the final student's state dict
 
 BACKGROUND = (0.25, 0.25, 0.25)
 IGNORED = (1.0, 1.0, 1.0)
@@ -37,13 +39,11 @@ def colours(num_classes: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict(cfg: Config, samples: List[Tuple[np.ndarray, np.ndarray]]) -> List[np.ndarray]:
+def predict(cfg: Config, samples: List[Tuple[np.ndarray, np.ndarray]], weights: Weights) -> List[np.ndarray]:
     """Label maps predicted by the final student of ``cfg.run_dir`` for (image, label) ``samples``."""
-    from ..tasks.segmentation import SegmentationTask
-
     task = SegmentationTask(cfg)
     model = task.build_model(cfg.student, "student")
-    model.load_state_dict(student_state_dict(cfg.run_dir), strict=True)
+    model.load_state_dict(weights(cfg.run_dir), strict=True)
     model.eval()
     out = []
     for image, label in samples:
@@ -59,7 +59,7 @@ def pixel_accuracy(pred: np.ndarray, label: np.ndarray) -> float:
     return float((pred[scored] == label[scored]).mean() * 100) if scored.any() else float("nan")
 
 
-def draw_masks(runs: Dict[str, Config], scenes_root: str, out: str, n: int = 4) -> str:
+def draw_masks(runs: Dict[str, Config], scenes_root: str, out: str, n: int = 4, *, weights: Weights) -> str:
     """Draw ``out`` (PNG) for the first ``n`` val scenes of ``scenes_root``; returns ``out``."""
     try:
         import matplotlib
@@ -70,7 +70,7 @@ def draw_masks(runs: Dict[str, Config], scenes_root: str, out: str, n: int = 4) 
         raise ConfigError("the masks picture needs matplotlib (pip install matplotlib)") from None
     source = fashion_scenes(scenes_root, "val")
     samples = [source[i] for i in range(min(n, len(source)))]
-    predictions = {name: predict(cfg, samples) for name, cfg in runs.items()}
+    predictions = {name: predict(cfg, samples, weights) for name, cfg in runs.items()}
     table = colours(source.num_classes)
     cols = 2 + len(predictions)
     fig, axes = plt.subplots(len(samples), cols, figsize=(2.2 * cols, 2.0 * len(samples) + 0.8), squeeze=False)

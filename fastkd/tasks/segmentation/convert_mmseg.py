@@ -2,7 +2,7 @@
 
 An explicit key map (a state-dict adapter): every key of an mmseg ``EncoderDecoder`` with a
 ``ResNetV1c`` backbone and a PSP / ASPP decode head (+ FCN auxiliary head) has exactly one native
-name in :mod:`fastkd.models.segmentation`; a key no rule knows is an error that names it.
+name in :mod:`fastkd.tasks.segmentation.models`; a key no rule knows is an error that names it.
 
     backbone.stem.{0,1,3,4,6,7}.*                 -> stem.*                         (deep stem, same indices)
     backbone.layerI.J.{conv,bn}K / downsample.*   -> layerI.J.*                     (torchvision block names)
@@ -96,17 +96,18 @@ def convert_checkpoint(path: str, out: str, *, model: Optional[str] = None, num_
                        force: bool = False) -> Dict[str, torch.Tensor]:
     """Convert ``path`` and write the native state dict to ``out`` (atomically).
 
-    With ``model`` (a name of :mod:`fastkd.models`, e.g. ``pspnet_r101``), the result is first loaded
+    With ``model`` (a name of :mod:`fastkd.tasks.segmentation.models`, e.g. ``pspnet_r101``), the result is first loaded
     strictly into that model, so a wrong architecture fails before anything is written.
     """
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{out} exists; refusing to overwrite it (use --force)")
     state = convert_state_dict(load_mmseg_checkpoint(path), path)
     if model is not None:
-        from ..distill.models import load_strict
-        from .registry import build
+        from ...models import build
+        from ...models.loading import load_strict
+        from .models import MODELS
 
-        load_strict(build(model, num_classes=num_classes), state, path, f"converted {model}")
+        load_strict(build(model, num_classes=num_classes, zoo=MODELS), state, path, f"converted {model}")
     directory = os.path.dirname(os.path.abspath(out))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=directory)
@@ -118,30 +119,3 @@ def convert_checkpoint(path: str, out: str, *, model: Optional[str] = None, num_
         if os.path.exists(tmp):
             os.remove(tmp)
     return state
-
-
-def add_parser(subparsers):
-    """``fastkd convert mmseg CKPT OUT [--model NAME] [--num-classes K] [--force]``."""
-    convert = subparsers.add_parser("convert", help="convert foreign checkpoints to fastkd's layouts")
-    kinds = convert.add_subparsers(dest="convert_kind", required=True)
-    p = kinds.add_parser("mmseg", help="mmsegmentation PSPNet / DeepLabV3 (ResNet-V1c) -> native segmentation model")
-    p.add_argument("checkpoint", help="mmseg .pth file")
-    p.add_argument("out", help="output state_dict file")
-    p.add_argument("--model", default=None, help="check by loading strictly into this model (e.g. pspnet_r101)")
-    p.add_argument("--num-classes", type=int, default=19, help="classes of --model (default 19, Cityscapes)")
-    p.add_argument("--force", action="store_true", help="overwrite OUT")
-    p.set_defaults(func=_cmd_convert)
-    return convert
-
-
-def _cmd_convert(args) -> int:
-    from ..config import ConfigError
-
-    try:
-        state = convert_checkpoint(args.checkpoint, args.out, model=args.model, num_classes=args.num_classes,
-                                   force=args.force)
-    except (ValueError, FileExistsError) as exc:  # ConversionError, an unknown --model
-        raise ConfigError(str(exc)) from None
-    n = sum(v.numel() for v in state.values() if v.is_floating_point())
-    print(f"wrote {args.out}: {len(state)} tensors, {n:,} values")
-    return 0

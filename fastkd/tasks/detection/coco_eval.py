@@ -30,7 +30,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fastkd.data.detection import boxes_to_original
+from ...comm import all_gather_object, broadcast_object, rank
+from ...data.detection import boxes_to_original
 
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")
 # (IoU threshold or None for the mean over .50:.05:.95, area range) of each metric, as COCOeval.summarize
@@ -55,21 +56,6 @@ def detections_to_coco(detections: Sequence[Dict[str, torch.Tensor]], targets: S
             out.append({"image_id": int(target["image_id"]), "category_id": int(lut[label]),
                         "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
     return out
-
-
-def _gather(obj):
-    """Every rank's ``obj`` as a list (just ``[obj]`` without an initialised process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    parts = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, obj)
-    return parts
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 def _write_json_atomic(path: str, obj) -> None:
@@ -133,9 +119,9 @@ def evaluate_coco(predictions: List[dict], gt_json_path: str, *, image_ids: Opti
     ``image_ids``: this rank's evaluated images (gathered like the predictions); None = all of the
     ground truth.  ``results_path``: also write the gathered results there (rank 0, atomically).
     """
-    parts = _gather((list(predictions), None if image_ids is None else [int(i) for i in image_ids]))
+    parts = all_gather_object((list(predictions), None if image_ids is None else [int(i) for i in image_ids]))
     outcome = None
-    if _rank() == 0:
+    if rank() == 0:
         results = [r for p, _ in parts for r in p]
         ids = None if any(i is None for _, i in parts) else [i for _, p in parts for i in p]
         try:
@@ -144,10 +130,7 @@ def evaluate_coco(predictions: List[dict], gt_json_path: str, *, image_ids: Opti
             outcome = ("ok", coco_metrics(results, gt_json_path, image_ids=ids, max_dets=max_dets))
         except (OSError, ValueError) as e:  # reported on every rank, so none waits forever
             outcome = ("error", str(e))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [outcome]
-        torch.distributed.broadcast_object_list(box, src=0)
-        outcome = box[0]
+    outcome = broadcast_object(outcome)
     if outcome[0] == "error":
         raise ValueError(f"COCO evaluation failed: {outcome[1]}")
     return outcome[1]

@@ -19,7 +19,7 @@ What fastkd adds for distillation (all options of :func:`build_detector`):
   images (tests, the Fashion-MNIST scenes);
 - ``features_only=True``: a :class:`DetectorFeatures` (backbone + FPN only) for teachers.
 
-This module imports torchvision; ``fastkd.models.build`` imports it only for a detector name.
+This module imports torchvision; the detection task imports it when it builds a model.
 """
 from __future__ import annotations
 

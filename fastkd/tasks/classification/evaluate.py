@@ -9,7 +9,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .dist import all_reduce_sum
+from ...comm import all_reduce_sum
 
 
 @torch.no_grad()

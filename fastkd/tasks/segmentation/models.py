@@ -29,13 +29,13 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .resnet import Bottleneck, conv3x3, init_resnet, make_stage
+from ...models.resnet import Bottleneck, conv3x3, init_resnet, make_stage
 
 STRIDES = (1, 2, 1, 1)
 DILATIONS = (1, 1, 2, 4)
@@ -241,3 +241,10 @@ def deeplabv3_r18(num_classes: int = 19, **kw) -> SegmentationModel:
 def deeplabv3_r101(num_classes: int = 19, **kw) -> SegmentationModel:
     """DeepLabV3, ResNet-101-V1c D8 (mmseg ``deeplabv3_r101-d8``): head channels 512, aux 256."""
     return _r101("aspp", num_classes, **kw)
+
+
+# the segmentation task's model names (``student.name`` / ``teacher.name``), beside fastkd.models' zoo
+MODELS: Dict[str, Callable[..., SegmentationModel]] = {
+    "pspnet_r18": pspnet_r18, "pspnet_r50": pspnet_r50, "pspnet_r101": pspnet_r101,
+    "deeplabv3_r18": deeplabv3_r18, "deeplabv3_r101": deeplabv3_r101,
+}

@@ -25,7 +25,7 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet
 
-from .detection import fpn_level_names
+from .models import fpn_level_names
 
 RETINANET_LOSSES = ["classification", "bbox_regression"]
 FASTERRCNN_LOSSES = ["loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"]

@@ -7,7 +7,7 @@ those are converted (plus a RetinaNet head, which MGD's RetinaNet recipe copies 
 ``init_neck_head``) and everything else (other heads) is dropped and counted. The key map (:data:`KEY_MAP`)
 is explicit; an unknown backbone or neck key is an error naming the key. The output is a plain
 state_dict with ``backbone.body.*`` / ``backbone.fpn.*`` keys that a ``features_only`` detector of
-:func:`fastkd.models.detection.build_detector` (or the whole detector, for those keys) loads strictly;
+:func:`fastkd.tasks.detection.models.build_detector` (or the whole detector, for those keys) loads strictly;
 :func:`convert` also says which fastkd model and options it maps to:
 
 - the stages with ``conv2.conv_offset`` get deformable convolutions (``dcn_stages``; DCN v2 when the
@@ -23,7 +23,6 @@ BatchNorm's ``num_batches_tracked`` is dropped (the teacher's BatchNorm is froze
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -32,7 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..config import ConfigError
+from ...config import ConfigError
 
 # (mmdetection key pattern, torchvision key template); the FPN output convs are resolved afterwards,
 # since which of neck.fpn_convs.{i} are P6/P7 depends on the number of lateral convs.
@@ -239,18 +238,3 @@ def convert_file(src: str, dst: str) -> Conversion:
         if os.path.exists(tmp):
             os.remove(tmp)
     return conv
-
-
-def add_parser(convert: argparse.ArgumentParser) -> None:
-    """``fastkd convert mmdet CKPT OUT``, beside the other kinds of the ``convert`` command's parser."""
-    kinds = next(a for a in convert._actions if isinstance(a, argparse._SubParsersAction))
-    m = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN, RetinaNet head) -> torchvision layout")
-    m.add_argument("checkpoint", help="mmdetection .pth")
-    m.add_argument("out", help="output state_dict (.pt)")
-    m.set_defaults(func=_cmd_mmdet)
-
-
-def _cmd_mmdet(args) -> int:
-    conv = convert_file(args.checkpoint, args.out)
-    print(f"{args.out}: {conv.describe()}")
-    return 0

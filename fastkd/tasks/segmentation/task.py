@@ -10,7 +10,7 @@
 - logit loss: channel-wise spatial-softmax KD (:class:`fastkd.losses.ChannelWiseKD`, MGD's ``use_logit``);
 - evaluation: whole images at their stored resolution (mmseg's whole-image test mode: the images of a
   validation batch go through the model in groups of one size, never padded), argmax of the upsampled
-  logits, mIoU / mAcc / aAcc / per-class IoU summed over every rank (:mod:`fastkd.engine.miou`): the
+  logits, mIoU / mAcc / aAcc / per-class IoU summed over every rank (:mod:`fastkd.tasks.segmentation.miou`): the
   numbers do not depend on ``val_batch_size`` or on which images share a batch.
 
 Data config (``data:``): ``source`` ffcv | cityscapes | fashion-scenes, ``path`` (a folder of
@@ -28,13 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, KDConfig
-from ..data.seg_loader import SegBatch, build_seg_loaders
-from ..data.seg_transforms import IGNORE_INDEX
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
-from ..engine.miou import MIoU
-from ..losses import ChannelWiseKD
-from .base import Features, Task
+from ...config import ConfigError, KDConfig
+from ...data.seg_loader import SegBatch, build_seg_loaders
+from ...data.seg_transforms import IGNORE_INDEX
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
+from ...losses import ChannelWiseKD
+from ..base import Features, Task
+from .miou import MIoU
+from .models import MODELS
 
 
 def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -49,6 +50,7 @@ class SegmentationTask(Task):
 
     name = "segmentation"
     headline = "mIoU"
+    zoo = MODELS
 
     def __init__(self, cfg=None, *, aux_weight: float = 0.4, ignore_index: int = IGNORE_INDEX):
         super().__init__(cfg)

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import KDConfig
-from .base import Features, Task
+from ...config import KDConfig
+from ..base import Features, Task
+from .evaluate import evaluate, model_eval_fn
+from .loaders import build_loaders
 
 
 class ClassificationTask(Task):
@@ -26,7 +28,6 @@ class ClassificationTask(Task):
         self.label_smoothing = float(label_smoothing)
 
     def build_loaders(self, *, micro, grad_accum, rank, world, seed, device, dtype, channels_last):
-        from ..engine.data import build_loaders
         return build_loaders(self.cfg.data, micro=micro, grad_accum=grad_accum, rank=rank, world=world, seed=seed,
                              device=device, dtype=dtype, channels_last=channels_last)
 
@@ -55,11 +56,10 @@ class ClassificationTask(Task):
     def logit_loss(self, kd: Optional[KDConfig], backend: str) -> Optional[nn.Module]:
         if kd is None:
             return None
-        from ..losses import LogitKD
+        from ...losses import LogitKD
         return LogitKD(temperature=kd.temperature, alpha=1.0 if kd.alpha == "auto" else kd.alpha, backend=backend)
 
     def evaluate(self, model, loader, device, dtype) -> Dict[str, float]:
-        from ..engine.evaluate import evaluate, model_eval_fn
         return evaluate(model_eval_fn(model), loader, device, dtype)
 
     def describe(self, metrics: Dict[str, float]) -> str:

@@ -8,27 +8,25 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, import_factory
+from .adapter import adapt
+from .registry import Zoo, build
 
 # Containers a state dict may be wrapped in (fastkd export, DeepSpeed "module", common trainers).
 _WRAPPER_KEYS = ("student", "state_dict", "model", "module")
 
 
-def build_model(cfg: ModelConfig, role: str) -> nn.Module:
-    """``fastkd.models.build(name, ...)``, or a ``package.module:factory`` callable with the same signature."""
+def build_model(cfg: ModelConfig, role: str, zoo: Optional[Zoo] = None) -> nn.Module:
+    """``fastkd.models.build(name, ..., zoo=zoo)`` (``zoo``: a task's own models), or a
+    ``package.module:factory`` callable with the same signature."""
     kwargs = dict(num_classes=cfg.num_classes, in_channels=cfg.in_channels, **cfg.kwargs)
     if ":" in cfg.name:
         model = import_factory(cfg.name, f"{role}.name")(**kwargs)
     else:
         try:
-            from .. import models
-        except ImportError as exc:
-            raise ConfigError(f"{role}.name {cfg.name!r}: fastkd.models is not importable ({exc})") from None
-        try:
-            model = models.build(cfg.name, **kwargs)
+            model = build(cfg.name, zoo=zoo, **kwargs)
         except (KeyError, ValueError, ImportError) as exc:  # unknown name (with a suggestion), missing tv/timm
             raise ConfigError(f"{role}.name: {exc.args[0] if exc.args else cfg.name}") from None
     if cfg.feature_layers:
-        from ..models import adapt
         model = adapt(model, cfg.feature_layers)
     return model
 
