@@ -28,17 +28,16 @@ of :func:`main`), one after the other.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
-import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
-                          machine_name as machine, replace_run_dir, run, select_device, threads,
+from .demo_common import (demo_parser, draw_compare, finished_run, group, hide_numba_finalizer_noise, load_average,
+                          machine_name as machine, markdown_table, replace_run_dir, run, run_cells, run_plan,
+                          seed_cells, seed_plan, seed_run_dir, seeded, select_device, threads, verdict as seed_verdict,
                           write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +55,6 @@ DESCRIPTIONS = {
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = demo_parser("fastkd demo", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS, out="runs/demo",
                     config_dir=CONFIG_DIR)
-    p.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="train every student for N seeds (the config's seed, +1, ...; same teacher); the table "
-                        "shows the mean and the min-max spread")
     p.add_argument("--data-dir", default="data/fashion-mnist",
                    help="where train.beton / test.beton are (written there when absent); with "
                         "data.source=torch, the directory of the four IDX files")
@@ -66,8 +62,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch intra-op threads for the runs (default 1: the table is the same on every machine "
                         "of the same CPU kind, and a loaded CPU does not stall; 0: torch's own choice)")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.threads < 0:
         p.error(f"--threads must be >= 0, got {args.threads}")
     return args
@@ -95,7 +89,7 @@ def prepare_data(cfg) -> str:
 
 def run_dir(args: argparse.Namespace, name: str, seed_index: int) -> str:
     """``OUT/<name>`` for the first seed, ``OUT/<name>_seed<k>`` for the k-th further one."""
-    return os.path.join(args.out, name if seed_index == 0 else f"{name}_seed{seed_index}")
+    return seed_run_dir(args.out, name, seed_index)
 
 
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
@@ -108,7 +102,7 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index:
     overrides = [f"run_dir={run_dir(args, name, seed_index)}", f"data.path={args.data_dir}",
                  *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
     cfg = load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
-    return dataclasses.replace(cfg, seed=cfg.seed + seed_index) if seed_index else cfg
+    return seeded(cfg, seed_index)
 
 
 def train_one(name: str, cfg) -> Dict[str, object]:
@@ -136,59 +130,19 @@ def summarize(name: str, run_dir: str, wall: Optional[float] = None, plot: Optio
 # Report
 
 
-
-
-
-
-def group(results: List[Dict[str, object]]) -> Dict[str, List[Dict[str, object]]]:
-    """Runs by name, in the order of the table."""
-    out: Dict[str, List[Dict[str, object]]] = {}
-    for r in results:
-        out.setdefault(r["name"], []).append(r)
-    return out
-
-
-def spread(runs: List[Dict[str, object]]) -> float:
-    """max - min of top-1 over the seeds (0 for one seed)."""
-    top1 = [r["top1"] for r in runs]
-    return max(top1) - min(top1)
-
-
-def mean_top1(runs: List[Dict[str, object]]) -> float:
-    return statistics.fmean(r["top1"] for r in runs)
-
-
 def table(results: List[Dict[str, object]]) -> str:
     runs = group(results)
     base = runs.get("baseline")
     head = ["run", "model", "seeds", "top-1 %", "min-max", "vs baseline", "train images", "images/s", "wall s",
             "run dir"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, rs in runs.items():
-        seeds = ",".join(str(r["seed"]) for r in rs)
-        span = f"{min(r['top1'] for r in rs):.2f}-{max(r['top1'] for r in rs):.2f}" if len(rs) > 1 else ""
-        delta = "" if base is None or name in ("teacher", "baseline") else f"{mean_top1(rs) - mean_top1(base):+.2f}"
-        dirs = rs[0]["run_dir"] + (f" (+{len(rs) - 1})" if len(rs) > 1 else "")
-        lines.append(f"| {name} | {rs[0]['model']} | {seeds} | {mean_top1(rs):.2f} | {span} | {delta} | "
-                     f"{rs[0]['images']} | {statistics.median(r['images_per_s'] for r in rs):.0f} | "
-                     f"{sum(r['wall_s'] for r in rs):.0f} | {dirs} |")
-    return "\n".join(lines)
+    return markdown_table(head, [[name, rs[0]["model"],
+                                  *seed_cells(rs, "top1", None if name in ("teacher", "baseline") else base),
+                                  *run_cells(rs)] for name, rs in runs.items()])
 
 
 def verdict(results: List[Dict[str, object]]) -> str:
-    """Does every method beat the baseline by more than the seed spread (max - min of either)?"""
-    runs = group(results)
-    base = runs.get("baseline")
-    methods = [n for n in STUDENTS if n in runs and n != "baseline"]
-    if base is None or not methods or min(len(base), *(len(runs[n]) for n in methods)) < 2:
-        return ""
-    parts, ok = [], True
-    for name in methods:
-        gain, noise = mean_top1(runs[name]) - mean_top1(base), max(spread(runs[name]), spread(base))
-        ok &= gain > noise
-        parts.append(f"{name} {gain:+.2f} vs spread {noise:.2f}")
-    return (f"every method above the baseline by more than the seed spread: {'yes' if ok else 'NO'} "
-            f"({'; '.join(parts)})")
+    """Does every method beat the baseline in top-1 by more than the seed spread (max - min of either)?"""
+    return seed_verdict(results, STUDENTS, "top1")
 
 
 def report(results: List[Dict[str, object]], command: str, total_s: float, load_start: str,
@@ -240,26 +194,15 @@ class Timer:
 
 def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:
     """Validate every config, write the data, train the teacher and the students; their summaries."""
-    from .engine.export import export_student
-
     teacher_pt = os.path.join(args.out, "teacher.pt")
-    plan = [("teacher", 0)] + [(n, k) for k in range(args.seeds) for n in STUDENTS]
+    plan = seed_plan(STUDENTS, args.seeds)
     chosen = [(n, k) for n, k in plan if args.only is None or n in args.only]
     configs = {(n, k): run_config(n, args, teacher_pt, k) for n, k in chosen}  # all validated before anything runs
     timer.lap("start-up, config checks")
     print(prepare_data(configs[chosen[0]]), flush=True)
     timer.lap("data (.beton files)")
-    results = []
-    for name, k in plan:
-        if (name, k) in configs:
-            results.append(train_one(name, configs[name, k]))
-            if name == "teacher":
-                export_student(configs[name, k].run_dir, teacher_pt)
-                print(f"exported the teacher to {teacher_pt}", flush=True)
-            timer.lap(f"{name} (seed {configs[name, k].seed})")
-        elif (earlier := earlier_run(summarize, name, run_dir(args, name, k))) is not None:
-            results.append(earlier)
-    return results
+    return run_plan(plan, configs, args.out, teacher_pt, train_one, summarize,
+                    after=lambda name, cfg: timer.lap(f"{name} (seed {cfg.seed})"))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -273,7 +216,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from .config import ConfigError
-    from .engine.plot import plot_compare
 
     t_start = time.time()
     try:
@@ -283,10 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
         return 2
-    students = {n: [r["run_dir"] for r in rs] for n, rs in group(results).items() if n != "teacher"}
-    teacher = next((r for r in results if r["name"] == "teacher"), None)
-    compare = plot_compare(students, os.path.join(args.out, "compare.png"),
-                           teacher_top1=teacher["top1"] if teacher else None) if students else None
+    compare = draw_compare(results, os.path.join(args.out, "compare.png"), "top1", metric="val/top1",
+                           title="validation top-1 (%)")
     command = "python -m fastkd.demo " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, command.strip(), time.time() - t_start, load_start, used_threads)
     text += "\nplots: " + ", ".join([str(compare)] * bool(compare) + [str(r["plot"]) for r in results])

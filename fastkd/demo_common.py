@@ -11,12 +11,20 @@
 - :func:`finished_run`: what every demo's table reads from a finished run directory;
 - :func:`earlier_run`: a finished earlier run for the table (an unfinished one left out with a note);
 - :func:`write_report`: ``results.md`` / ``results.json`` in the output directory, and the printed report;
-- :func:`demo_parser`: the options every demo takes (overrides, per-side overrides, out, device, only, configs).
+- :func:`demo_parser`: the options every demo takes (overrides, per-side overrides, out, device, only, configs,
+  seeds);
+- seeds: :func:`seed_plan` (the teacher once, then every student per seed), :func:`seed_run_dir`
+  (``OUT/<name>``, ``OUT/<name>_seed<k>``), :func:`seeded` (the k-th further seed of a config), :func:`run_plan`
+  (train the plan, earlier runs for the rest), :func:`group`, :func:`seed_mean` / :func:`seed_spread`,
+  :func:`verdict` (every method above the baseline by more than the seed spread?), the table's cells
+  (:func:`seed_cells`, :func:`run_cells`, :func:`markdown_table`) and :func:`draw_compare` (``compare.png``),
+  each for the metric key a demo names (and its scale: box AP is stored as a fraction and shown x100).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -138,7 +146,20 @@ def demo_parser(prog: str, description: str, *, runs: Sequence[str], out: str,
     p.add_argument("--only", nargs="+", choices=tuple(runs), default=None,
                    help="run only these; the table also shows earlier runs found in their run directories")
     p.add_argument("--config-dir", default=config_dir, help="where teacher.yaml, baseline.yaml, ... are")
+    p.add_argument("--seeds", type=_positive, default=1, metavar="N",
+                   help="train every student for N seeds (the config's seed, +1, ...; same teacher); the table "
+                        "shows the mean and the min-max spread")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def finished_run(name: str, run_dir: str, metric: str, wall: Optional[float] = None) -> Tuple[dict, dict, dict]:
@@ -191,3 +212,122 @@ def write_report(out: str, text: str, results: List[dict], tail: str = "") -> No
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print("\n" + text + f"\n(also in {md})" + (f"\n\n{tail}" if tail else ""), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeds: the plan, run directories, mean and spread, the verdict, the table's cells, compare.png
+
+Result = Dict[str, object]
+
+
+def seed_plan(students: Sequence[str], seeds: int) -> List[Tuple[str, int]]:
+    """``(name, seed index)`` in the order of the runs and the table: the teacher once, then every student for
+    seed index 0, then 1, ..."""
+    return [("teacher", 0)] + [(n, k) for k in range(seeds) for n in students]
+
+
+def seed_run_dir(out: str, name: str, seed_index: int) -> str:
+    """``OUT/<name>`` for the first seed, ``OUT/<name>_seed<k>`` for the k-th further one."""
+    return os.path.join(out, name if seed_index == 0 else f"{name}_seed{seed_index}")
+
+
+def seeded(cfg, seed_index: int):
+    """The config of the ``seed_index``-th further seed: its seed plus ``seed_index`` (the same config for 0)."""
+    return dataclasses.replace(cfg, seed=cfg.seed + seed_index) if seed_index else cfg
+
+
+def run_plan(plan: Sequence[Tuple[str, int]], configs: Dict[Tuple[str, int], object], out: str, teacher_pt: str,
+             train_one: Callable[[str, object], Result], summarize: Callable[[str, str], Result],
+             after: Optional[Callable[[str, object], None]] = None) -> List[Result]:
+    """Train every run of ``plan`` that ``configs`` holds, in order (the teacher then exported to ``teacher_pt``;
+    ``after(name, cfg)`` after each); the others come from a finished earlier run in :func:`seed_run_dir`
+    (:func:`earlier_run`: an unfinished one is left out with a note). Returns the summaries in plan order."""
+    from .engine.export import export_student
+
+    results = []
+    for name, k in plan:
+        cfg = configs.get((name, k))
+        if cfg is not None:
+            results.append(train_one(name, cfg))
+            if name == "teacher":
+                export_student(cfg.run_dir, teacher_pt)
+                print(f"exported the teacher to {teacher_pt}", flush=True)
+            if after is not None:
+                after(name, cfg)
+        elif (earlier := earlier_run(summarize, name, seed_run_dir(out, name, k))) is not None:
+            results.append(earlier)
+    return results
+
+
+def group(results: List[Result]) -> Dict[str, List[Result]]:
+    """Runs by name, in the order of the table (first appearance)."""
+    out: Dict[str, List[Result]] = {}
+    for r in results:
+        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def seed_mean(runs: List[Result], key: str, scale: float = 1.0) -> float:
+    """The mean of ``key`` (times ``scale``) over the seeds."""
+    return statistics.fmean(r[key] * scale for r in runs)
+
+
+def seed_spread(runs: List[Result], key: str, scale: float = 1.0) -> float:
+    """max - min of ``key`` (times ``scale``) over the seeds (0 for one seed)."""
+    values = [r[key] * scale for r in runs]
+    return max(values) - min(values)
+
+
+def verdict(results: List[Result], methods: Sequence[str], key: str, scale: float = 1.0) -> str:
+    """Is every method of ``methods`` that ran above ``baseline`` in ``key`` by more than the seed spread (the
+    larger max - min of the two)? One line; empty without a baseline, a method, or two seeds of each."""
+    runs = group(results)
+    base = runs.get("baseline")
+    methods = [n for n in methods if n in runs and n != "baseline"]
+    if base is None or not methods or min(len(base), *(len(runs[n]) for n in methods)) < 2:
+        return ""
+    parts, ok = [], True
+    for name in methods:
+        gain = seed_mean(runs[name], key, scale) - seed_mean(base, key, scale)
+        noise = max(seed_spread(runs[name], key, scale), seed_spread(base, key, scale))
+        ok &= gain > noise
+        parts.append(f"{name} {gain:+.2f} vs spread {noise:.2f}")
+    return (f"every method above the baseline by more than the seed spread: {'yes' if ok else 'NO'} "
+            f"({'; '.join(parts)})")
+
+
+def seed_cells(runs: List[Result], key: str, base: Optional[List[Result]] = None, scale: float = 1.0) -> List[str]:
+    """The table's seed columns for one run name: seeds, mean of ``key``, min-max (several seeds), and the gain
+    of the mean over ``base``'s (empty without one), all ``.2f`` after ``scale``."""
+    values = [r[key] * scale for r in runs]
+    mean = seed_mean(runs, key, scale)
+    return [",".join(str(r["seed"]) for r in runs), f"{mean:.2f}",
+            f"{min(values):.2f}-{max(values):.2f}" if len(runs) > 1 else "",
+            "" if base is None else f"{mean - seed_mean(base, key, scale):+.2f}"]
+
+
+def run_cells(runs: List[Result], rate_digits: int = 0) -> List[str]:
+    """The table's run columns: training images (of one seed), median images/s, wall s of all seeds together,
+    the first run directory (+ how many more)."""
+    rate = statistics.median(r["images_per_s"] for r in runs)
+    return [str(runs[0]["images"]), f"{rate:.{rate_digits}f}", f"{sum(r['wall_s'] for r in runs):.0f}",
+            runs[0]["run_dir"] + (f" (+{len(runs) - 1})" if len(runs) > 1 else "")]
+
+
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def draw_compare(results: List[Result], out: str, key: str, *, metric: str, title: str, scale: float = 1.0,
+                 loss="loss/ce") -> Optional[str]:
+    """``out``: every student's ``metric`` and task ``loss`` over steps (mean and min-max band over its seeds),
+    the teacher's ``key`` as a dashed line (:func:`fastkd.engine.plot.plot_compare`); None without a student."""
+    from .engine.plot import plot_compare
+
+    students = {n: [r["run_dir"] for r in rs] for n, rs in group(results).items() if n != "teacher"}
+    if not students:
+        return None
+    teacher = next((r for r in results if r["name"] == "teacher"), None)
+    return plot_compare(students, out, teacher=teacher[key] * scale if teacher else None, metric=metric,
+                        title=title, scale=scale, loss=loss)

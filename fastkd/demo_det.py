@@ -1,17 +1,21 @@
 """The detection demo: a RetinaNet teacher on Fashion-MNIST scenes, then one student three ways, one table.
 
     python -m fastkd.demo_det
+    python -m fastkd.demo_det --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
 
 1. write the Fashion-MNIST scenes (``fastkd data write fashion-scenes``; small canvases, 24-48 px garments:
    ``--scale``, ``--garment-sizes``) and their two COCO ``.beton`` files (``fastkd data write coco``) under
    ``--data-dir`` (skipped when both files are there, written with the same scene options);
 2. train the teacher (``configs/demo_det/teacher.yaml``: a RetinaNet with a wider backbone, from scratch)
    and export it to ``OUT/teacher.pt`` (a whole detector; the students' runs load its backbone + FPN);
-3. train the same student three ways from the same seed: ``baseline`` (no distillation), ``mgd`` (one
+3. train the same student three ways, for each student seed (``--seeds N``: the config's seed, +1, ...; run
+   directories ``OUT/<run>``, then ``OUT/<run>_seed<k>``): ``baseline`` (no distillation), ``mgd`` (one
    spatial-mask MGD module per FPN level P3-P7) and ``ct`` (one CT module per level);
-4. print one table: box AP and AP50 (pycocotools, the whole val split) of the teacher and each student,
-   training images/s, wall time (also ``OUT/results.md`` / ``.json``), and draw the MGD student's boxes
-   on a few val images into ``OUT/boxes.png``.
+4. print one table: box AP and AP50 (pycocotools, the whole val split) of the teacher and each student (mean
+   and min-max over seeds), training images/s, wall time (also ``OUT/results.md`` / ``.json``); with several
+   seeds, whether every method is above the baseline by more than the seed spread; draw ``OUT/compare.png``
+   (box AP and the task loss over steps, every student on the same axes) and the first seed's MGD student's
+   boxes on a few val images into ``OUT/boxes.png``.
 
 Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
 one side (put these list options after the plain overrides), e.g.
@@ -31,8 +35,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .demo_common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
-                          machine_name as machine, replace_run_dir, run, select_device, threads,
+from .demo_common import (demo_parser, draw_compare, finished_run, group, hide_numba_finalizer_noise, load_average,
+                          machine_name as machine, markdown_table, replace_run_dir, run, run_cells, run_plan,
+                          seed_cells, seed_plan, seed_run_dir, seeded, select_device, threads, verdict,
                           write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +56,8 @@ SCENE_SCALE = 0.5
 GARMENT_SIZES = (48, 96)
 """Garment sides before the scale: 24-48 px garments (Fashion-MNIST's own are 28 px), instead of the
 scenes' default 12-48 px at this scale, which a RetinaNet from scratch barely learns in minutes on a CPU."""
+TASK_LOSS = ("loss/classification", "loss/bbox_regression")
+"""RetinaNet's task loss in the metrics rows (focal classification + box regression), summed in compare.png."""
 SCENES_STAMP = "scenes.json"
 """In ``--data-dir``: the scene options its .beton files were written with (other options: written again)."""
 
@@ -125,17 +132,18 @@ def _read_stamp(path: str) -> Optional[Dict[str, object]]:
         return None
 
 
-def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
-    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
+def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
+    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
+    the k-th further seed adds k to the configured seed."""
     from .config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
-    overrides = [f"run_dir={os.path.join(args.out, name)}",
+    overrides = [f"run_dir={seed_run_dir(args.out, name, seed_index)}",
                  f"data.path={os.path.join(args.data_dir, 'train.beton')}",
                  f"data.val_path={os.path.join(args.data_dir, 'val.beton')}",
                  *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
-    return load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
+    return seeded(load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides), seed_index)
 
 
 def train_one(name: str, cfg) -> Dict[str, object]:
@@ -143,7 +151,7 @@ def train_one(name: str, cfg) -> Dict[str, object]:
     from .engine.trainer import train
 
     replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
-    print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
+    print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
     t0 = time.time()
     train(cfg)
     return summarize(name, cfg.run_dir, time.time() - t0)
@@ -152,8 +160,8 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str, object]:
     """Box AP / AP50 and throughput of a finished run from its metrics.jsonl."""
     summary, last, cfg = finished_run(name, run_dir, "val/bbox_AP", wall)
-    return {**summary, "fpn_channels": cfg["student"]["kwargs"].get("fpn_channels"), "AP": last["val/bbox_AP"],
-            "AP50": last["val/bbox_AP50"]}
+    return {**summary, "seed": cfg["seed"], "fpn_channels": cfg["student"]["kwargs"].get("fpn_channels"),
+            "AP": last["val/bbox_AP"], "AP50": last["val/bbox_AP50"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,62 +228,51 @@ def _category_names(loader) -> Dict[int, str]:
 # Report
 
 
-
-
-
-
 def table(results: List[Dict[str, object]]) -> str:
-    base = next((r for r in results if r["name"] == "baseline"), None)
-    head = ["run", "model (FPN ch)", "box AP %", "AP50 %", "AP vs baseline", "train images", "images/s", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        delta = "" if base is None or r["name"] in ("teacher", "baseline") else f"{100 * (r['AP'] - base['AP']):+.2f}"
-        lines.append(f"| {r['name']} | {r['model']} ({r['fpn_channels']}) | {100 * r['AP']:.2f} | "
-                     f"{100 * r['AP50']:.2f} | {delta} | {r['images']} | {r['images_per_s']:.1f} | {r['wall_s']:.0f} |")
-    return "\n".join(lines)
+    runs = group(results)
+    base = runs.get("baseline")
+    head = ["run", "model (FPN ch)", "seeds", "box AP %", "min-max", "AP vs baseline", "AP50 %", "train images",
+            "images/s", "wall s", "run dir"]
+    return markdown_table(head, [[name, f"{rs[0]['model']} ({rs[0]['fpn_channels']})",
+                                  *seed_cells(rs, "AP", None if name in ("teacher", "baseline") else base, 100.0),
+                                  f"{sum(100 * r['AP50'] for r in rs) / len(rs):.2f}", *run_cells(rs, 1)]
+                                 for name, rs in runs.items()])
 
 
-def report(results: List[Dict[str, object]], command: str, total_s: float, loads: List[str], picture: str,
+def report(results: List[Dict[str, object]], command: str, total_s: float, loads: List[str], pictures: List[str],
            torch_threads: int) -> str:
     import torch
 
-    alphas = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
+    alphas = "; ".join(f"{r['name']} seed {r['seed']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
                        for r in results if r["alphas"])
-    return "\n".join([
+    seeds = max(len(rs) for rs in group(results).values())
+    return "\n".join(line for line in [
         f"Fashion-scenes detection demo, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"machine: {machine()}; load average (1/5/15 min) at the start {loads[0]}, at the end {loads[-1]}; "
         f"torch {torch.__version__}, python {platform.python_version()}, torch threads {torch_threads}",
         f"command: `{command}`; total {total_s:.0f} s",
-        "box AP / AP50: pycocotools on the whole val split; images/s = median training throughput "
-        "(teacher backbone + FPN forward included for distilled students)",
+        "box AP / AP50: pycocotools on the whole val split" + (
+            f"; students: mean over {seeds} seeds, min-max = the spread of box AP" if seeds > 1 else "")
+        + "; images/s = median training throughput (teacher backbone + FPN forward included for distilled "
+        "students); wall s = all seeds together",
         "",
         table(results),
         "",
+        verdict(results, STUDENTS, "AP", 100.0),
         f"alpha: auto chose: {alphas}" if alphas else "",
-        f"picture: {picture}",
+        f"pictures: {', '.join(pictures)}",
     ])
 
 
-
-
-def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
-    """Validate every config, write the data, train what ``names`` lists (the teacher exported), summarise
-    earlier runs of the others; returns the results and every run's config."""
-    from .engine.export import export_student
-
+def run_all(args: argparse.Namespace) -> Tuple[List[Dict[str, object]], Dict[Tuple[str, int], object]]:
+    """Validate every config, write the data, train the runs ``--only`` names (the teacher exported), summarise
+    earlier runs of the others; returns the results and every run's config, by (name, seed index)."""
     teacher_pt = os.path.join(args.out, "teacher.pt")
-    configs = {n: run_config(n, args, teacher_pt) for n in ("teacher",) + STUDENTS}  # all validated first
+    plan = seed_plan(STUDENTS, args.seeds)
+    configs = {(n, k): run_config(n, args, teacher_pt, k) for n, k in plan}  # all validated first
     print(prepare_data(args), flush=True)
-    results = []
-    for name in ("teacher",) + STUDENTS:
-        if name in names:
-            results.append(train_one(name, configs[name]))
-            if name == "teacher":
-                export_student(configs[name].run_dir, teacher_pt)
-                print(f"exported the teacher to {teacher_pt}", flush=True)
-        elif (earlier := earlier_run(summarize, name, os.path.join(args.out, name))) is not None:
-            results.append(earlier)
-    return results, configs
+    chosen = {key: cfg for key, cfg in configs.items() if args.only is None or key[0] in args.only}
+    return run_plan(plan, chosen, args.out, teacher_pt, train_one, summarize), configs
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -293,20 +290,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastkd demo_det: --pictures must be >= 1, got {args.pictures}", file=sys.stderr)
         return 2
     t_start, loads = time.time(), [load_average()]
-    names = [n for n in ("teacher",) + STUDENTS if args.only is None or n in args.only]
     try:
         with threads(args.threads):
-            results, configs = run_all(args, names)
-            pictured = next((n for n in ("mgd", "ct", "baseline") if any(r["name"] == n for r in results)), None)
-            picture = (draw_boxes(configs[pictured], os.path.join(args.out, "boxes.png"), args.pictures)
-                       if pictured else "none (no student run)")
+            results, configs = run_all(args)
+            first = {r["name"] for r in results if r["run_dir"] == configs[r["name"], 0].run_dir}  # seed index 0
+            pictured = next((n for n in ("mgd", "ct", "baseline") if n in first), None)
+            picture = (draw_boxes(configs[pictured, 0], os.path.join(args.out, "boxes.png"), args.pictures)
+                       if pictured else "none (no student run of the first seed)")
+            compare = draw_compare(results, os.path.join(args.out, "compare.png"), "AP", metric="val/bbox_AP",
+                                   title="validation box AP (%)", scale=100.0, loss=TASK_LOSS)
             used_threads = torch.get_num_threads()
     except ConfigError as exc:
         print(f"fastkd demo_det: error: {exc}", file=sys.stderr)
         return 2
     loads.append(load_average())
     command = "python -m fastkd.demo_det " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = report(results, command.strip(), time.time() - t_start, loads, picture, used_threads)
+    text = report(results, command.strip(), time.time() - t_start, loads, [compare] * bool(compare) + [picture],
+                  used_threads)
     write_report(args.out, text, results)
     return 0
 

@@ -1,17 +1,21 @@
 """The segmentation demo: fashion-scenes label maps, a PSPNet teacher, one student three ways, one table.
 
     python -m fastkd.demo_seg                  (add --threads 1 on a loaded CPU)
+    python -m fastkd.demo_seg --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
 
 1. write small fashion-scenes with per-pixel labels (``--scale 0.4``: 64x128 .. 128x96 canvases; 400
    train / 100 val scenes) to ``--data-dir`` unless its label maps are there;
 2. train the teacher (``configs/demo_seg/teacher.yaml``: PSPNet-R18 D8 at half width) and export it to
    ``OUT/teacher.pt``;
-3. train the same student (PSPNet-R18 D8 at quarter width) three ways from the same seed: ``baseline``,
+3. train the same student (PSPNet-R18 D8 at quarter width) three ways, for each student seed (``--seeds N``:
+   the config's seed, +1, ...; run directories ``OUT/<run>``, then ``OUT/<run>_seed<k>``): ``baseline``,
    ``mgd`` (spatial mask on layer4, 1x1 align, + MGD's channel-wise logit loss) and ``ct`` (layer4),
    each reading the exported teacher;
-4. print one table (mIoU, pixel accuracy, mean class accuracy of the whole val set, training images/s,
-   wall time), also written to ``OUT/results.md`` / ``.json``, and draw ``OUT/masks.png``: a few val
-   images, their label maps and every run's predicted masks.
+4. print one table (mIoU, pixel accuracy, mean class accuracy of the whole val set, each the mean over seeds,
+   with mIoU's min-max; training images/s, wall time), also written to ``OUT/results.md`` / ``.json``; with
+   several seeds, whether every method is above the baseline by more than the seed spread; draw
+   ``OUT/compare.png`` (mIoU and the task loss over steps, every student on the same axes) and
+   ``OUT/masks.png``: a few val images, their label maps and the first seed's runs' predicted masks.
 
 Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
 one side (put these list options after the plain overrides), e.g.
@@ -24,15 +28,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, earlier_run, finished_run, machine, replace_run_dir, run, select_device, threads,
-                          write_report)
+from .demo_common import (demo_parser, draw_compare, finished_run, group, machine, markdown_table, replace_run_dir, run,
+                          run_cells, run_plan, seed_cells, seed_plan, seed_run_dir, seeded, select_device, threads,
+                          verdict, write_report)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
@@ -84,15 +88,16 @@ def prepare_data(args: argparse.Namespace) -> str:
             f"{args.data_dir} in {time.time() - t0:.0f} s")
 
 
-def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
-    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
+def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
+    """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
+    the k-th further seed adds k to the configured seed."""
     from .config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
-    overrides = [f"run_dir={os.path.join(args.out, name)}", f"data.path={args.data_dir}",
+    overrides = [f"run_dir={seed_run_dir(args.out, name, seed_index)}", f"data.path={args.data_dir}",
                  *([f"teacher.checkpoint={teacher_pt}"] if uses_teacher else []), *args.overrides, *side]
-    return load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides)
+    return seeded(load_config(os.path.join(args.config_dir, f"{name}.yaml"), overrides), seed_index)
 
 
 def train_one(name: str, cfg) -> Dict[str, object]:
@@ -100,7 +105,7 @@ def train_one(name: str, cfg) -> Dict[str, object]:
     from .engine.trainer import train
 
     replace_run_dir(cfg.run_dir)
-    print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
+    print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
     t0 = time.time()
     train(cfg)
     return summarize(name, cfg.run_dir, time.time() - t0)
@@ -117,7 +122,7 @@ def _parameters(model_cfg: Dict[str, object]) -> int:
 def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str, object]:
     """mIoU, accuracies and throughput of a finished run from its metrics.jsonl and config.json."""
     summary, last, cfg = finished_run(name, run_dir, "val/mIoU", wall)
-    return {**summary, "width": cfg["student"].get("kwargs", {}).get("base_channels", 64),
+    return {**summary, "seed": cfg["seed"], "width": cfg["student"].get("kwargs", {}).get("base_channels", 64),
             "params": _parameters(cfg["student"]), "mIoU": last["val/mIoU"], "aAcc": last["val/aAcc"],
             "mAcc": last["val/mAcc"], "val_pixels": int(last["val/pixels"])}
 
@@ -127,37 +132,39 @@ def summarize(name: str, run_dir: str, wall: Optional[float] = None) -> Dict[str
 
 
 def table(results: List[Dict[str, object]]) -> str:
-    base = next((r for r in results if r["name"] == "baseline"), None)
-    head = ["run", "model", "params", "mIoU %", "vs baseline", "pixel acc %", "mean class acc %",
-            "train images", "images/s", "wall s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        delta = "" if base is None or r["name"] in ("teacher", "baseline") else f"{r['mIoU'] - base['mIoU']:+.2f}"
-        lines.append(f"| {r['name']} | {r['model']} (base {r['width']}) | {r['params'] / 1e6:.2f} M | "
-                     f"{r['mIoU']:.2f} | {delta} | {r['aAcc']:.2f} | {r['mAcc']:.2f} | {r['images']} | "
-                     f"{r['images_per_s']:.1f} | {r['wall_s']:.0f} |")
-    return "\n".join(lines)
+    runs = group(results)
+    base = runs.get("baseline")
+    head = ["run", "model", "params", "seeds", "mIoU %", "min-max", "vs baseline", "pixel acc %", "mean class acc %",
+            "train images", "images/s", "wall s", "run dir"]
+    return markdown_table(head, [[name, f"{rs[0]['model']} (base {rs[0]['width']})", f"{rs[0]['params'] / 1e6:.2f} M",
+                                  *seed_cells(rs, "mIoU", None if name in ("teacher", "baseline") else base),
+                                  *(f"{sum(r[k] for r in rs) / len(rs):.2f}" for k in ("aAcc", "mAcc")),
+                                  *run_cells(rs, 1)] for name, rs in runs.items()])
 
 
-def report(results: List[Dict[str, object]], command: str, total_s: float, picture: str, n_val: int,
+def report(results: List[Dict[str, object]], command: str, total_s: float, pictures: List[str], n_val: int,
            torch_threads: int) -> str:
     import torch
 
-    alphas = "; ".join(f"{r['name']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
+    alphas = "; ".join(f"{r['name']} seed {r['seed']}: " + ", ".join(f"{k} {v:.3g}" for k, v in r["alphas"].items())
                        for r in results if r["alphas"])
+    seeds = max(len(rs) for rs in group(results).values())
     return "\n".join([
         f"Segmentation demo (fashion-scenes), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"machine: {machine()}; torch {torch.__version__}, python {platform.python_version()}, "
         f"torch threads {torch_threads}",
         f"command: `{command}`; total {total_s:.0f} s",
         f"mIoU / pixel acc / mean class acc over the {n_val} val scenes ({results[0]['val_pixels']} pixels, "
-        "11 classes with background); images/s = median training throughput (teacher forward included for "
-        "distilled students)",
+        "11 classes with background)" + (f"; students: mean over {seeds} seeds, min-max = the spread of mIoU"
+                                         if seeds > 1 else "")
+        + "; images/s = median training throughput (teacher forward included for distilled students); wall s = "
+        "all seeds together",
         "",
         table(results),
         "",
+        verdict(results, STUDENTS, "mIoU"),
         f"alpha: auto chose: {alphas}" if alphas else "",
-        f"masks: {picture}",
+        f"pictures: {', '.join(pictures)}",
     ])
 
 
@@ -171,37 +178,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .config import ConfigError
     from .data.seg_sources import SegDataError
-    from .engine.export import export_student, student_state_dict
+    from .engine.export import student_state_dict
     from .tasks.segmentation.picture import draw_masks
 
     t_start = time.time()
     teacher_pt = os.path.join(args.out, "teacher.pt")
-    names = [n for n in RUNS if args.only is None or n in args.only]
+    plan = seed_plan(STUDENTS, args.seeds)
     try:
-        configs = {n: run_config(n, args, teacher_pt) for n in names}  # all validated before anything runs
+        configs = {(n, k): run_config(n, args, teacher_pt, k) for n, k in plan}  # all validated before anything runs
+        chosen = {key: cfg for key, cfg in configs.items() if args.only is None or key[0] in args.only}
         print(prepare_data(args), flush=True)
-        results, run_configs = [], {}
         with threads(args.threads):
-            for name in RUNS:
-                if name in configs:
-                    results.append(train_one(name, configs[name]))
-                    run_configs[name] = configs[name]
-                    if name == "teacher":
-                        export_student(configs[name].run_dir, teacher_pt)
-                        print(f"exported the teacher to {teacher_pt}", flush=True)
-                elif (earlier := earlier_run(summarize, name, os.path.join(args.out, name))) is not None:
-                    results.append(earlier)
-                    run_configs[name] = run_config(name, args, teacher_pt)
+            results = run_plan(plan, chosen, args.out, teacher_pt, train_one, summarize)
             os.makedirs(args.out, exist_ok=True)
-            picture = draw_masks(run_configs, args.data_dir, os.path.join(args.out, "masks.png"), args.images,
-                                 weights=student_state_dict)
+            first = {r["name"] for r in results if r["run_dir"] == configs[r["name"], 0].run_dir}  # seed index 0
+            picture = draw_masks({n: configs[n, 0] for n in RUNS if n in first}, args.data_dir,
+                                 os.path.join(args.out, "masks.png"), args.images, weights=student_state_dict)
+            compare = draw_compare(results, os.path.join(args.out, "compare.png"), "mIoU", metric="val/mIoU",
+                                   title="validation mIoU (%)")
             used_threads = torch.get_num_threads()
     except (ConfigError, SegDataError, FileNotFoundError) as exc:  # the last: Fashion-MNIST is not installed
         print(f"fastkd demo_seg: error: {exc}", file=sys.stderr)
         return 2
     command = "python -m fastkd.demo_seg " + " ".join(sys.argv[1:] if argv is None else argv)
     n_val = len(os.listdir(os.path.join(args.data_dir, "masks", "val")))
-    text = report(results, command.strip(), time.time() - t_start, picture, n_val, used_threads)
+    text = report(results, command.strip(), time.time() - t_start, [compare] * bool(compare) + [picture], n_val,
+                  used_threads)
     write_report(args.out, text, results)
     return 0
 

@@ -60,6 +60,29 @@ def test_default_configs_validate():
         demo.parse_args(["--seeds", "0"])
 
 
+def test_table_and_verdict_text():
+    """The table and the verdict line, character for character, of two seeds of results (what the README shows)."""
+    def row(name, k, top1, model="convnet_tiny"):
+        return {"name": name, "model": model, "seed": k, "top1": top1, "images": 960, "images_per_s": 100.0 + 3 * k,
+                "wall_s": 10.0 + k, "run_dir": f"runs/demo/{name}" + (f"_seed{k}" if k else "")}
+
+    results = [row("teacher", 0, 90.82, "convnet_small")] + [
+        row(n, k, t) for k, values in enumerate([(88.0, 89.5, 88.9, 88.95), (88.3, 89.2, 88.1, 89.0)])
+        for n, t in zip(demo.STUDENTS, values)]
+    assert demo.table(results) == "\n".join([
+        "| run | model | seeds | top-1 % | min-max | vs baseline | train images | images/s | wall s | run dir |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| teacher | convnet_small | 0 | 90.82 |  |  | 960 | 100 | 10 | runs/demo/teacher |",
+        "| baseline | convnet_tiny | 0,1 | 88.15 | 88.00-88.30 |  | 960 | 102 | 21 | runs/demo/baseline (+1) |",
+        "| mgd | convnet_tiny | 0,1 | 89.35 | 89.20-89.50 | +1.20 | 960 | 102 | 21 | runs/demo/mgd (+1) |",
+        "| ct | convnet_tiny | 0,1 | 88.50 | 88.10-88.90 | +0.35 | 960 | 102 | 21 | runs/demo/ct (+1) |",
+        "| mgd_kd | convnet_tiny | 0,1 | 88.97 | 88.95-89.00 | +0.82 | 960 | 102 | 21 | runs/demo/mgd_kd (+1) |"])
+    assert demo.verdict(results) == (
+        "every method above the baseline by more than the seed spread: NO (mgd +1.20 vs spread 0.30; ct +0.35 vs "
+        "spread 0.80; mgd_kd +0.82 vs spread 0.30)")
+    assert demo.verdict(results[:5]) == ""  # one seed: no verdict
+
+
 def test_demo_end_to_end(tiny_fashion, tmp_path, capsys):
     out = tmp_path / "runs"
     rc = demo.main(args(tiny_fashion, out, "train.max_steps=3", "train.log_every=1", "train.eval_every_steps=2",

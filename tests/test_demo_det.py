@@ -43,11 +43,12 @@ def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     rc = demo_det.main(["--device", "cpu", "--data-dir", str(data), "--out", str(out), "--train-scenes", "8",
                         "--val-scenes", "4", "--pictures", "2", "data.source=torch", "data.num_workers=0",
                         "data.kwargs.min_size=64", "data.kwargs.max_size=96", "train.batch_size=2",
-                        "train.max_steps=2", "train.log_every=1", "train.progress=false"])
+                        "train.max_steps=2", "train.log_every=1", "train.progress=false", "--seeds", "2"])
     assert rc == 0
     printed = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results] == ["teacher", "baseline", "mgd", "ct"]
+    assert [r["name"] for r in results] == ["teacher"] + 2 * ["baseline", "mgd", "ct"]
+    assert [r["seed"] - results[0]["seed"] for r in results] == [0] + 3 * [0] + 3 * [1]
     for r in results:
         assert 0.0 <= r["AP"] <= r["AP50"] <= 1.0 or r["AP"] == r["AP50"] == -1.0
         assert r["steps"] == 2 and r["images_per_s"] > 0 and r["wall_s"] > 0
@@ -60,6 +61,18 @@ def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| mgd | retinanet_resnet18_fpn_v2 (32) |" in table and "load average" in table and table in printed
     assert (out / "boxes.png").stat().st_size > 5000
+    # two run directories per student (OUT/<run>, OUT/<run>_seed1), another seed another run
+    for name in demo_det.STUDENTS:
+        assert [r["run_dir"] for r in results if r["name"] == name] == [str(out / name), str(out / f"{name}_seed1")]
+    assert _losses(out / "mgd") != _losses(out / "mgd_seed1")
+    # box AP x100: mean and min-max over the seeds; the verdict line; compare.png
+    base = [100 * r["AP"] for r in results if r["name"] == "baseline"]
+    row = next(line for line in table.splitlines() if line.startswith("| baseline |"))
+    seeds = f"{results[1]['seed']},{results[4]['seed']}"
+    assert f"| {seeds} | {sum(base) / 2:.2f} | {min(base):.2f}-{max(base):.2f} |" in row
+    assert "every method above the baseline by more than the seed spread: " in table
+    assert "mean over 2 seeds" in table and str(out / "compare.png") in table
+    assert (out / "compare.png").stat().st_size > 10000
     # the exported teacher is a whole detector; its backbone + FPN load strictly into the teacher's features
     from fastkd.tasks.detection.models import build_detector
 
@@ -76,6 +89,12 @@ def test_demo_det_end_to_end(fashion_available, tmp_path, capsys):
     assert f"fashion-scenes .beton files present in {data}" in capsys.readouterr().out
     again = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in again] == ["teacher", "baseline", "mgd", "ct"] and again[1]["steps"] == 1
+    assert "seed spread" not in (out / "results.md").read_text()  # one seed: no verdict
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss/total"] for r in rows if r["kind"] == "train"]
 
 
 def test_scenes_written_again_only_when_their_options_change(fashion_available, tmp_path):

@@ -70,14 +70,17 @@ def test_demo_seg_end_to_end(tmp_path, capsys):
             "--val-scenes", "4", "--scale", "0.3", "--images", "2", "--threads", "1",
             "train.max_steps=2", "train.batch_size=4", "train.log_every=1", "train.progress=false",
             "data.num_workers=0", "data.image_size=32", "data.kwargs.img_scale=[64,48]"]
-    assert demo_seg.main(argv) == 0
+    assert demo_seg.main(argv + ["--seeds", "2"]) == 0
     printed = capsys.readouterr().out
     assert "wrote 16 train / 4 val fashion-scenes" in printed
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results] == ["teacher", "baseline", "mgd", "ct"]
-    for r in results:
+    assert [r["name"] for r in results] == ["teacher"] + 2 * ["baseline", "mgd", "ct"]
+    assert [r["seed"] - results[0]["seed"] for r in results] == [0] + 3 * [0] + 3 * [1]
+    for i, r in enumerate(results):
         assert 0.0 <= r["mIoU"] <= 100.0 and 0.0 <= r["aAcc"] <= 100.0 and r["val_pixels"] > 0
-        assert r["steps"] == 2 and r["images"] == 8 and r["images_per_s"] > 0 and r["run_dir"] == str(out / r["name"])
+        assert r["steps"] == 2 and r["images"] == 8 and r["images_per_s"] > 0
+        assert r["run_dir"] == str(out / (r["name"] + ("_seed1" if i > 3 else "")))
+    assert _losses(out / "ct") != _losses(out / "ct_seed1")  # another seed, another run
     assert results[0]["params"] > 3 * results[1]["params"] and len({r["params"] for r in results[1:]}) == 1
     assert set(results[2]["alphas"]) == {"mgd.layer4"} and set(results[3]["alphas"]) == {"ct.layer4"}
     assert not results[1]["alphas"]
@@ -88,6 +91,13 @@ def test_demo_seg_end_to_end(tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "| mgd | pspnet_r18 (base 8) |" in md and "load average" in md and "torch threads 1" in md
     assert md.strip() in printed
+    # mIoU: mean and min-max over the seeds; the verdict line; compare.png
+    base = [r["mIoU"] for r in results if r["name"] == "baseline"]
+    row = next(line for line in md.splitlines() if line.startswith("| baseline |"))
+    seeds = f"{results[1]['seed']},{results[4]['seed']}"
+    assert f"| {seeds} | {sum(base) / 2:.2f} | {min(base):.2f}-{max(base):.2f} |" in row
+    assert "every method above the baseline by more than the seed spread: " in md and "mean over 2 seeds" in md
+    assert (out / "compare.png").stat().st_size > 10000 and str(out / "compare.png") in md
     picture = out / "masks.png"
     assert picture.is_file() and picture.stat().st_size > 5000
     from matplotlib.image import imread
@@ -99,8 +109,14 @@ def test_demo_seg_end_to_end(tmp_path, capsys):
                                       "--only", "baseline"]) == 0
     assert "present in" in capsys.readouterr().out
     after = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in after] == [r["name"] for r in results]
+    assert [r["name"] for r in after] == [r["name"] for r in results[:4]]  # one seed now
     assert [r["steps"] for r in after] == [2, 1, 2, 2] and after[2]["mIoU"] == results[2]["mIoU"]
+    assert "seed spread" not in (out / "results.md").read_text()  # one seed: no verdict
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss/total"] for r in rows if r["kind"] == "train"]
 
 
 def test_demo_seg_student_without_teacher_is_a_clear_error(tmp_path, capsys):

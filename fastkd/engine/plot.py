@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from ..config import ConfigError
 from .metrics import read_metrics
@@ -63,18 +63,23 @@ def _curve(ax, rows, key, title):
     ax.set(title=title, xlabel="step")
 
 
-def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher_top1: Optional[float] = None,
-                 loss: str = "loss/ce") -> str:
-    """Validation top-1 and the task loss over steps, one line per label (its runs' mean over seeds, with
-    the min-max band when there are several), all on the same two axes."""
+def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher: Optional[float] = None,
+                 metric: str = "val/top1", title: str = "validation top-1 (%)", scale: float = 1.0,
+                 loss: Union[str, Sequence[str]] = "loss/ce") -> str:
+    """The validation ``metric`` (times ``scale``, e.g. 100 for box AP stored as a fraction) and the task loss
+    over steps, one line per label (its runs' mean over seeds, with the min-max band when there are several),
+    all on the same two axes; ``teacher`` (already scaled) as a dashed line. ``loss``: a training row's key, or
+    several summed (detection's classification + box regression)."""
     plt = _pyplot()
+    losses = [loss] if isinstance(loss, str) else list(loss)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 5))
     for label, dirs in runs.items():
         rows = [_rows(d) for d in dirs]
         seeds = f" ({len(dirs)} seeds)" if len(dirs) > 1 else ""
-        for ax, kind, key, marker in ((acc_ax, "eval", "val/top1", "o"), (loss_ax, "train", loss, None)):
-            steps, values = _aligned([[(r["step"], r[key]) for r in rs if r.get("kind") == kind and key in r]
-                                      for rs in rows])
+        for ax, kind, keys, factor, marker in ((acc_ax, "eval", [metric], scale, "o"),
+                                               (loss_ax, "train", losses, 1.0, None)):
+            steps, values = _aligned([[(r["step"], factor * sum(r[k] for k in keys)) for r in rs
+                                       if r.get("kind") == kind and all(k in r for k in keys)] for rs in rows])
             if not steps:
                 continue
             mean = [sum(v) / len(v) for v in values]
@@ -82,10 +87,11 @@ def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher_top1: Opti
             if len(dirs) > 1:
                 ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
                                 color=line.get_color(), lw=0)
-    if teacher_top1 is not None:
-        acc_ax.axhline(teacher_top1, ls="--", c="gray", label="teacher")
-    acc_ax.set(title="validation top-1 (%)", xlabel="step")
-    loss_ax.set(title=f"task loss ({loss.split('/')[-1]}, training)", xlabel="step", yscale="log")
+    if teacher is not None:
+        acc_ax.axhline(teacher, ls="--", c="gray", label="teacher")
+    acc_ax.set(title=title, xlabel="step")
+    loss_ax.set(title=f"task loss ({' + '.join(k.split('/')[-1] for k in losses)}, training)", xlabel="step",
+                yscale="log")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
