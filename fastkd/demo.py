@@ -79,7 +79,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(cfg) -> str:
     """Write the two .beton files unless both are there (FFCV source); returns what happened, for the log."""
-    from .data import locate_fashion_mnist, write_fashion_mnist_beton
+    from .data.classification.writers import write_fashion_mnist_beton
+    from .data.sources.fashion_mnist import locate as locate_fashion_mnist
 
     data_dir = cfg.data.path
     if cfg.data.source != "ffcv":

@@ -83,8 +83,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def prepare_data(args: argparse.Namespace) -> str:
     """Write the scenes and the two .beton files unless both files are there; returns what happened."""
     from .config import ConfigError
-    from .data.coco import write_coco_beton
-    from .data.scenes import ScenesConfig, write_fashion_scenes
+    from .data.detection.coco import write_coco_beton
+    from .data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     betons = {s: os.path.join(args.data_dir, f"{s}.beton") for s in ("train", "val")}
     wanted = scene_options(args)

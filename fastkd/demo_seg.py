@@ -71,7 +71,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(args: argparse.Namespace) -> str:
     """Write the scenes with label maps unless both splits' label maps are there; returns a log line."""
-    from .data.scenes import ScenesConfig, write_fashion_scenes
+    from .data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     masks = [os.path.join(args.data_dir, "masks", s) for s in ("train", "val")]
     if all(os.path.isdir(m) for m in masks):
@@ -170,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from .config import ConfigError
-    from .data.seg_sources import SegDataError
+    from .data.segmentation.sources import SegDataError
     from .engine.export import export_student, student_state_dict
     from .tasks.segmentation.picture import draw_masks
 

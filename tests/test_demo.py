@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fastkd import demo
-from fastkd.data import fashion_mnist
-from fastkd.data.idx import write_idx
+from fastkd.data.sources import fashion_mnist
+from fastkd.data.sources.idx import write_idx
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 
@@ -135,7 +135,7 @@ def test_demo_student_without_teacher_is_a_clear_error(tiny_fashion, tmp_path, c
 
 def test_demo_ffcv_path(tiny_fashion, tmp_path, capsys):
     """make demo's own path: .beton files (written once, then found), FFCV loaders; the teacher alone."""
-    from fastkd.data.writers import ArraySource, write_beton
+    from fastkd.data.classification.writers import ArraySource, write_beton
 
     data = tmp_path / "beton"
     data.mkdir()

@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib", reason="the demo draws its picture with matplo
 
 from fastkd import demo_det  # noqa: E402
 from fastkd.config import load_config  # noqa: E402
-from fastkd.data import fashion_mnist  # noqa: E402
+from fastkd.data.sources import fashion_mnist  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 

@@ -11,8 +11,8 @@ import torch
 
 from fastkd import demo_seg, models
 from fastkd.config import load_config
-from fastkd.data import fashion_mnist
-from fastkd.data.scenes import CANVASES, ScenesConfig, render_scene
+from fastkd.data.sources import fashion_mnist
+from fastkd.data.sources.scenes import CANVASES, ScenesConfig, render_scene
 from fastkd.tasks.segmentation.models import MODELS
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
