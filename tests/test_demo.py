@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import demo
+from fastkd.demos import classification as demo
 from fastkd.data.sources import fashion_mnist
 from fastkd.data.sources.idx import write_idx
 
@@ -161,7 +161,7 @@ def test_demo_ffcv_path(tiny_fashion, tmp_path, capsys):
 
 def test_demo_nonfinite_loss_is_one_line(tiny_fashion, tmp_path, capsys):
     """A run whose loss blows up ends the demo with the trainer's message and exit status 3, no traceback."""
-    from fastkd.demo_common import run
+    from fastkd.demos.common import run
 
     rc = run(lambda: demo.main(args(tiny_fashion, tmp_path / "nan", "train.max_steps=4", "optim.lr=3e38",
                                     "--only", "teacher")))

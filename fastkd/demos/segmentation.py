@@ -1,6 +1,6 @@
 """The segmentation demo: fashion-scenes label maps, a PSPNet teacher, one student three ways, one table.
 
-    python -m fastkd.demo_seg                  (add --threads 1 on a loaded CPU)
+    python -m fastkd.demos.segmentation                  (add --threads 1 on a loaded CPU)
 
 1. write small fashion-scenes with per-pixel labels (``--scale 0.4``: 64x128 .. 128x96 canvases; 400
    train / 100 val scenes) to ``--data-dir`` unless its label maps are there;
@@ -16,7 +16,7 @@
 Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
 one side (put these list options after the plain overrides), e.g.
 
-    python -m fastkd.demo_seg --device cuda --students train.max_steps=2000
+    python -m fastkd.demos.segmentation --device cuda --students train.max_steps=2000
 
 Runs happen in this one process, one after the other.
 """
@@ -31,11 +31,16 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, earlier_run, finished_run, machine, replace_run_dir, run, select_device, threads,
+from ..resources import configs_dir
+from .common import (demo_parser, earlier_run, finished_run, machine, replace_run_dir, run, select_device, threads,
                           write_report)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
+CONFIGS = "demo_seg"
+"""The folder of the shipped configs (:mod:`fastkd.resources`) that holds this demo's configs."""
+
+
+def config_dir() -> str:
+    return os.path.join(configs_dir(), CONFIGS)
 STUDENTS = ("baseline", "mgd", "ct")
 RUNS = ("teacher",) + STUDENTS
 DESCRIPTIONS = {
@@ -47,8 +52,8 @@ DESCRIPTIONS = {
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = demo_parser("python -m fastkd.demo_seg", __doc__.split("\n")[0], runs=RUNS, out="runs/demo_seg",
-                    config_dir=CONFIG_DIR)
+    p = demo_parser("fastkd demo seg", __doc__.split("\n")[0], runs=RUNS, out="runs/demo_seg",
+                    config_dir=config_dir())
     p.add_argument("--data-dir", default="data/fashion-scenes-small",
                    help="the fashion-scenes root (written there when its label maps are absent)")
     p.add_argument("--train-scenes", type=int, default=400, help="training scenes to write (default 400)")
@@ -71,7 +76,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(args: argparse.Namespace) -> str:
     """Write the scenes with label maps unless both splits' label maps are there; returns a log line."""
-    from .data.sources.scenes import ScenesConfig, write_fashion_scenes
+    from ..data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     masks = [os.path.join(args.data_dir, "masks", s) for s in ("train", "val")]
     if all(os.path.isdir(m) for m in masks):
@@ -86,7 +91,7 @@ def prepare_data(args: argparse.Namespace) -> str:
 
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
     """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
-    from .config import load_config
+    from ..config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
@@ -97,7 +102,7 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    from .engine.trainer import train
+    from ..engine.trainer import train
 
     replace_run_dir(cfg.run_dir)
     print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
@@ -107,8 +112,8 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 
 
 def _parameters(model_cfg: Dict[str, object]) -> int:
-    from .models import build
-    from .tasks.segmentation.models import MODELS
+    from ..models import build
+    from ..tasks.segmentation.models import MODELS
 
     model = build(model_cfg["name"], model_cfg["num_classes"], zoo=MODELS, **model_cfg.get("kwargs", {}))
     return sum(p.numel() for p in model.parameters())
@@ -169,10 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from .config import ConfigError
-    from .data.segmentation.sources import SegDataError
-    from .engine.export import export_student, student_state_dict
-    from .tasks.segmentation.picture import draw_masks
+    from ..config import ConfigError
+    from ..data.segmentation.sources import SegDataError
+    from ..engine.export import export_student, student_state_dict
+    from ..tasks.segmentation.picture import draw_masks
 
     t_start = time.time()
     teacher_pt = os.path.join(args.out, "teacher.pt")
@@ -199,7 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, SegDataError, FileNotFoundError) as exc:  # the last: Fashion-MNIST is not installed
         print(f"fastkd demo_seg: error: {exc}", file=sys.stderr)
         return 2
-    command = "python -m fastkd.demo_seg " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastkd.demos.segmentation " + " ".join(sys.argv[1:] if argv is None else argv)
     n_val = len(os.listdir(os.path.join(args.data_dir, "masks", "val")))
     text = report(results, command.strip(), time.time() - t_start, picture, n_val, used_threads)
     write_report(args.out, text, results)
@@ -207,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo_seg``: main, then leave the process group."""
+    """``python -m fastkd.demos.segmentation``: main, then leave the process group."""
     return run(main)
 
 

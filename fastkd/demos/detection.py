@@ -1,6 +1,6 @@
 """The detection demo: a RetinaNet teacher on Fashion-MNIST scenes, then one student three ways, one table.
 
-    python -m fastkd.demo_det
+    python -m fastkd.demos.detection
 
 1. write the Fashion-MNIST scenes (``fastkd data write fashion-scenes``; small canvases, 24-48 px garments:
    ``--scale``, ``--garment-sizes``) and their two COCO ``.beton`` files (``fastkd data write coco``) under
@@ -16,7 +16,7 @@
 Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
 one side (put these list options after the plain overrides), e.g.
 
-    python -m fastkd.demo_det --teacher train.max_steps=1000 --students train.max_steps=1000
+    python -m fastkd.demos.detection --teacher train.max_steps=1000 --students train.max_steps=1000
 
 Runs happen one after the other in this one process (one DeepSpeed process group of one).
 """
@@ -31,12 +31,17 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .demo_common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
+from ..resources import configs_dir
+from .common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
                           machine_name as machine, replace_run_dir, run, select_device, threads,
                           write_report)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
+CONFIGS = "demo_det"
+"""The folder of the shipped configs (:mod:`fastkd.resources`) that holds this demo's configs."""
+
+
+def config_dir() -> str:
+    return os.path.join(configs_dir(), CONFIGS)
 STUDENTS = ("baseline", "mgd", "ct")
 DESCRIPTIONS = {
     "teacher": "teacher, trained from scratch",
@@ -56,8 +61,8 @@ SCENES_STAMP = "scenes.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = demo_parser("python -m fastkd.demo_det", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS,
-                    out="runs/demo_det", config_dir=CONFIG_DIR)
+    p = demo_parser("fastkd demo det", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS,
+                    out="runs/demo_det", config_dir=config_dir())
     p.add_argument("--data-dir", default="data/fashion-scenes",
                    help="where train.beton / val.beton are (written there with the scenes when absent)")
     p.add_argument("--train-scenes", type=int, default=1024, help="training scenes written (default 1024)")
@@ -82,9 +87,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(args: argparse.Namespace) -> str:
     """Write the scenes and the two .beton files unless both files are there; returns what happened."""
-    from .config import ConfigError
-    from .data.detection.coco import write_coco_beton
-    from .data.sources.scenes import ScenesConfig, write_fashion_scenes
+    from ..config import ConfigError
+    from ..data.detection.coco import write_coco_beton
+    from ..data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     betons = {s: os.path.join(args.data_dir, f"{s}.beton") for s in ("train", "val")}
     wanted = scene_options(args)
@@ -127,7 +132,7 @@ def _read_stamp(path: str) -> Optional[Dict[str, object]]:
 
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
     """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides."""
-    from .config import load_config
+    from ..config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
@@ -140,7 +145,7 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str):
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    from .engine.trainer import train
+    from ..engine.trainer import train
 
     replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
     print(f"\n=== {name}: {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
@@ -169,9 +174,9 @@ def draw_boxes(cfg, out: str, count: int) -> str:
     import matplotlib.pyplot as plt
     import torch
 
-    from .engine.export import student_state_dict
-    from .tasks.detection import DetectionTask
-    from .tasks.detection.forward import predict
+    from ..engine.export import student_state_dict
+    from ..tasks.detection import DetectionTask
+    from ..tasks.detection.forward import predict
 
     task = DetectionTask(cfg)
     model = task.build_model(cfg.student, "student")
@@ -261,7 +266,7 @@ def report(results: List[Dict[str, object]], command: str, total_s: float, loads
 def run_all(args: argparse.Namespace, names: List[str]) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     """Validate every config, write the data, train what ``names`` lists (the teacher exported), summarise
     earlier runs of the others; returns the results and every run's config."""
-    from .engine.export import export_student
+    from ..engine.export import export_student
 
     teacher_pt = os.path.join(args.out, "teacher.pt")
     configs = {n: run_config(n, args, teacher_pt) for n in ("teacher",) + STUDENTS}  # all validated first
@@ -287,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if args.pictures < 1:
         print(f"fastkd demo_det: --pictures must be >= 1, got {args.pictures}", file=sys.stderr)
@@ -305,14 +310,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastkd demo_det: error: {exc}", file=sys.stderr)
         return 2
     loads.append(load_average())
-    command = "python -m fastkd.demo_det " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastkd.demos.detection " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, command.strip(), time.time() - t_start, loads, picture, used_threads)
     write_report(args.out, text, results)
     return 0
 
 
 def cli() -> int:
-    """``python -m fastkd.demo_det``: main, then leave the process group."""
+    """``python -m fastkd.demos.detection``: main, then leave the process group."""
     return run(main)
 
 

@@ -1,4 +1,4 @@
-"""Pieces the demos share (``fastkd.demo``, ``fastkd.demo_seg``, ``fastkd.demo_det``).
+"""Pieces the demos share (``fastkd.demos.classification``, ``.detection``, ``.segmentation``).
 
 - :func:`select_device`: hide or require GPUs before torch initialises CUDA, and pick DeepSpeed's accelerator;
 - :func:`machine_name` / :func:`machine`: the CPU (cores) or the GPU, for result tables (``machine`` adds
@@ -77,11 +77,11 @@ def hide_numba_finalizer_noise(unraisable) -> None:
 
 
 def run(main: Callable[[], int]) -> int:
-    """``python -m fastkd.demo*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs).
+    """``python -m fastkd.demos.*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs).
     A run whose loss became non-finite ends the demo with the trainer's one-line message and exit status 3
     (as ``fastkd train``), not a traceback."""
-    from .engine.dist import teardown
-    from .errors import EXIT_NONFINITE, NonFiniteLossError
+    from ..engine.dist import teardown
+    from ..errors import EXIT_NONFINITE, NonFiniteLossError
 
     try:
         return main()
@@ -146,8 +146,8 @@ def finished_run(name: str, run_dir: str, metric: str, wall: Optional[float] = N
     shows (name, model, steps, images, images/s, wall s, run dir, the alphas ``alpha: auto`` chose); the wall
     time is the span of the metrics log unless given. A run without an evaluation that has ``metric`` did not
     finish: a ConfigError naming the file."""
-    from .config import ConfigError
-    from .engine.metrics import read_metrics
+    from ..config import ConfigError
+    from ..engine.metrics import read_metrics
 
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         raise ConfigError(f"no finished {name} run in {run_dir}")
@@ -171,7 +171,7 @@ def earlier_run(summarize: Callable[[str, str], dict], name: str, path: str) -> 
     """``summarize(name, path)`` of a finished earlier run, for the table; None when there is none, and for an
     unfinished one (interrupted, or still running in another process), with a note, instead of ending the demo
     after the runs it trained."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
         return None

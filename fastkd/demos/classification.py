@@ -1,7 +1,7 @@
 """The demo: Fashion-MNIST teacher, then one student distilled four ways, one table and one picture.
 
-    python -m fastkd.demo                      (or: make demo / fastkd demo)
-    python -m fastkd.demo --seeds 3            (every student for seeds 0, 1, 2: mean and spread)
+    python -m fastkd.demos.classification                      (or: make demo / fastkd demo)
+    python -m fastkd.demos.classification --seeds 3            (every student for seeds 0, 1, 2: mean and spread)
 
 1. locate Fashion-MNIST (Debian package, cache, or a verified download) and write ``train.beton`` /
    ``test.beton`` (skipped when present);
@@ -20,7 +20,7 @@ every run.  The defaults fit a 2-core CPU in minutes.  Every ``KEY=VALUE`` overr
 runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...`` one side (put these list options after
 the plain overrides), e.g.
 
-    python -m fastkd.demo --device cuda --students train.epochs=10
+    python -m fastkd.demos.classification --device cuda --students train.epochs=10
 
 Runs happen in this one process (one DeepSpeed process group of one, kept between runs and between calls
 of :func:`main`), one after the other.
@@ -37,12 +37,17 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
+from ..resources import configs_dir
+from .common import (demo_parser, earlier_run, finished_run, hide_numba_finalizer_noise, load_average,
                           machine_name as machine, replace_run_dir, run, select_device, threads,
                           write_report)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs", "demo")
+CONFIGS = "demo"
+"""The folder of the shipped configs (:mod:`fastkd.resources`) that holds this demo's configs."""
+
+
+def config_dir() -> str:
+    return os.path.join(configs_dir(), CONFIGS)
 STUDENTS = ("baseline", "mgd", "ct", "mgd_kd")
 DESCRIPTIONS = {
     "teacher": "teacher, trained from scratch",
@@ -54,8 +59,8 @@ DESCRIPTIONS = {
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = demo_parser("fastkd demo", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS, out="runs/demo",
-                    config_dir=CONFIG_DIR)
+    p = demo_parser("fastkd demo cls", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS, out="runs/demo",
+                    config_dir=config_dir())
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train every student for N seeds (the config's seed, +1, ...; same teacher); the table "
                         "shows the mean and the min-max spread")
@@ -79,8 +84,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(cfg) -> str:
     """Write the two .beton files unless both are there (FFCV source); returns what happened, for the log."""
-    from .data.classification.writers import write_fashion_mnist_beton
-    from .data.sources.fashion_mnist import locate as locate_fashion_mnist
+    from ..data.classification.writers import write_fashion_mnist_beton
+    from ..data.sources.fashion_mnist import locate as locate_fashion_mnist
 
     data_dir = cfg.data.path
     if cfg.data.source != "ffcv":
@@ -102,7 +107,7 @@ def run_dir(args: argparse.Namespace, name: str, seed_index: int) -> str:
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
     """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
     the k-th further seed adds k to the configured seed."""
-    from .config import load_config
+    from ..config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
@@ -114,8 +119,8 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index:
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    from .engine.plot import plot_run
-    from .engine.trainer import train
+    from ..engine.plot import plot_run
+    from ..engine.trainer import train
 
     replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
     print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
@@ -241,7 +246,7 @@ class Timer:
 
 def run_all(args: argparse.Namespace, timer: Timer) -> List[Dict[str, object]]:
     """Validate every config, write the data, train the teacher and the students; their summaries."""
-    from .engine.export import export_student
+    from ..engine.export import export_student
 
     teacher_pt = os.path.join(args.out, "teacher.pt")
     plan = [("teacher", 0)] + [(n, k) for k in range(args.seeds) for n in STUDENTS]
@@ -273,8 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from .config import ConfigError
-    from .engine.plot import plot_compare
+    from ..config import ConfigError
+    from ..engine.plot import plot_compare
 
     t_start = time.time()
     try:
@@ -288,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     teacher = next((r for r in results if r["name"] == "teacher"), None)
     compare = plot_compare(students, os.path.join(args.out, "compare.png"),
                            teacher_top1=teacher["top1"] if teacher else None) if students else None
-    command = "python -m fastkd.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastkd.demos.classification " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, command.strip(), time.time() - t_start, load_start, used_threads)
     text += "\nplots: " + ", ".join([str(compare)] * bool(compare) + [str(r["plot"]) for r in results])
     timer.lap("plots, report")
@@ -297,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo``: main, then leave the process group."""
+    """``python -m fastkd.demos.classification``: main, then leave the process group."""
     return run(main)
 
 
