@@ -57,20 +57,20 @@ gpu-static: setup triton-3.6
 	@status=0; $(BIN)/python benchmarks/gpu_static.py || status=1; \
 	$(BIN)/python benchmarks/gpu_static.py --triton-path $(TRITON_GPU_DIR) || status=1; exit $$status
 
-# The main job: Fashion-MNIST teacher, then one student distilled four ways, one table (fastkd/demo.py).
+# The main job: Fashion-MNIST teacher, then one student distilled four ways, one table (fastkd/demos/classification.py).
 # More: make demo DEMO_ARGS="--device cuda --students train.max_steps=null train.epochs=10"
 demo: setup
-	$(BIN)/python -m fastkd.demo $(DEMO_ARGS)
+	$(BIN)/python -m fastkd.cli demo cls $(DEMO_ARGS)
 
 # Segmentation: fashion-scenes label maps, PSPNet teacher, one student three ways, mIoU table + masks.png
-# (fastkd/demo_seg.py). On a busy CPU: make demo-seg DEMO_SEG_ARGS="--threads 1"
+# (fastkd/demos/segmentation.py). On a busy CPU: make demo-seg DEMO_SEG_ARGS="--threads 1"
 demo-seg: setup
-	$(BIN)/python -m fastkd.demo_seg $(DEMO_SEG_ARGS)
+	$(BIN)/python -m fastkd.cli demo seg $(DEMO_SEG_ARGS)
 
 # Detection: fashion scenes -> COCO .beton, RetinaNet teacher, one student three ways, box AP table +
-# boxes.png (fastkd/demo_det.py). On a busy CPU: make demo-det DEMO_DET_ARGS="--threads 1"
+# boxes.png (fastkd/demos/detection.py). On a busy CPU: make demo-det DEMO_DET_ARGS="--threads 1"
 demo-det: setup
-	$(BIN)/python -m fastkd.demo_det $(DEMO_DET_ARGS)
+	$(BIN)/python -m fastkd.cli demo det $(DEMO_DET_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastkd/_C*.so $(VENV)

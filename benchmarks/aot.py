@@ -251,10 +251,9 @@ def compile_job(job: Job, cache_dir: Optional[str]) -> dict:
         out["shared_limit"] = _target.SHARED_PER_BLOCK[_target.family(job.arch)]
         out["warps_per_sm"] = occupancy(job.arch, out["regs"], out["shared"], kernel.metadata.num_warps)
     if path:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f)
-        os.replace(tmp, path)
+        from fastkd.atomic import write_json
+
+        write_json(path, out, indent=None)
     return out
 
 

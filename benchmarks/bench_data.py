@@ -13,7 +13,7 @@ throughput, dominates the figure (an ImageNet epoch is 20,000 batches).
 
   python benchmarks/bench_data.py --images 1024 --workers 2 --epochs 3 --out benchmarks/results/data_cpu.md
 
-With --detection: the detection pipeline instead (fastkd.data.detection_loader), on fashion-scenes
+With --detection: the detection pipeline instead (fastkd.data.detection.loader), on fashion-scenes
 (--images scenes of 5 canvas sizes, 160x320 .. 320x240, JPEG q90, 1-8 garments with boxes) written
 with `fastkd data write coco` to one .beton that both loaders read: decode, aspect-keeping resize
 (--min-size / --max-size), seeded flip of image and boxes, pad to the batch's bucket, batches grouped
@@ -89,9 +89,9 @@ def run_detection_epochs(loader, epochs: int) -> tuple:
 
 def detection(args, work: str) -> tuple:
     """FFCV vs DataLoader on one COCO .beton of fashion-scenes; returns (results, data line)."""
-    from fastkd.data.coco import write_coco_beton
-    from fastkd.data.detection_loader import build_detection_loader
-    from fastkd.data.scenes import ScenesConfig, write_fashion_scenes
+    from fastkd.data.detection.coco import write_coco_beton
+    from fastkd.data.detection.loader import make_loader
+    from fastkd.data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     scenes = os.path.join(work, f"scenes-{args.images}")
     if not os.path.isdir(scenes):
@@ -104,7 +104,7 @@ def detection(args, work: str) -> tuple:
     jpeg_kb = np.mean([os.path.getsize(f) for f in files]) / 1024
     results = {}
     for name, source in (("ffcv (detection, jpg .beton)", "ffcv"), ("torch DataLoader (detection, same .beton)", "torch")):
-        loader = build_detection_loader(beton, source=source, train=True, batch_size=args.batch_size,
+        loader = make_loader(beton, source=source, train=True, batch_size=args.batch_size,
                                         num_workers=args.workers, min_size=args.min_size, max_size=args.max_size, seed=0)
         rates, firsts = run_detection_epochs(loader, args.epochs)
         results[name] = (statistics.median(rates), min(rates), max(rates), statistics.median(firsts))
@@ -135,7 +135,8 @@ def main() -> None:
     p.add_argument("--max-size", type=int, default=512, help="detection: longer side at most")
     args = p.parse_args()
 
-    from fastkd.data import build_loader, write_imagefolder_beton
+    from fastkd.data.classification.build import make_loader
+    from fastkd.data.classification.writers import write_imagefolder_beton
 
     work = args.dir or tempfile.mkdtemp(prefix="fastkd-bench-data-")
     if args.detection:
@@ -157,7 +158,7 @@ def main() -> None:
                   channels_last=args.channels_last)
     results = {}
     for name, source, path in runs:
-        loader = build_loader("train", source=source, **{**common, "path": path})
+        loader = make_loader("train", source=source, **{**common, "path": path})
         rates, firsts = run_epochs(loader, args.epochs)
         results[name] = (statistics.median(rates), min(rates), max(rates), statistics.median(firsts))
         print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f}), "

@@ -108,10 +108,10 @@ def summary_text(records: List[dict], parts, dry: bool) -> str:
 
 
 def write_summary(out: str, parts, dry: bool) -> None:
-    tmp = os.path.join(out, SUMMARY + ".tmp")
-    with open(tmp, "w") as f:
+    from fastkd.atomic import atomic_write
+
+    with atomic_write(os.path.join(out, SUMMARY)) as f:
         f.write(summary_text(read_records(out), parts, dry))
-    os.replace(tmp, os.path.join(out, SUMMARY))
 
 
 # ---------------------------------------------------------------------------------------------- running

@@ -40,10 +40,9 @@ class Context:
         self._record("target", name=name, met=bool(met), figure=figure)
 
     def write_json(self, name: str, data) -> None:
-        tmp = os.path.join(self.out, name + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, os.path.join(self.out, name))
+        from fastkd.atomic import write_json
+
+        write_json(os.path.join(self.out, name), data, indent=1, sort_keys=True)
 
 
 def read_records(out: str) -> List[dict]:

@@ -1,5 +1,5 @@
 """The detection training step of ``bench_step.py --task detection``: the real detection task's forwards and
-the engine's Distiller on synthetic images and boxes (a :class:`fastkd.data.detection.DetectionBatch`).
+the engine's Distiller on synthetic images and boxes (a :class:`fastkd.data.detection.batch.DetectionBatch`).
 
 The recipe is ``configs/coco/retinanet_x101_r50_mgd.yaml`` (RetinaNet, MGD with a spatial mask on every FPN
 level P3-P7), with the model names and the image size of a :data:`SHAPES` entry and no checkpoints (random
@@ -66,7 +66,7 @@ def config(shape: str, *, backend: str, compile: bool):
 def synthetic_batch(shape: str, device, dtype, *, channels_last: bool, seed: int = 0):
     """A DetectionBatch as ``task.to_device`` returns it: normalised images padded to multiples of 32
     (padding 0), 8 boxes per image in the unpadded image's pixels, labels 1..80, no crowd boxes."""
-    from fastkd.data.detection import DetectionBatch, ceil32
+    from fastkd.data.detection.batch import DetectionBatch, ceil32
 
     _, _, (h, w), n, _ = SHAPES[shape]
     g = torch.Generator().manual_seed(seed)

@@ -1,6 +1,6 @@
 """The segmentation training step (``configs/cityscapes/pspnet_r101_r18_mgd.yaml``: PSPNet-R18 <- PSPNet-R101,
 MGD on layer4 + the channel-wise logit loss) through the segmentation task's forwards and the Distiller, on
-synthetic images and labels (a :class:`fastkd.data.seg_loader.SegBatch`). The variants and the timing are
+synthetic images and labels (a :class:`fastkd.data.segmentation.loader.SegBatch`). The variants and the timing are
 :mod:`step_detection`'s (student, kd-ref, kd-auto, kd-fused = the Distiller's whole-forward torch.compile and
 a compiled teacher); the "losses alone" row is MGD on layer4 (the logit loss runs inside the student's region).
 """
@@ -46,7 +46,7 @@ def build(shape: str, variant: str, batch, device, dtype):
 
 def synthetic_batch(shape: str, device, dtype, *, channels_last: bool, seed: int = 0):
     """A SegBatch as ``task.to_device`` returns it: normalised images, int64 labels 0..18 with 5 % ignored."""
-    from fastkd.data.seg_loader import SegBatch
+    from fastkd.data.segmentation.loader import SegBatch
 
     _, _, side, n = SHAPES[shape]
     g = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@
     fastkd plot runs/x
     fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
     fastkd convert mmdet CKPT OUT                         (mmdetection ResNet/ResNeXt + FPN -> torchvision keys)
-    fastkd demo [--device cuda] [KEY=VALUE ...]     (the Fashion-MNIST demo, fastkd/demo.py)
+    fastkd demo [cls|det|seg] [--device cuda] [KEY=VALUE ...]   (the demos, fastkd/demos/)
 
 A user mistake (bad config, missing file, unpairable features, NaN loss) ends with one clear message
 and a nonzero exit status, without a traceback.
@@ -137,7 +137,7 @@ def cmd_convert_mmdet(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import main as demo_main
+    from .demos import main as demo_main
     return demo_main(args.rest)
 
 
@@ -177,8 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
 
-    dm = sub.add_parser("demo", add_help=False, prefix_chars="+",  # every option goes to fastkd.demo
-                        help="Fashion-MNIST: a teacher, then one student distilled four ways (fastkd demo --help)")
+    dm = sub.add_parser("demo", add_help=False, prefix_chars="+",  # every option goes to fastkd.demos
+                        help="[cls|det|seg]: a teacher, then students distilled several ways, one table "
+                             "(Fashion-MNIST classification, the default; fashion-scenes detection or "
+                             "segmentation; fastkd demo det --help)")
     dm.add_argument("rest", nargs=argparse.REMAINDER)
     dm.set_defaults(func=cmd_demo)
 

@@ -72,6 +72,28 @@ def test_help_lists_subcommands(tmp_path):
         assert what in " ".join(res.stdout.split()), what
 
 
+def test_help_imports_no_torch(tmp_path):
+    """``fastkd --help`` and ``fastkd data write --help`` build every parser (the data folders' writers
+    included) without importing torch: the handlers import what they need when they run."""
+    code = ("import sys\nfrom fastkd.cli import build_parser\np = build_parser()\n"
+            "for argv in (['--help'], ['data', 'write', '--help']):\n"
+            "    try:\n        p.parse_args(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=REPO),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for kind in ("imagefolder", "fashion-mnist", "cityscapes", "fashion-scenes", "coco"):
+        assert kind in res.stdout, kind
+    assert res.stdout.strip().endswith("no torch"), res.stdout
+
+
+@pytest.mark.parametrize("words,short", [([], "cls"), (["det"], "det"), (["segmentation"], "seg")])
+def test_demo_picks_the_demo_named_first(tmp_path, words, short):
+    res = run_cli("demo", *words, "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert f"usage: fastkd demo {short} " in res.stdout
+
+
 def test_eval_takes_overrides_after_its_options(teacher):
     """`fastkd eval CFG --teacher KEY=VALUE ...`: the overrides after the option are applied (the teacher file
     and a 5-image validation set), not refused as unrecognized arguments."""

@@ -14,12 +14,13 @@ pytest.importorskip("ffcv")
 pytest.importorskip("pycocotools")
 from PIL import Image  # noqa: E402
 
-from fastkd.data import fashion_mnist  # noqa: E402
-from fastkd.data.coco import CocoFormatError, load_coco, write_coco_beton  # noqa: E402
-from fastkd.data.detection import (batch_bucket, boxes_to_original, bucket_shapes, grouped_order,  # noqa: E402
+from fastkd.data.sources import fashion_mnist  # noqa: E402
+from fastkd.data.detection.coco import CocoFormatError, load_coco, write_coco_beton  # noqa: E402
+from fastkd.data.detection.batch import (batch_bucket, boxes_to_original, bucket_shapes, grouped_order,  # noqa: E402
                                    resized_hw, to_device)
-from fastkd.data.detection_loader import build_detection_loader  # noqa: E402
-from fastkd.data.scenes import CANVASES, ScenesConfig, label_map, render_scene, write_fashion_scenes  # noqa: E402
+from fastkd.data.detection.loader import make_loader  # noqa: E402
+from fastkd.data.sources.scenes import (CANVASES, ScenesConfig, label_map, render_scene,  # noqa: E402
+                                        write_fashion_scenes)
 from fastkd.tasks.detection.coco_eval import detections_to_coco, evaluate_coco  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -165,7 +166,7 @@ def val_batches(betons):
     """Every val batch from both backends, flips on (p = 0.5), cloned out of FFCV's buffers."""
     out = {}
     for source in ("ffcv", "torch"):
-        loader = build_detection_loader(betons["val"], source=source, train=False, batch_size=3, flip_prob=0.5,
+        loader = make_loader(betons["val"], source=source, train=False, batch_size=3, flip_prob=0.5,
                                         seed=11, num_workers=1, **SIZES)
         out[source] = [(b.images.clone(), b.targets) for b in loader]
         assert len(out[source]) == len(loader) == 3
@@ -203,8 +204,8 @@ def test_ffcv_and_dataloader_agree(val_batches):
 
 def test_flip_mirrors_the_image_region(betons):
     kw = dict(source="torch", train=False, batch_size=7, seed=0, **SIZES)
-    plain = next(iter(build_detection_loader(betons["val"], flip_prob=0.0, **kw)))
-    flipped = next(iter(build_detection_loader(betons["val"], flip_prob=1.0, **kw)))
+    plain = next(iter(make_loader(betons["val"], flip_prob=0.0, **kw)))
+    flipped = next(iter(make_loader(betons["val"], flip_prob=1.0, **kw)))
     for i, (t, u) in enumerate(zip(plain.targets, flipped.targets)):
         h, w = t["size"]
         assert u["flipped"] and not t["flipped"]
@@ -218,7 +219,7 @@ def test_downscaled_storage_keeps_boxes_in_original_pixels(scenes, tmp_path):
     write_coco_beton(str(scenes / "val"), str(scenes / "annotations" / "instances_val.json"), path,
                      max_side=100, jpeg_quality=80, num_workers=1)
     gt = _gt_xyxy(scenes / "annotations" / "instances_val.json")
-    loader = build_detection_loader(path, source="torch", train=False, batch_size=4, flip_prob=0.5, seed=2, **SIZES)
+    loader = make_loader(path, source="torch", train=False, batch_size=4, flip_prob=0.5, seed=2, **SIZES)
     for batch in loader:
         for t in batch.targets:
             assert max(t["size"]) <= 224
@@ -241,7 +242,7 @@ def test_ground_truth_as_predictions_scores_ap_1(scenes, val_batches):
 
 def test_to_device_normalises_and_zeroes_the_padding(val_batches):
     images, targets = val_batches["torch"][0]
-    from fastkd.data.detection import DetectionBatch
+    from fastkd.data.detection.batch import DetectionBatch
 
     mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
     out = to_device(DetectionBatch(images, targets), "cpu", mean=mean, std=std, channels_last=True)
@@ -269,7 +270,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("source", ["ffcv", "torch"])
 def test_same_seed_same_batches_twice_and_after_mid_epoch_resume(betons, source):
     kw = dict(source=source, train=True, batch_size=2, seed=5, num_workers=1, **SIZES)
-    loader = build_detection_loader(betons["train"], **kw)
+    loader = make_loader(betons["train"], **kw)
     loader.set_epoch(1)
     first = [_snapshot(b) for b in loader]
     assert loader.state_dict()["epoch"] == 2
@@ -284,7 +285,7 @@ def test_same_seed_same_batches_twice_and_after_mid_epoch_resume(betons, source)
     state = loader.state_dict()
     it.close()
     assert state["epoch"] == 1 and state["batch"] == 2
-    resumed = build_detection_loader(betons["train"], **kw)
+    resumed = make_loader(betons["train"], **kw)
     resumed.load_state_dict(state)
     _assert_same(head + [_snapshot(b) for b in resumed], first)
 
@@ -295,12 +296,12 @@ def test_empty_images_kept_for_eval_and_skipped_for_training(tmp_path):
     write_coco_beton(str(root), ann, path, num_workers=1)
     meta = json.load(open(path + ".json"))
     assert meta["label_to_category"] == [0, 5, 17, 90] and meta["empty_images"] == 1
-    val = build_detection_loader(path, source="torch", train=False, batch_size=2, **SIZES)
-    train = build_detection_loader(path, source="torch", train=True, batch_size=1, **SIZES)
+    val = make_loader(path, source="torch", train=False, batch_size=2, **SIZES)
+    train = make_loader(path, source="torch", train=True, batch_size=1, **SIZES)
     assert val.num_samples == 4 and train.num_samples == 3
     ids = [t["image_id"] for b in val for t in b.targets]
     assert sorted(ids) == [10, 11, 12, 13]
-    batch = next(iter(build_detection_loader(path, source="torch", train=False, batch_size=4, **SIZES)))
+    batch = next(iter(make_loader(path, source="torch", train=False, batch_size=4, **SIZES)))
     t = {t["image_id"]: t for t in batch.targets}
     assert t[13]["boxes"].shape == (0, 4) and t[11]["iscrowd"].tolist() == [0, 1]
     assert t[11]["labels"].tolist() == [3, 1]                                      # ids 90, 5 -> labels 3, 1
@@ -398,7 +399,7 @@ def test_cli_no_progress_silences_ffcv_s_bar(tmp_path, capsys):
 
 def test_training_shards_are_disjoint_equal_and_one_orientation_per_batch(betons):
     kw = dict(source="torch", train=True, batch_size=2, seed=9, world_size=2, **SIZES)
-    shards = [build_detection_loader(betons["train"], rank=r, **kw) for r in range(2)]
+    shards = [make_loader(betons["train"], rank=r, **kw) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) > 0
     seen = [[t["image_id"] for b in s for t in b.targets] for s in shards]
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) == len(seen[1])
@@ -430,7 +431,7 @@ def test_ffcv_detection_loader_leaves_torch_thread_count_alone(betons):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        loader = build_detection_loader(betons["val"], source="ffcv", train=False, batch_size=4, seed=0,
+        loader = make_loader(betons["val"], source="ffcv", train=False, batch_size=4, seed=0,
                                         num_workers=2, **SIZES)
         assert torch.get_num_threads() == 1
         for _ in loader:

@@ -19,14 +19,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = r"""
 import json, os, sys
 import numpy as np, torch
-from fastkd.data.detection_loader import build_detection_loader
+from fastkd.data.detection.loader import make_loader
 from fastkd.tasks.detection.coco_eval import detections_to_coco, evaluate_coco
 
 beton, gt, out = sys.argv[1:4]
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 if world > 1:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-loader = build_detection_loader(beton, source="torch", train=False, batch_size=2, flip_prob=0.5, seed=4,
+loader = make_loader(beton, source="torch", train=False, batch_size=2, flip_prob=0.5, seed=4,
                                 rank=rank, world_size=world, min_size=160, max_size=224)
 results, ids = [], []
 for batch in loader:
@@ -72,9 +72,9 @@ def _run(script, args, world, tmp_path):
 @pytest.mark.slow
 def test_two_process_evaluation_gives_the_single_process_ap(tmp_path):
     pytest.importorskip("ffcv")
-    from fastkd.data import fashion_mnist
-    from fastkd.data.coco import write_coco_beton
-    from fastkd.data.scenes import ScenesConfig, write_fashion_scenes
+    from fastkd.data.sources import fashion_mnist
+    from fastkd.data.detection.coco import write_coco_beton
+    from fastkd.data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     try:
         fashion_mnist.locate(download_ok=False)

@@ -1,5 +1,4 @@
 """PyTorch DataLoader fallback (same batch contract, reproducible augmentation), build_loaders and the CLI."""
-import dataclasses
 import os
 
 import numpy as np
@@ -7,10 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd.data import ResolutionSchedule, build_loader, build_loaders
-from fastkd.data.idx import write_idx
+from fastkd.config import DataConfig
+from fastkd.data import build_loaders
+from fastkd.data.classification.build import make_loader
+from fastkd.data.classification.transforms import ResolutionSchedule
+from fastkd.data.sources.idx import write_idx
 from fastkd.data.seeded import crop_box, seed_key
-from fastkd.data.transforms import center_crop_box
+from fastkd.data.classification.transforms import center_crop_box
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def tree(tmp_path_factory):
 
 
 def test_torch_loader_contract_reproducible_and_resumable(tree):
-    loader = build_loader("train", source="torch", path=str(tree), batch_size=3, num_workers=2, image_size=8,
+    loader = make_loader("train", source="torch", path=str(tree), batch_size=3, num_workers=2, image_size=8,
                           seed=5, channels_last=True, on_corrupt="skip")
     assert loader.backend == "torch" and loader.num_samples == 11 and len(loader) == 3
     first = [(x.clone(), y.clone()) for x, y in loader]
@@ -40,7 +42,7 @@ def test_torch_loader_contract_reproducible_and_resumable(tree):
     again = list(loader)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     # A fresh loader resumed at batch 2 of epoch 0 yields exactly the batches an uninterrupted run would.
-    other = build_loader("train", source="torch", path=str(tree), batch_size=3, num_workers=0, image_size=8,
+    other = make_loader("train", source="torch", path=str(tree), batch_size=3, num_workers=0, image_size=8,
                          seed=5, channels_last=True, on_corrupt="skip")
     other.load_state_dict({"epoch": 0, "batch": 2})
     rest = list(other)
@@ -48,7 +50,7 @@ def test_torch_loader_contract_reproducible_and_resumable(tree):
 
 
 def test_torch_loader_names_a_corrupt_file(tree):
-    loader = build_loader("train", source="torch", path=str(tree), batch_size=12, num_workers=0, image_size=8)
+    loader = make_loader("train", source="torch", path=str(tree), batch_size=12, num_workers=0, image_size=8)
     with pytest.raises(ValueError, match="broken.png"):
         list(loader)
 
@@ -56,7 +58,7 @@ def test_torch_loader_names_a_corrupt_file(tree):
 def test_torch_val_shards_cover_the_split(tree):
     ids = []
     for rank in range(2):
-        loader = build_loader("val", source="torch", path=str(tree), batch_size=2, num_workers=0, image_size=8,
+        loader = make_loader("val", source="torch", path=str(tree), batch_size=2, num_workers=0, image_size=8,
                               distributed=True, rank=rank, world_size=2)
         assert loader.order(0).tolist() == list(range(rank, 4, 2))  # eval: file order, strided shards
         ids += [len(y) for _, y in loader]
@@ -69,8 +71,9 @@ def test_fashion_idx_fallback_and_resolution_schedule(tmp_path):
         write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n, dtype=np.uint8))
     sched = {"min_res": 16, "max_res": 32, "start_ramp": 1, "end_ramp": 3, "step": 8}
-    train, val = build_loaders({"source": "torch", "path": str(tmp_path), "num_workers": 0, "batch_size": 4,
-                                "image_size": 28, "resolution_schedule": sched, "scale": (0.5, 1.0)})
+    data = DataConfig(source="torch", path=str(tmp_path), num_workers=0, image_size=28,
+                      kwargs={"resolution_schedule": sched, "scale": (0.5, 1.0)})
+    train, val = build_loaders("classification", data, batch_size=4)
     assert len(train) == 2 and len(val) == 1 and val.num_samples == 4
     x, y = next(iter(val))  # Fashion-MNIST defaults: whole image, its own statistics
     assert x.shape == (4, 3, 28, 28) and y.tolist() == [0, 1, 2, 3]
@@ -84,21 +87,19 @@ def test_fashion_idx_fallback_and_resolution_schedule(tmp_path):
 
 
 def test_build_loaders_config_handling(tree):
-    @dataclasses.dataclass
-    class DataConfig:  # a run config carries keys no loader uses: ignored
-        source: str = "torch"
-        path: str = str(tree)
-        image_size: int = 8
-        num_workers: int = 0
-        channels: int = 3
-
-    train, val = build_loaders(DataConfig(), batch_size=4, val_batch_size=5, on_corrupt="skip", seed=1)
+    """The one loader signature: a data config (its other keys, e.g. the synthetic source's, are not the
+    loader's), the task's options in ``kwargs`` (an unknown one is named, with the closest known one)."""
+    data = DataConfig(source="torch", path=str(tree), image_size=8, num_workers=0, kwargs={"on_corrupt": "skip"})
+    train, val = build_loaders("classification", data, batch_size=4, val_batch_size=5, seed=1)
     assert (train.batch_size, val.batch_size) == (4, 5)
     assert train.drop_last and not val.drop_last and train.shuffle and not val.shuffle
-    with pytest.raises(TypeError, match="did you mean 'batch_size'"):
-        build_loaders(DataConfig(), batch_szie=4)
+    data.kwargs = {"on_corupt": "skip"}
+    with pytest.raises(ValueError, match="'on_corupt'.*did you mean 'on_corrupt'"):
+        build_loaders("classification", data, batch_size=4)
+    with pytest.raises(ValueError, match="no data loaders for task 'clasification'.*did you mean 'classification'"):
+        build_loaders("clasification", data, batch_size=4)
     with pytest.raises(ValueError, match="0-1 scale"):
-        build_loader("val", source="torch", path=str(tree), batch_size=2, mean=(124, 116, 104), std=(58, 57, 57))
+        make_loader("val", source="torch", path=str(tree), batch_size=2, mean=(124, 116, 104), std=(58, 57, 57))
 
 
 def test_crop_boxes_stay_inside_and_match_the_recipe():

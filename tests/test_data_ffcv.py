@@ -12,9 +12,11 @@ import torch
 pytest.importorskip("ffcv")
 from PIL import Image  # noqa: E402
 
-from fastkd.data import CorruptImageError, build_loader, read_beton, write_beton, write_imagefolder_beton  # noqa: E402
-from fastkd.data.imagefolder import load_rgb, scan  # noqa: E402
-from fastkd.data.writers import ArraySource  # noqa: E402
+from fastkd.data.classification.build import make_loader  # noqa: E402
+from fastkd.data.classification.imagefolder import CorruptImageError  # noqa: E402
+from fastkd.data.classification.writers import read_beton, write_beton, write_imagefolder_beton  # noqa: E402
+from fastkd.data.classification.imagefolder import load_rgb, scan  # noqa: E402
+from fastkd.data.classification.writers import ArraySource  # noqa: E402
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
 # numba finalisers of FFCV's recompiled pipelines raise KeyError at garbage collection (harmless).
@@ -123,8 +125,8 @@ def test_val_loader_pixels_shards_and_low_precision(id_beton):
     path, images = id_beton
     common = dict(source="ffcv", path=path, batch_size=5, num_workers=2, image_size=8, mean=MEAN, std=STD,
                   center_ratio=1.0, distributed=True, world_size=2)
-    loaders = [build_loader("val", rank=r, **common) for r in range(2)]
-    loaders.append(build_loader("val", rank=0, **{**common, "world_size": 1, "distributed": False,
+    loaders = [make_loader("val", rank=r, **common) for r in range(2)]
+    loaders.append(make_loader("val", rank=0, **{**common, "world_size": 1, "distributed": False,
                                                   "dtype": torch.bfloat16, "channels_last": True}))
     seen = []
     for rank, loader in enumerate(loaders[:2]):
@@ -151,7 +153,7 @@ def test_train_loader_order_shards_resume_and_resolution(id_beton):
     common = dict(source="ffcv", path=path, batch_size=4, num_workers=2, image_size=8, mean=MEAN, std=STD,
                   seed=11, distributed=True, world_size=2,
                   resolution_schedule={"min_res": 8, "max_res": 16, "start_ramp": 1, "end_ramp": 2, "step": 8})
-    r0, r1 = (build_loader("train", rank=r, **common) for r in range(2))
+    r0, r1 = (make_loader("train", rank=r, **common) for r in range(2))
     assert len(r0) == len(r1) == (37 // 2) // 4
     e0 = [_ids(r0), _ids(r1)]
     flat = torch.cat(e0[0] + e0[1]).tolist()
@@ -183,7 +185,7 @@ def test_train_loader_order_shards_resume_and_resolution(id_beton):
 
 def test_imagefolder_train_batches(raw_beton):
     out, _ = raw_beton
-    loader = build_loader("train", source="auto", path=os.path.dirname(out), batch_size=4, num_workers=2,
+    loader = make_loader("train", source="auto", path=os.path.dirname(out), batch_size=4, num_workers=2,
                           image_size=12, channels_last=True, seed=0)
     assert loader.backend == "ffcv" and len(loader) == 11 // 4
     batches = [(x.clone(), y.clone()) for x, y in loader]
@@ -198,20 +200,22 @@ def test_imagefolder_train_batches(raw_beton):
 def test_train_and_val_normalised_differently_is_refused(tmp_path):
     """Default statistics follow each file's sidecar: a val .beton whose sidecar is gone would be evaluated
     with ImageNet's statistics while training used Fashion-MNIST's. Refused, naming both files."""
+    from fastkd.config import DataConfig
     from fastkd.data import build_loaders
-    from fastkd.data.fashion_mnist import CLASSES
+    from fastkd.data.sources.fashion_mnist import CLASSES
 
     images, labels = np.zeros((8, 28, 28), np.uint8), np.arange(8) % 10
     for split in ("train", "test"):
         write_beton(ArraySource(images, labels, name=split, classes=CLASSES), str(tmp_path / f"{split}.beton"),
                     write_mode="raw", num_workers=1, progress=False)
-    common = dict(source="ffcv", path=str(tmp_path), batch_size=4, num_workers=1, image_size=28)
-    train, val = build_loaders(**common)  # both sidecars: the same (Fashion-MNIST) statistics
+    data = DataConfig(source="ffcv", path=str(tmp_path), num_workers=1, image_size=28)
+    train, val = build_loaders("classification", data, batch_size=4)  # both sidecars: Fashion-MNIST's statistics
     assert train.normalization == val.normalization
     os.remove(tmp_path / "test.beton.json")
     with pytest.raises(ValueError, match=r"test\.beton\) would be normalised differently.*sidecar"):
-        build_loaders(**common)
-    train, val = build_loaders(**common, mean=MEAN, std=STD)  # explicit statistics: nothing to tell apart
+        build_loaders("classification", data, batch_size=4)
+    data.mean, data.std = list(MEAN), list(STD)  # explicit statistics: nothing to tell apart
+    train, val = build_loaders("classification", data, batch_size=4)
     assert train.normalization == val.normalization == (MEAN, STD)
 
 
@@ -222,7 +226,7 @@ def test_ffcv_leaves_torch_thread_count_alone(id_beton):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        loader = build_loader("train", source="ffcv", path=path, batch_size=4, num_workers=2, image_size=8,
+        loader = make_loader("train", source="ffcv", path=path, batch_size=4, num_workers=2, image_size=8,
                               mean=MEAN, std=STD)
         assert torch.get_num_threads() == 1
         for _ in loader:

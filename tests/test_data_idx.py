@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from fastkd.data import fashion_mnist
-from fastkd.data.idx import IDXError, read_idx, write_idx
+from fastkd.data.sources import fashion_mnist
+from fastkd.data.sources.idx import IDXError, read_idx, write_idx
 
 
 def _raw(code, shape, payload: bytes) -> bytes:
@@ -124,7 +124,7 @@ def test_debian_package_files_verify_when_installed():
 
 def test_write_fashion_mnist_beton_exact(tmp_path):
     pytest.importorskip("ffcv")
-    from fastkd.data import read_beton, write_fashion_mnist_beton
+    from fastkd.data.classification.writers import read_beton, write_fashion_mnist_beton
 
     data = _fake_fashion(tmp_path / "idx")
     paths = write_fashion_mnist_beton(str(tmp_path / "out"), source_dir=str(tmp_path / "idx"),

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from fastkd.data import seeded
-from fastkd.data.fallback import TorchLoader
+from fastkd.data.classification.torch_loader import TorchLoader
 from fastkd.data.seeded import crop_box, flips, philox4x32, seed_key
-from fastkd.data.writers import ArraySource
+from fastkd.data.classification.writers import ArraySource
 from fastkd.ops.mask import philox4x32 as mask_philox
 
 # numba finalisers of FFCV's compiled pipelines raise KeyError at garbage collection (harmless).
@@ -107,14 +107,15 @@ def test_ffcv_batches_repeat_across_loaders_threads_and_resume(images, tmp_path)
     """Three FFCV loaders (each JIT-compiles its pipeline: seconds): same seed -> the same pixels on 2
     threads and on 1, after a mid-epoch resume, and as the PyTorch loader; another seed -> other crops."""
     pytest.importorskip("ffcv")
-    from fastkd.data import build_loader, write_beton
+    from fastkd.data.classification.build import make_loader
+    from fastkd.data.classification.writers import write_beton
 
     write_beton(ArraySource(images, np.arange(N)), str(tmp_path / "train.beton"), write_mode="raw",
                 num_workers=1, progress=False)
     ffcv = dict(source="ffcv", path=str(tmp_path), **COMMON)
-    a = build_loader("train", seed=7, num_workers=2, **ffcv)
+    a = make_loader("train", seed=7, num_workers=2, **ffcv)
     e0, e1 = _epoch(a), _epoch(a)
-    b = build_loader("train", seed=7, num_workers=1, **ffcv)
+    b = make_loader("train", seed=7, num_workers=1, **ffcv)
     b.load_state_dict({"epoch": 1, "batch": 2})  # a fresh loader resumed mid-epoch
     rest = _epoch(b)
     assert len(rest) == len(e1) - 2 and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
@@ -126,7 +127,7 @@ def test_ffcv_batches_repeat_across_loaders_threads_and_resume(images, tmp_path)
         for (x, y), (xt, yt) in zip(mine, theirs):
             assert torch.equal(y, yt)
             torch.testing.assert_close(x, xt, atol=1e-5, rtol=0)
-    c = build_loader("train", seed=8, num_workers=2, **ffcv)
+    c = make_loader("train", seed=8, num_workers=2, **ffcv)
     s0, s1, s8 = _by_sample(e0), _by_sample(e1), _by_sample(_epoch(c))
     common = set(s0) & set(s1) & set(s8)
     assert sum(not torch.equal(s0[i], s1[i]) for i in common) >= 0.8 * len(common)

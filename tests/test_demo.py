@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import demo
-from fastkd.data import fashion_mnist
-from fastkd.data.idx import write_idx
+from fastkd.demos import classification as demo
+from fastkd.data.sources import fashion_mnist
+from fastkd.data.sources.idx import write_idx
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 
@@ -158,7 +158,7 @@ def test_demo_student_without_teacher_is_a_clear_error(tiny_fashion, tmp_path, c
 
 def test_demo_ffcv_path(tiny_fashion, tmp_path, capsys):
     """make demo's own path: .beton files (written once, then found), FFCV loaders; the teacher alone."""
-    from fastkd.data.writers import ArraySource, write_beton
+    from fastkd.data.classification.writers import ArraySource, write_beton
 
     data = tmp_path / "beton"
     data.mkdir()
@@ -184,7 +184,7 @@ def test_demo_ffcv_path(tiny_fashion, tmp_path, capsys):
 
 def test_demo_nonfinite_loss_is_one_line(tiny_fashion, tmp_path, capsys):
     """A run whose loss blows up ends the demo with the trainer's message and exit status 3, no traceback."""
-    from fastkd.demo_common import run
+    from fastkd.demos.common import run
 
     rc = run(lambda: demo.main(args(tiny_fashion, tmp_path / "nan", "train.max_steps=4", "optim.lr=3e38",
                                     "--only", "teacher")))

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from fastkd import demo_det, demo_seg
-from fastkd.demo_common import (group, markdown_table, run_cells, seed_cells, seed_plan, seed_run_dir, seed_spread,
+from fastkd.demos import detection as demo_det, segmentation as demo_seg
+from fastkd.demos.common import (group, markdown_table, run_cells, seed_cells, seed_plan, seed_run_dir, seed_spread,
                                 verdict)
 
 METHODS = ("baseline", "mgd", "ct")

@@ -1,6 +1,6 @@
 """The detection demo end to end, shrunk: a dozen real scenes, small canvases, a few steps per run.
 
-Same driver, same configs as ``python -m fastkd.demo_det``; only the sizes are overridden."""
+Same driver, same configs as ``python -m fastkd.demos.detection``; only the sizes are overridden."""
 import json
 import os
 
@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("torchvision.ops", reason="torchvision does not import here")
 pytest.importorskip("matplotlib", reason="the demo draws its picture with matplotlib")
 
-from fastkd import demo_det  # noqa: E402
+from fastkd.demos import detection as demo_det  # noqa: E402
 from fastkd.config import load_config  # noqa: E402
-from fastkd.data import fashion_mnist  # noqa: E402
+from fastkd.data.sources import fashion_mnist  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("restore_environ")]
 
@@ -27,7 +27,7 @@ def fashion_available():
 
 @pytest.mark.parametrize("name", ("teacher",) + demo_det.STUDENTS)
 def test_configs_validate(name):
-    cfg = load_config(os.path.join(demo_det.CONFIG_DIR, f"{name}.yaml"))
+    cfg = load_config(os.path.join(demo_det.config_dir(), f"{name}.yaml"))
     assert cfg.task == "detection" and cfg.data.val_path
     if name in ("teacher", "baseline"):
         assert cfg.teacher is None and not cfg.distill.pairs

@@ -1,6 +1,6 @@
 """The segmentation demo: its configs, the small scenes it writes, and the whole demo shrunk to a few steps.
 
-Same driver, same configs as ``python -m fastkd.demo_seg``; only the sizes are overridden.
+Same driver, same configs as ``python -m fastkd.demos.segmentation``; only the sizes are overridden.
 """
 import json
 import os
@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import demo_seg, models
+from fastkd import models
+from fastkd.demos import segmentation as demo_seg
 from fastkd.config import load_config
-from fastkd.data import fashion_mnist
-from fastkd.data.scenes import CANVASES, ScenesConfig, render_scene
+from fastkd.data.sources import fashion_mnist
+from fastkd.data.sources.scenes import CANVASES, ScenesConfig, render_scene
 from fastkd.tasks.segmentation.models import MODELS
 
 pytestmark = pytest.mark.usefixtures("restore_environ")
@@ -26,7 +27,7 @@ def _fashion_mnist():
 
 
 def test_demo_configs_validate_and_agree():
-    cfgs = {n: load_config(os.path.join(demo_seg.CONFIG_DIR, f"{n}.yaml")) for n in demo_seg.RUNS}
+    cfgs = {n: load_config(os.path.join(demo_seg.config_dir(), f"{n}.yaml")) for n in demo_seg.RUNS}
     assert all(c.task == "segmentation" and c.data.source == "fashion-scenes" for c in cfgs.values())
     teacher = cfgs["teacher"].student
     for name in demo_seg.STUDENTS:  # one student, one schedule, one data pipeline
@@ -85,7 +86,7 @@ def test_demo_seg_end_to_end(tmp_path, capsys):
     assert set(results[2]["alphas"]) == {"mgd.layer4"} and set(results[3]["alphas"]) == {"ct.layer4"}
     assert not results[1]["alphas"]
     # the exported teacher is the teacher alone, strict-loadable into the model the students' configs name
-    teacher = load_config(os.path.join(demo_seg.CONFIG_DIR, "mgd.yaml")).teacher
+    teacher = load_config(os.path.join(demo_seg.config_dir(), "mgd.yaml")).teacher
     state = torch.load(out / "teacher.pt", weights_only=True)
     models.build(teacher.name, teacher.num_classes, zoo=MODELS, **teacher.kwargs).load_state_dict(state, strict=True)
     md = (out / "results.md").read_text()

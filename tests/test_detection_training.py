@@ -12,7 +12,7 @@ import torch
 import yaml
 
 pytest.importorskip("torchvision.ops", reason="torchvision does not import here")
-pytest.importorskip("fastkd.data.detection_loader", reason="the COCO detection loader is not in this checkout")
+pytest.importorskip("fastkd.data.detection.loader", reason="the COCO detection loader is not in this checkout")
 
 from fastkd.cli import main as cli_main  # noqa: E402
 from fastkd.tasks.detection.models import build_detector  # noqa: E402

@@ -189,7 +189,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def beton(tmp_path_factory):
-    from fastkd.data.writers import ArraySource, write_beton
+    from fastkd.data.classification.writers import ArraySource, write_beton
     d = tmp_path_factory.mktemp("beton")
     images = np.random.default_rng(0).integers(0, 255, (24, 16, 16, 3), dtype=np.uint8)
     write_beton(ArraySource(images, np.arange(24) % 4), str(d / "train.beton"), write_mode="raw",

@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd.data import cityscapes
-from fastkd.data.seg_loader import SegLoader, build_seg_loaders
-from fastkd.data.seg_sources import BetonSegSource, SegDataError, fashion_scenes, write_seg_beton
-from fastkd.data.seg_transforms import SegTrainTransform, dominated, photometric_distortion, rescale_size
+from fastkd.data.segmentation import cityscapes
+from fastkd.config import DataConfig
+from fastkd.data import build_loaders
+from fastkd.data.segmentation.loader import SegLoader
+from fastkd.data.segmentation.sources import BetonSegSource, SegDataError, fashion_scenes, write_seg_beton
+from fastkd.data.segmentation.transforms import SegTrainTransform, dominated, photometric_distortion, rescale_size
 
 PALETTE = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [0, 255, 255], [255, 0, 255]],
                    dtype=np.uint8)
@@ -182,6 +184,12 @@ def test_cli_cityscapes_no_progress_silences_ffcv_s_bar(tmp_path, capsys):
     assert "%|" not in err and "4/4" not in err, err
 
 
+def seg_loaders(source, path, *, micro, options, num_workers=2, **kw):
+    """(train, val) through the one loader signature."""
+    data = DataConfig(source=source, path=path, num_workers=num_workers, kwargs=options)
+    return build_loaders("segmentation", data, batch_size=micro, **kw)
+
+
 def batches(loader):
     return [(b.images.clone(), b.labels.clone()) for b in loader]
 
@@ -190,7 +198,7 @@ def test_loader_reproducible_sharded_and_resumes_exactly(tmp_path):
     write_scenes(str(tmp_path), "train", 8)
     write_scenes(str(tmp_path), "val", 3)
     opts = dict(crop_size=(32, 32), img_scale=(56, 40))
-    train, val = build_seg_loaders("fashion-scenes", str(tmp_path), micro=2, seed=7, num_workers=0, options=opts)
+    train, val = seg_loaders("fashion-scenes", str(tmp_path), micro=2, seed=7, num_workers=0, options=opts)
     assert len(train) == 4 and len(val) == 3 and train.num_classes == 11
     first = batches(train)
     assert train.epoch == 1
@@ -199,20 +207,20 @@ def test_loader_reproducible_sharded_and_resumes_exactly(tmp_path):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert first[0][0].shape == (2, 3, 32, 32) and first[0][0].dtype == torch.uint8
     # resume after 2 batches with 2 workers: the same remaining batches
-    w2, _ = build_seg_loaders("fashion-scenes", str(tmp_path), micro=2, seed=7, num_workers=2, options=opts)
+    w2, _ = seg_loaders("fashion-scenes", str(tmp_path), micro=2, seed=7, num_workers=2, options=opts)
     it = iter(w2)
     next(it), next(it)
     state = w2.state_dict()
     del it
-    resumed, _ = build_seg_loaders("fashion-scenes", str(tmp_path), micro=2, seed=7, num_workers=1, options=opts)
+    resumed, _ = seg_loaders("fashion-scenes", str(tmp_path), micro=2, seed=7, num_workers=1, options=opts)
     resumed.load_state_dict(state)
     rest = batches(resumed)
     assert len(rest) == 2 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
                                   for a, b in zip(first[2:], rest))
     # two ranks: each reads half of every global batch of 2 x 1
-    r0, _ = build_seg_loaders("fashion-scenes", str(tmp_path), micro=1, rank=0, world=2, seed=7, num_workers=0,
+    r0, _ = seg_loaders("fashion-scenes", str(tmp_path), micro=1, rank=0, world_size=2, seed=7, num_workers=0,
                               options=opts)
-    r1, _ = build_seg_loaders("fashion-scenes", str(tmp_path), micro=1, rank=1, world=2, seed=7, num_workers=0,
+    r1, _ = seg_loaders("fashion-scenes", str(tmp_path), micro=1, rank=1, world_size=2, seed=7, num_workers=0,
                               options=opts)
     b0, b1 = batches(r0), batches(r1)
     assert torch.equal(torch.cat([b0[0][0], b1[0][0]]), first[0][0])
@@ -221,7 +229,7 @@ def test_loader_reproducible_sharded_and_resumes_exactly(tmp_path):
     assert vb.images.shape == (3, 3, 48, 56)
     assert (vb.labels[1, :, 48:] == 255).all() and (vb.labels[0, 40:] == 255).all()
     with pytest.raises(ValueError, match="unknown segmentation data option"):
-        build_seg_loaders("fashion-scenes", str(tmp_path), micro=2, options={"crop": 3})
+        seg_loaders("fashion-scenes", str(tmp_path), micro=2, options={"crop": 3})
 
 
 def test_beton_loader_reads_what_the_folder_loader_reads(tmp_path):
@@ -231,8 +239,8 @@ def test_beton_loader_reads_what_the_folder_loader_reads(tmp_path):
     for split in ("train", "val"):  # JPEG scenes: decoded once, stored as lossless PNG
         write_seg_beton(fashion_scenes(root, split), str(tmp_path / "b" / f"{split}.beton"), num_workers=1)
     opts = dict(crop_size=(24, 24), img_scale=(56, 40))
-    folder = build_seg_loaders("fashion-scenes", root, micro=2, seed=1, num_workers=0, options=opts)
-    beton = build_seg_loaders("ffcv", str(tmp_path / "b"), micro=2, seed=1, num_workers=0, options=opts)
+    folder = seg_loaders("fashion-scenes", root, micro=2, seed=1, num_workers=0, options=opts)
+    beton = seg_loaders("ffcv", str(tmp_path / "b"), micro=2, seed=1, num_workers=0, options=opts)
     for a, b in zip(folder, beton):
         got, want = batches(b), batches(a)
         assert len(got) == len(want) > 0

@@ -101,7 +101,7 @@ def test_evaluation_does_not_depend_on_which_images_share_a_batch(tmp_path):
     bit (a batch padded to its largest image would let the network see the padding: PSP pooling, the
     receptive field)."""
     write_scenes(str(tmp_path), "val", 16, sizes=((40, 56), (48, 48), (32, 64), (48, 48), (24, 40)))
-    from fastkd.data.seg_loader import SegLoader, make_source
+    from fastkd.data.segmentation.loader import SegLoader, make_source
 
     task = SegmentationTask(Config(task="segmentation", student=ModelConfig(name="pspnet_r18", num_classes=11,
                                                                            kwargs=TINY)))

@@ -1,7 +1,7 @@
-"""What every fastkd loader shares: epoch-seeded sharded order, length, and the data position.
+"""What every fastkd loader shares: epoch-seeded sharded order, length, the data position, the sampler.
 
-A loader yields ``(images, labels)``: images float [N,3,H,W] normalised, on ``device``, in
-``dtype`` (channels_last strides when asked), labels int64 [N] on ``device``.
+What a batch holds is the task's (classification: ``(images, labels)``, detection: a ``DetectionBatch``,
+segmentation: a ``SegBatch``).
 
 Position: ``state_dict() == {"epoch": e, "batch": b, ...}`` says that ``b`` batches of epoch ``e``
 have been handed out; ``load_state_dict`` (or ``set_epoch(e)`` + ``skip_batches(b)``) makes the
@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import Sampler
 
 from .order import epoch_order, num_batches
 
@@ -111,3 +112,17 @@ class EpochLoader(DataPosition, abc.ABC):
     @abc.abstractmethod
     def _iterate(self, order: np.ndarray, epoch: int, resolution: int):
         """Yield this epoch's batches for the sample indices ``order`` (each loader's own pipeline)."""
+
+
+class KeySampler(Sampler):
+    """Yields the keys (e.g. (index, epoch, resolution)) the loader set for the coming epoch, in order
+    (every task's PyTorch loader samples through it)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)

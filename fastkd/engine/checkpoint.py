@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from ..comm import barrier
 from ..config import ConfigError
 from .dist import is_comm_error
@@ -52,22 +53,13 @@ def _fsync(path: str) -> None:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(os.path.dirname(path))
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_marker(path: str) -> Optional[dict]:
@@ -226,7 +218,7 @@ def _remove_leftovers(root: str) -> None:
         full = os.path.join(root, name)
         if name.startswith(TRASH):
             shutil.rmtree(full, ignore_errors=True)
-        elif ".tmp." in name and os.path.isfile(full):  # e.g. latest.tmp.<pid> of a killed process
+        elif ".tmp." in name and os.path.isfile(full):  # e.g. latest.tmp.<random> of a killed process
             os.remove(full)
 
 

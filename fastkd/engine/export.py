@@ -6,6 +6,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..atomic import atomic_write
 from ..config import ConfigError
 from . import checkpoint as ckpt
 
@@ -47,8 +48,6 @@ def _consolidate_zero3(root: str, tag: str) -> Dict[str, torch.Tensor]:
 
 def export_student(run_dir: str, out: str, tag: Optional[str] = None) -> Dict[str, torch.Tensor]:
     state = student_state_dict(run_dir, tag)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    with atomic_write(out, "wb") as f:  # the folder is made
+        torch.save(state, f)
     return state

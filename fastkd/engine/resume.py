@@ -18,6 +18,7 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..atomic import write_json
 from ..config import DEFAULT_LOSS, Config, ConfigError, pair_keys, to_dict
 from .checkpoint import CONFIG_FILE
 
@@ -153,10 +154,7 @@ def write_attempt_config(cfg: Config, step: int) -> str:
     os.makedirs(cfg.run_dir, exist_ok=True)
     name = CONFIG_FILE if step == 0 else f"config.step_{step:08d}.json"
     path = os.path.join(cfg.run_dir, name)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(cfg), f, indent=1)
-    os.replace(tmp, path)
+    write_json(path, to_dict(cfg), indent=1)
     return path
 
 

@@ -45,6 +45,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..atomic import write_json
+
 # Inputs whose dimension 0 is the batch: rounded up to a power of two in the bucket key, so the last,
 # smaller batch of an epoch does not trigger a new trial.
 BATCH_INPUTS = ("student", "teacher", "student_logits", "teacher_logits")
@@ -234,12 +236,8 @@ def _save(dev_type: str, new: Dict[str, Decision]) -> None:
     path = cache_file(dev_type)
     entries = {k: d.as_json() for k, d in _read(path).items()}
     entries.update({k: d.as_json() for k, d in new.items()})
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump({"machine": machine(dev_type), "entries": entries}, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
+        write_json(path, {"machine": machine(dev_type), "entries": entries}, indent=1, sort_keys=True)
     except OSError as exc:
         warnings.warn(f"cannot write the dispatch cache {path} ({exc}); decisions stay in memory",
                       RuntimeWarning, stacklevel=2)

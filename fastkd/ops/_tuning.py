@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import triton
 
+from ..atomic import atomic_write
 from . import _target
 
 MODES = ("table", "few", "full")
@@ -201,9 +202,7 @@ def merge_table(path: str, device: str, entries: Dict[str, Dict[str, dict]]) -> 
     per_device = data.setdefault("devices", {}).setdefault(device, {})
     for kernel, chosen in entries.items():
         per_device.setdefault(kernel, {}).update(chosen)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
     _load_table.cache_clear()

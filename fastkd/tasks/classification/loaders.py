@@ -85,25 +85,22 @@ def build_loaders(cfg: DataConfig, *, micro: int, grad_accum: int, rank: int, wo
         val = SyntheticSource(cfg.val_size, seed=seed + 1, **kw)
         return (TrainLoader(train, micro=micro, grad_accum=grad_accum, rank=rank, world=world, seed=seed, device=device),
                 ValLoader(val, batch=micro, rank=rank, world=world, device=device))
-    if ":" in cfg.source:
+    if ":" in cfg.source:  # a user factory: fastkd.data.classification's make_loader signature
         factory = import_factory(cfg.source, "data.source")
-    else:
-        try:
-            from ...data import build_loader as factory
-        except ImportError as exc:
-            raise ConfigError(f"data.source {cfg.source!r} needs fastkd.data ({exc})") from None
-    common = dict(source=cfg.source, batch_size=micro, num_workers=cfg.num_workers, image_size=cfg.image_size,
-                  mean=cfg.mean, std=cfg.std, device=device, channels_last=channels_last, dtype=dtype,
-                  distributed=world > 1, rank=rank, world_size=world, seed=seed, **cfg.kwargs)
-    if ":" in cfg.source:
-        common.pop("source")
-    train = factory("train", path=cfg.path, drop_last=True, **common)
-    val = factory("val", path=cfg.val_path or cfg.path, drop_last=False, **common)
-    if ":" not in cfg.source:  # fastkd.data's loaders (imported above)
-        from ...data.build import check_same_normalization
-
-        try:
-            check_same_normalization(train, val)
-        except ValueError as exc:
-            raise ConfigError(f"data: {exc}") from None
-    return train, val
+        common = dict(batch_size=micro, num_workers=cfg.num_workers, image_size=cfg.image_size, mean=cfg.mean,
+                      std=cfg.std, device=device, channels_last=channels_last, dtype=dtype, distributed=world > 1,
+                      rank=rank, world_size=world, seed=seed, **cfg.kwargs)
+        train = factory("train", path=cfg.path, drop_last=True, **common)
+        val = factory("val", path=cfg.val_path or cfg.path, drop_last=False, **common)
+        return train, val
+    try:
+        from ...data import build_loaders as data_loaders
+    except ImportError as exc:
+        raise ConfigError(f"data.source {cfg.source!r} needs fastkd.data ({exc})") from None
+    try:
+        return data_loaders("classification", cfg, batch_size=micro, rank=rank, world_size=world,
+                            seed=seed, device=device, grad_accum=grad_accum, dtype=dtype, channels_last=channels_last)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a missing path, an unknown option, train and val normalised differently
+        raise ConfigError(f"data: {exc}") from None

@@ -5,7 +5,7 @@
 
 ``detections_to_coco`` maps torchvision-style detections (``{"boxes" xyxy on the batch image,
 "scores", "labels" contiguous}``) back to the original image (undo the flip, then the per-axis
-resize: :func:`fastkd.data.detection.boxes_to_original`) and to COCO category ids, as COCO result
+resize: :func:`fastkd.data.detection.batch.boxes_to_original`) and to COCO category ids, as COCO result
 entries ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``.
 
 ``evaluate_coco`` gathers every rank's results (``all_gather_object`` when torch.distributed is
@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
-import tempfile
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ...atomic import write_json
 from ...comm import all_gather_object, broadcast_object, rank
-from ...data.detection import boxes_to_original
+from ...data.detection.batch import boxes_to_original
 
 METRICS = ("bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl")
 # (IoU threshold or None for the mean over .50:.05:.95, area range) of each metric, as COCOeval.summarize
@@ -59,16 +57,7 @@ def detections_to_coco(detections: Sequence[Dict[str, torch.Tensor]], targets: S
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json(path, obj, indent=None)
 
 
 def coco_metrics(results: List[dict], gt_json_path: str, *, image_ids: Optional[Iterable[int]] = None,

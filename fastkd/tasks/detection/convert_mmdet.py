@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ...atomic import atomic_write
 from ...config import ConfigError
 
 # (mmdetection key pattern, torchvision key template); the FPN output convs are resolved afterwards,
@@ -230,11 +231,6 @@ def load_mmdet(path: str) -> Dict[str, torch.Tensor]:
 def convert_file(src: str, dst: str) -> Conversion:
     """Convert ``src`` and write the state_dict to ``dst`` atomically (a temporary file, then a rename)."""
     conv = convert(load_mmdet(src))
-    tmp = f"{dst}.tmp{os.getpid()}"
-    try:
-        torch.save(conv.state_dict, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(dst, "wb") as f:
+        torch.save(conv.state_dict, f)
     return conv

@@ -1,6 +1,6 @@
 """The detection task: torchvision's RetinaNet / Faster R-CNN distilled on their FPN levels.
 
-Batches are :class:`fastkd.data.detection.DetectionBatch` (images padded to bucket shapes, targets in
+Batches are :class:`fastkd.data.detection.batch.DetectionBatch` (images padded to bucket shapes, targets in
 the resized image's pixels). The student's training forward is one pass returning torchvision's loss
 dict and the FPN levels ``fpn.pN`` (:func:`fastkd.tasks.detection.forward.train_forward`); the teacher
 is its backbone + FPN alone, loaded from the ``backbone.*`` part of a detector checkpoint (a torchvision
@@ -173,7 +173,7 @@ class DetectionTask(Task):
         the .beton was written)."""
         import os
 
-        from ...data.coco import CocoFormatError, read_sidecar
+        from ...data.detection.coco import CocoFormatError, read_sidecar
 
         data = self.cfg.data if self.cfg is not None else None
         max_dets = data.kwargs.get("max_dets", 100) if data is not None else 100
@@ -200,13 +200,11 @@ class DetectionTask(Task):
         data = self.cfg.data
         if data.path is None:
             raise ConfigError("data.path: the detection task needs a COCO .beton (fastkd data write coco)")
-        opts = {k: data.kwargs[k] for k in ("min_size", "max_size", "flip_prob", "val_batch_size") if k in data.kwargs}
-        return _detection_loaders(data.path, data.val_path or data.path, batch_size=micro, source=data.source,
-                                  num_workers=data.num_workers, seed=seed, rank=rank, world_size=world,
-                                  grad_accum=grad_accum, **opts)
+        return _detection_loaders(data, batch_size=micro, seed=seed, rank=rank, world_size=world,
+                                  grad_accum=grad_accum)
 
     def to_device(self, batch, device: torch.device, dtype: torch.dtype, channels_last: bool):
-        from ...data.detection import to_device
+        from ...data.detection.batch import to_device
 
         data = self.cfg.data if self.cfg is not None else None
         mean = (data.mean if data is not None and data.mean else None) or IMAGENET_MEAN
@@ -297,11 +295,11 @@ class DetectionTask(Task):
 
 
 # -- the coupling to fastkd.data's COCO loaders and evaluator, kept here in three small functions ----------
-def _detection_loaders(train_path: str, val_path: str, **kwargs):
-    from ...data.detection_loader import build_detection_loaders
+def _detection_loaders(data, **kwargs):
+    from ...data import build_loaders
 
     try:
-        return build_detection_loaders(train_path, val_path, **kwargs)
+        return build_loaders("detection", data, **kwargs)
     except ValueError as exc:  # a malformed .beton or option: name it, no traceback
         raise ConfigError(f"data: {exc}") from None
 

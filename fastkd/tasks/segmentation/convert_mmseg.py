@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Dict, List, Optional
 
 import torch
+
+from ...atomic import atomic_write
 
 _CONV_BN = {"conv": "0", "bn": "1"}
 
@@ -108,14 +109,6 @@ def convert_checkpoint(path: str, out: str, *, model: Optional[str] = None, num_
         from .models import MODELS
 
         load_strict(build(model, num_classes=num_classes, zoo=MODELS), state, path, f"converted {model}")
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(out, "wb") as f:
+        torch.save(state, f)
     return state

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from ...config import Config, ConfigError
-from ...data.seg_loader import SegBatch
-from ...data.seg_sources import fashion_scenes
-from ...data.seg_transforms import IGNORE_INDEX
+from ...data.segmentation.loader import SegBatch
+from ...data.segmentation.sources import fashion_scenes
+from ...data.segmentation.transforms import IGNORE_INDEX
 from .task import SegmentationTask
 
 Weights = Callable[[str], Dict[str, torch.Tensor]]  # run directory -> the final student's state dict

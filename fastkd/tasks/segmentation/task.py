@@ -1,6 +1,6 @@
 """The semantic segmentation task: dense logits, cross-entropy with ignored pixels, mIoU.
 
-- batch: :class:`fastkd.data.seg_loader.SegBatch` (uint8 images and label maps; normalised here on the device);
+- batch: :class:`fastkd.data.segmentation.loader.SegBatch` (uint8 images and label maps; normalised here on the device);
 - student forward: ``model(x, features=True)`` -> stride-8 logits and the stage features; task losses
   ``ce`` (decode head) and ``aux_ce`` (auxiliary FCN head on layer3, already weighted by ``aux_weight``,
   0.4 in every mmseg recipe), each the cross-entropy of the logits upsampled (bilinear) to the label
@@ -17,7 +17,7 @@ Data config (``data:``): ``source`` ffcv | cityscapes | fashion-scenes, ``path``
 ``train.beton`` / ``val.beton``, a Cityscapes root, or a fashion-scenes root), ``val_path``, ``mean`` /
 ``std`` (default ImageNet's, as mmseg's Cityscapes configs), ``num_workers``, ``image_size`` (the crop
 side unless ``kwargs.crop_size`` is given) and ``kwargs``: ``crop_size``, ``img_scale``, ``ratio_range``,
-``cat_max_ratio``, ``flip_prob``, ``photometric`` (:class:`fastkd.data.seg_transforms.SegTrainTransform`)
+``cat_max_ratio``, ``flip_prob``, ``photometric`` (:class:`fastkd.data.segmentation.transforms.SegTrainTransform`)
 and ``val_batch_size`` (default 1; images of different sizes in a batch are run apart).
 """
 from __future__ import annotations
@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import ConfigError, KDConfig
-from ...data.seg_loader import SegBatch, build_seg_loaders
-from ...data.seg_transforms import IGNORE_INDEX
-from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
+from ...data import build_loaders
+from ...data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
+from ...data.segmentation.loader import SegBatch
+from ...data.segmentation.transforms import IGNORE_INDEX
 from ...losses import ChannelWiseKD
 from ..base import Features, Task
 from .miou import MIoU
@@ -67,16 +68,12 @@ class SegmentationTask(Task):
         if self.cfg is None:
             raise ConfigError("the segmentation task needs the run's config to build its loaders")
         data = self.cfg.data
-        options = dict(data.kwargs)
-        val_batch = int(options.pop("val_batch_size", 1))
-        options.setdefault("crop_size", (data.image_size, data.image_size))
         if data.path is None:
             raise ConfigError("data.path is not set (a folder of train/val .beton, a Cityscapes root or a "
                               "fashion-scenes root)")
         try:
-            return build_seg_loaders(data.source, data.path, val_path=data.val_path, micro=micro,
-                                     val_batch=val_batch, rank=rank, world=world, seed=seed, device=device,
-                                     num_workers=data.num_workers, options=options)
+            return build_loaders("segmentation", data, batch_size=micro, rank=rank, world_size=world, seed=seed,
+                                 device=device, grad_accum=grad_accum)
         except ValueError as exc:  # unknown source or option, a malformed dataset: name it, no traceback
             raise ConfigError(f"data: {exc}") from None
 

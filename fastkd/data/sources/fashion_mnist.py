@@ -1,4 +1,5 @@
-"""Fashion-MNIST: locate the four IDX files, load them, write them to .beton.
+"""Fashion-MNIST: locate the four IDX files and load them (:mod:`fastkd.data.classification.writers` writes
+them to .beton).
 
 Files come from Debian's ``dataset-fashion-mnist`` package when installed
 (/usr/share/datasets/fashion-mnist), else from a cache directory, else they are downloaded from the
@@ -11,12 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from ...atomic import atomic_path
 from .idx import read_idx
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -65,18 +66,13 @@ def download(cache_dir: str, *, base_url: str = URL, files: Optional[Dict[str, s
         dst = os.path.join(cache_dir, name)
         if os.path.isfile(dst):
             continue
-        fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".part", dir=cache_dir)
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(base_url + name, timeout=timeout) as r:
+        with atomic_path(dst) as tmp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(base_url + name, timeout=timeout) as r:
                 shutil.copyfileobj(r, out)
             got = _md5(tmp)
             if got != md5:
                 raise ChecksumError(f"{base_url + name}: MD5 {got} does not match the published {md5}; "
                                     "the file was not kept")
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return cache_dir
 
 
@@ -156,31 +152,3 @@ def load(split: str, directory: Optional[str] = None) -> Tuple[np.ndarray, np.nd
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(f"{directory}: {len(images)} {prefix} images but labels of shape {labels.shape}")
     return images, labels.astype(np.int64)
-
-
-def write_fashion_mnist_beton(out_dir: str, *, source_dir: Optional[str] = None,
-                              cache_dir: Optional[str] = None, force: bool = False,
-                              write_mode: str = "raw", num_workers: Optional[int] = None,
-                              progress: bool = True) -> Dict[str, str]:
-    """Write ``out_dir/train.beton`` and ``out_dir/test.beton``; returns {split: path}.
-
-    Raw mode keeps every pixel exact (about 140 MB for the training split).
-    """
-    from .writers import ArraySource, write_beton
-
-    directory = source_dir or locate(cache_dir)
-    if source_dir is None:
-        verify(directory)
-    os.makedirs(out_dir, exist_ok=True)
-    out = {}
-    for split in ("train", "test"):
-        path = os.path.join(out_dir, f"{split}.beton")
-        if os.path.exists(path) and not force:
-            raise FileExistsError(f"{path} exists; refusing to overwrite it (use --force / force=True)")
-        out[split] = path
-    for split, path in out.items():
-        images, labels = load(split, directory)
-        write_beton(ArraySource(images, labels, name=f"fashion-mnist/{split}", classes=CLASSES), path,
-                    write_mode=write_mode, num_workers=num_workers, force=force, progress=progress,
-                    on_corrupt="error", chunksize=1000)
-    return out

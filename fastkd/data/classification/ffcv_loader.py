@@ -15,7 +15,6 @@ after a resume.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import replace
 from typing import Optional, Tuple
@@ -29,12 +28,12 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 from ffcv.pipeline.state import State
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order.base import TraversalOrder
 
-from .base import EpochLoader, cpu_count
-from .ffcv_seeded import SeededRandomResizedCrop
-from .transforms import (DEFAULT_CENTER_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, check_mean_std, normalize_coefficients,
-                         normalize_into)
+from ..base import EpochLoader, cpu_count
+from ..ffcv_seeded import SeededRandomResizedCrop
+from ..ffcv_util import GivenOrder, TorchThreads
+from ..normalize import check_mean_std, normalize_coefficients, normalize_into
+from .transforms import DEFAULT_CENTER_RATIO, DEFAULT_RATIO, DEFAULT_SCALE
 
 
 class NormalizeImage(Operation):
@@ -106,40 +105,6 @@ class NormalizeImageCPU(Operation):
         return normalize
 
 
-class _GivenOrder(TraversalOrder):
-    """Hands FFCV the indices fastkd chose for the coming epoch."""
-
-    def __init__(self, loader: Loader):
-        super().__init__(loader)
-        self.next_order = np.arange(len(self.indices), dtype=np.uint64)
-
-    def sample_order(self, epoch: int):
-        return self.next_order
-
-
-def sidecar(path: str) -> dict:
-    """The ``<file>.json`` written next to a .beton by fastkd's writers ({} when absent)."""
-    try:
-        with open(path + ".json") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-class TorchThreads:
-    """FFCV sets torch's intra-op thread count to its worker count (``Compiler.set_num_threads``,
-    ffcv/pipeline/compiler.py) when a Loader is built and again in its epoch iterator's thread before the first
-    batch: a run's own count (``--threads``, OMP_NUM_THREADS) would silently become ``num_workers``. Captured
-    before the Loader is built; :meth:`restore` after the build and at each batch gives the process its count back."""
-
-    def __init__(self):
-        self.count = torch.get_num_threads()
-
-    def restore(self) -> None:
-        if torch.get_num_threads() != self.count:
-            torch.set_num_threads(self.count)
-
-
 class FFCVLoader(EpochLoader):
     backend = "ffcv"
 
@@ -177,7 +142,7 @@ class FFCVLoader(EpochLoader):
                               order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=batches_ahead,
                               pipelines={"image": image_ops, "label": label_ops})
         self._threads.restore()
-        self._loader.traversal_order = _GivenOrder(self._loader)
+        self._loader.traversal_order = GivenOrder(self._loader)
         self.path, self.num_workers, self.image_size = path, workers, image_size
         super().__init__(self._loader.reader.num_samples, batch_size=batch_size,
                          shuffle=train if shuffle is None else shuffle, drop_last=drop_last, seed=seed,

@@ -3,8 +3,8 @@
 ``for batch in loader``: ``batch.images`` uint8 [N, 3, H, W] (pinned on a CUDA run; normalised on the
 device by the task's ``to_device``), ``batch.labels`` uint8 [N, H, W] (255 = ignored), ``batch.sizes``
 int64 [N, 2] (each image's own H, W).  Training: every sample through
-:class:`fastkd.data.seg_transforms.SegTrainTransform` (the crop size fixes H, W); eval: images and labels as
-stored, a batch padded at the bottom/right to its largest image (image 0, label 255); evaluation runs
+:class:`fastkd.data.segmentation.transforms.SegTrainTransform` (the crop size fixes H, W); eval: images and
+labels as stored, a batch padded at the bottom/right to its largest image (image 0, label 255); evaluation runs
 each image at its own size (:meth:`fastkd.tasks.segmentation.SegmentationTask.area_counts`).
 
 Order, sharding, ``set_epoch``, ``len``, ``state_dict`` / ``load_state_dict`` are the classification
@@ -14,7 +14,6 @@ PyTorch DataLoader workers; ``.beton`` files are read by random access (:class:`
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -22,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .base import EpochLoader, cpu_count
-from .fallback import KeySampler
-from .seg_transforms import IGNORE_INDEX, SegTrainTransform
+from ..base import EpochLoader, KeySampler, cpu_count
+from ..format import resolve_beton
+from .transforms import IGNORE_INDEX, SegTrainTransform
 
 
 @dataclass
@@ -109,31 +108,18 @@ class SegLoader(EpochLoader):
         yield from self._loader
 
 
-def resolve_split(path: str, split: str) -> str:
-    """``path`` when it is a .beton file, else ``path/<split>.beton`` (val also finds test.beton)."""
-    if os.path.isfile(path):
-        return path
-    names = (split,) if split == "train" else (split, "val", "test")
-    for name in names:
-        candidate = os.path.join(path, f"{name}.beton")
-        if os.path.isfile(candidate):
-            return candidate
-    raise FileNotFoundError(f"no segmentation .beton for split {split!r} under {path} "
-                            "(write them with `fastkd data write cityscapes|seg-folder`)")
-
-
 def make_source(kind: str, path: str, split: str):
     """``kind``: 'ffcv' (.beton written by fastkd), 'cityscapes' (a Cityscapes tree), 'fashion-scenes'."""
     if kind == "ffcv":
-        from .seg_sources import BetonSegSource
+        from .sources import BetonSegSource
 
-        return BetonSegSource(resolve_split(path, split))
+        return BetonSegSource(resolve_beton(path, split, "segmentation "))
     if kind == "cityscapes":
         from . import cityscapes
 
         return cityscapes.source(path, split)
     if kind == "fashion-scenes":
-        from .seg_sources import fashion_scenes
+        from .sources import fashion_scenes
 
         return fashion_scenes(path, split)
     raise ValueError(f"segmentation data source {kind!r} is not one of 'ffcv', 'cityscapes', 'fashion-scenes'")
@@ -142,22 +128,37 @@ def make_source(kind: str, path: str, split: str):
 TRANSFORM_KEYS = ("crop_size", "img_scale", "ratio_range", "cat_max_ratio", "flip_prob", "photometric")
 
 
-def build_seg_loaders(kind: str, path: str, *, val_path: Optional[str] = None, micro: int, val_batch: int = 1,
-                      rank: int = 0, world: int = 1, seed: int = 0, device="cpu", num_workers: int = 2,
-                      options: Optional[Dict[str, Any]] = None) -> Tuple[SegLoader, SegLoader]:
-    """(train, val) loaders of one rank. ``options``: the SegTrainTransform fields (crop_size, img_scale,
-    ratio_range, cat_max_ratio, flip_prob, photometric); an unknown key is an error naming it."""
-    options = dict(options or {})
+VAL_BATCH_SIZE = 1  # evaluation runs each image at its own size: one image a batch unless asked
+
+
+def train_transform(options: Dict[str, Any], seed: int) -> SegTrainTransform:
+    """The train transform from ``data.kwargs`` (the SegTrainTransform fields :data:`TRANSFORM_KEYS`; an unknown
+    key is an error naming it)."""
+    options = {k: v for k, v in options.items() if k != "val_batch_size"}
     unknown = sorted(set(options) - set(TRANSFORM_KEYS))
     if unknown:
         raise ValueError(f"unknown segmentation data option(s) {unknown}; known: {list(TRANSFORM_KEYS)}")
     for key in ("crop_size", "img_scale", "ratio_range"):
         if isinstance(options.get(key), Sequence):
             options[key] = tuple(options[key])
-    transform = SegTrainTransform(seed=seed, **options)
-    common = dict(num_workers=num_workers, device=device, seed=seed, rank=rank, world_size=world)
-    train = SegLoader(make_source(kind, path, "train"), transform=transform, batch_size=micro, drop_last=True,
-                      **common)
-    val = SegLoader(make_source(kind, val_path or path, "val"), transform=None, batch_size=val_batch,
-                    drop_last=False, **common)
-    return train, val
+    return SegTrainTransform(seed=seed, **options)
+
+
+def build_loader(data, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device="cpu", grad_accum: int = 1, dtype=None, channels_last: bool = False) -> SegLoader:
+    """The ``split`` loader of this rank (``fastkd.data.build_loader``'s signature) from ``data``: ``source``
+    (:func:`make_source`'s kinds), ``path`` / ``val_path``, ``num_workers``, ``kwargs`` the train transform's
+    fields (``crop_size`` defaults to ``image_size`` square). Train: through the seeded transform, shuffled,
+    drop_last; other splits: as stored, every image once over all ranks. Images stay uint8 (the task
+    normalises on the device)."""
+    options = dict(data.kwargs or {})
+    options.setdefault("crop_size", (data.image_size, data.image_size))
+    transform = train_transform(options, seed)  # checked for the val split too: a typo fails either way
+    train = split == "train"
+    path = data.path if train else (data.val_path or data.path)
+    if path is None:
+        raise ValueError("data.path is not set (a folder of train/val .beton, a Cityscapes root or a "
+                         "fashion-scenes root)")
+    return SegLoader(make_source(data.source, path, "train" if train else "val"),
+                     transform=transform if train else None, batch_size=batch_size, drop_last=train,
+                     num_workers=data.num_workers, device=device, seed=seed, rank=rank, world_size=world_size)

@@ -4,7 +4,7 @@
 batch it picks the bucket from the samples' orientations (all landscape, all portrait, or mixed:
 :func:`fastkd.data.detection.batch_bucket`), then for each sample, in parallel (numba threads):
 libjpeg-turbo decode into a scratch buffer, OpenCV INTER_AREA resize to
-:func:`fastkd.data.detection.resized_hw` (the same function the rest of fastkd uses, JIT-compiled)
+:func:`fastkd.data.detection.batch.resized_hw` (the same function the rest of fastkd uses, JIT-compiled)
 into a second scratch buffer, copy into the top-left of the output and zero the padding.
 
 The output slot is flat, ``Hm * Wm * 3`` bytes with (Hm, Wm) the largest bucket: a batch of bucket
@@ -25,7 +25,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 
-from .detection import bucket_shapes, resized_hw
+from .batch import bucket_shapes, resized_hw
 
 
 class ResizePadDecoder(SimpleRGBImageDecoder):

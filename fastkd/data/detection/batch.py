@@ -23,7 +23,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
-from .transforms import normalize_coefficients, normalize_into
+from ..normalize import normalize_coefficients, normalize_into
 
 _MASK64 = (1 << 64) - 1
 

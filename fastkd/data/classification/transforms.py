@@ -1,4 +1,4 @@
-"""Image transforms shared by the FFCV and fallback loaders (numpy / torch only).
+"""Classification's image transforms, shared by its FFCV and PyTorch loaders (numpy only).
 
 Crop geometry follows FFCV's decoders (which follow torchvision): RandomResizedCrop draws up to 10
 (area, log-aspect) pairs, then falls back to a centre crop clamped to the aspect range
@@ -9,15 +9,12 @@ INTER_AREA like FFCV's ``resize_crop`` (PIL's antialiased bilinear when OpenCV i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
-import torch
 
-from . import seeded
+from .. import seeded
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3 / 4, 4 / 3)
 DEFAULT_CENTER_RATIO = 224 / 256
@@ -26,39 +23,6 @@ try:  # OpenCV comes with FFCV's dependencies; the fallback must work without it
     import cv2
 except ImportError:  # pragma: no cover - exercised only where OpenCV is missing
     cv2 = None
-
-
-def check_mean_std(mean: Sequence[float], std: Sequence[float]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Validate per-channel mean/std on the 0-1 scale (torchvision's convention)."""
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
-    if any(not 0.0 <= m <= 1.0 for m in mean) or any(not 0.0 < s <= 1.0 for s in std):
-        raise ValueError(f"mean/std are on the 0-1 scale (e.g. {IMAGENET_MEAN}/{IMAGENET_STD}); "
-                         f"got mean={mean} std={std}")
-    return mean, std
-
-
-def normalize_coefficients(mean, std, device, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) [1,3,1,1] with ``(x_uint8 / 255 - mean) / std == x * scale + shift``."""
-    mean, std = check_mean_std(mean, std)
-    m = torch.tensor(mean, dtype=torch.float64)
-    s = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * s)).to(dtype).view(1, 3, 1, 1).to(device)
-    shift = (-m / s).to(dtype).view(1, 3, 1, 1).to(device)
-    return scale, shift
-
-
-def normalize_into(images: torch.Tensor, out: torch.Tensor, scale: torch.Tensor,
-                   shift: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] (any strides) -> ``out`` (float, same shape): x * scale + shift.
-
-    Low-precision outputs are computed in fp32 and rounded once.
-    """
-    if out.dtype == torch.float32:
-        out.copy_(images)
-        return out.mul_(scale).add_(shift)
-    return out.copy_(torch.addcmul(shift, images.float(), scale))
 
 
 def center_crop_box(height: int, width: int, ratio: float = DEFAULT_CENTER_RATIO) -> Tuple[int, int, int, int]:

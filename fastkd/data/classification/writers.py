@@ -5,28 +5,27 @@ A *source* is any object with ``__len__``, ``__getitem__(i) -> (HxWx3 uint8 RGB,
 ``probe(i)`` (cheap header check, raises CorruptImageError), ``max_side(i)``.
 
 Every file holds two fields: ``image`` (RGBImageField) and ``label`` (IntField).  Files are written
-to a temporary name beside the target and renamed at the end, so an interrupted write never leaves
-a half-written file under the final name; a ``<file>.json`` sidecar records the classes, counts,
-options and the skipped files.
+through the writer core (:mod:`fastkd.data.writer`: atomically, an interrupted write never leaves a
+half-written file under the final name); a ``<file>.json`` sidecar records the classes, counts,
+options and the skipped files.  Fashion-MNIST's IDX files become ``train.beton`` / ``test.beton`` with
+:func:`write_fashion_mnist_beton`.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..sources import fashion_mnist
+from ..writer import MIN_PAGE, beton_target, page_size, progress_bar, write_fields
 from .imagefolder import CorruptImageError, ImageFolderIndex, load_rgb, probe, scan
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 ON_CORRUPT = ("skip", "error")
-_MIN_PAGE = 1 << 21  # FFCV's smallest page (2 MiB)
+_PLACEHOLDER = (np.zeros((1, 1, 3), np.uint8), -1)  # written in place of a failing sample (then left out)
 
 
 @dataclass
@@ -91,69 +90,26 @@ class ArraySource:
         return max(self.images.shape[1:3])
 
 
-class _GuardedSource:
-    """Wraps a source for FFCV's writer processes: a failing sample must not raise there (FFCV's
-    writer would wait forever for it), so it is recorded in ``report_dir`` and a 1x1 placeholder
-    is written instead; the caller then stops or rewrites without it."""
+def _page_size(max_side: int, max_resolution: Optional[int]) -> int:
+    side = min(max_side, max_resolution) if max_resolution else max_side
+    return page_size(side * side * 3 + (1 << 16), 4 * MIN_PAGE)
 
-    _PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
 
-    def __init__(self, source, report_dir: str):
-        self.source, self.report_dir = source, report_dir
+class _Labelled:
+    """A source as FFCV's writer reads it: (image, int label)."""
+
+    def __init__(self, source):
+        self.source = source
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int):
-        try:
-            img, label = self.source[i]
-            return img, int(label)
-        except Exception as e:  # noqa: BLE001 - any failure becomes a report, never a hang
-            reason = e.reason if isinstance(e, CorruptImageError) else f"{type(e).__name__}: {e}"
-            with open(os.path.join(self.report_dir, str(int(i))), "w") as f:
-                f.write(f"{self.source.describe(i)}\n{reason}")
-            return self._PLACEHOLDER, -1
+        img, label = self.source[i]
+        return img, int(label)
 
-
-def _page_size(max_side: int, max_resolution: Optional[int]) -> int:
-    side = min(max_side, max_resolution) if max_resolution else max_side
-    need = side * side * 3 + (1 << 16)
-    page = 4 * _MIN_PAGE
-    while page < need:
-        page *= 2
-    return page
-
-
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, unit="img")
-
-
-@contextlib.contextmanager
-def ffcv_progress(enabled: bool):
-    """FFCV's ``DatasetWriter`` always draws a tqdm bar (it has no switch): with ``enabled`` False, the bar
-    its module draws inside this block is a disabled one (the writer's ``tqdm`` name, restored after)."""
-    if enabled:
-        yield
-        return
-    import functools
-
-    from ffcv import writer
-
-    drawn = writer.tqdm
-    writer.tqdm = functools.partial(drawn, disable=True)
-    try:
-        yield
-    finally:
-        writer.tqdm = drawn
-
-
-def _cap_workers(num_workers: Optional[int]) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, num_workers if num_workers and num_workers > 0 else cpus))
+    def describe(self, i: int) -> str:
+        return self.source.describe(i)
 
 
 def write_beton(source, out_path: str, *, write_mode: str = "proportion",
@@ -170,7 +126,6 @@ def write_beton(source, out_path: str, *, write_mode: str = "proportion",
     CorruptImageError naming the file; nothing is written under ``out_path``).
     """
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
 
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode {write_mode!r} is not one of {WRITE_MODES}")
@@ -180,15 +135,13 @@ def write_beton(source, out_path: str, *, write_mode: str = "proportion",
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
     if os.path.exists(out_path) and not force:
         raise FileExistsError(f"{out_path} exists; refusing to overwrite it (use --force / force=True)")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
 
     # 1. Cheap header pass: finds unreadable files before the long write, and the largest image.
     skipped: List[Tuple[str, str]] = []
     good: List[int] = []
     max_side = 1
-    for i in _progress(range(len(source)), len(source), "checking", progress):
+    for i in progress_bar(range(len(source)), len(source), "checking", progress):
         try:
             max_side = max(max_side, source.probe(i) if hasattr(source, "probe") else 1)
             good.append(i)
@@ -203,53 +156,33 @@ def write_beton(source, out_path: str, *, write_mode: str = "proportion",
                                      smart_threshold=smart_threshold, jpeg_quality=jpeg_quality,
                                      compress_probability=compress_probability),
               "label": IntField()}
-    fd, tmp_path = tempfile.mkstemp(prefix=os.path.basename(out_path) + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    report_dir = tempfile.mkdtemp(prefix="fastkd-write-")
-    try:
-        # 2. Full decode while writing; a file that fails here is reported by the guarded source.
+    with beton_target(out_path, force=force) as target:
+        # 2. Full decode while writing; a file that fails here is reported (a 1x1 placeholder is written).
         # 3. Failures found in 2 -> stop (error) or write again without them (skip; rare).
         for _attempt in range(2):
-            writer = DatasetWriter(tmp_path, fields, num_workers=min(_cap_workers(num_workers),
-                                                                      -(-len(good) // chunksize)),
-                                   page_size=_page_size(max_side, max_resolution))
-            with ffcv_progress(progress):
-                writer.from_indexed_dataset(_GuardedSource(source, report_dir), indices=np.asarray(good),
-                                            chunksize=chunksize)
-            bad = sorted(int(n) for n in os.listdir(report_dir))
-            if not bad:
+            failures = write_fields(target.tmp, fields, _Labelled(source), placeholder=_PLACEHOLDER,
+                                    indices=np.asarray(good), num_workers=num_workers,
+                                    page=_page_size(max_side, max_resolution), chunksize=chunksize,
+                                    progress=progress)
+            if not failures:
                 break
-            failures = []
-            for n in bad:
-                with open(os.path.join(report_dir, str(n))) as f:
-                    path, _, reason = f.read().partition("\n")
-                failures.append((path, reason))
-                os.remove(os.path.join(report_dir, str(n)))
             if on_corrupt == "error":
-                listing = "; ".join(f"{p} ({r})" for p, r in failures[:5])
+                listing = "; ".join(f"{f.where} ({f.reason})" for f in failures[:5])
                 more = f" and {len(failures) - 5} more" if len(failures) > 5 else ""
-                err = CorruptImageError(failures[0][0], failures[0][1])
+                err = CorruptImageError(failures[0].where, failures[0].reason)
                 err.args = (f"{len(failures)} corrupt image(s): {listing}{more}",)
                 raise err
-            skipped.extend(failures)
-            bad_set = set(bad)
-            good = [i for i in good if i not in bad_set]
+            skipped.extend((f.where, f.reason) for f in failures)
+            bad = {f.index for f in failures}
+            good = [i for i in good if i not in bad]
             if not good:
                 raise ValueError(f"no readable samples to write to {out_path}")
         else:  # pragma: no cover - the second pass decodes the same files as the first
             raise RuntimeError(f"samples kept failing while writing {out_path}")
-        os.replace(tmp_path, out_path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        shutil.rmtree(report_dir, ignore_errors=True)
-
-    report = WriteReport(path=out_path, num_samples=len(good), skipped=skipped,
-                         seconds=time.perf_counter() - t0, classes=tuple(getattr(source, "classes", ())))
-    sidecar = {**asdict(report), "write_mode": write_mode, "max_resolution": max_resolution,
-               "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
-    with open(out_path + ".json", "w") as f:
-        json.dump(sidecar, f, indent=1)
+        report = WriteReport(path=out_path, num_samples=len(good), skipped=skipped,
+                             seconds=time.perf_counter() - t0, classes=tuple(getattr(source, "classes", ())))
+        target.sidecar = {**asdict(report), "write_mode": write_mode, "max_resolution": max_resolution,
+                          "jpeg_quality": jpeg_quality, "compress_probability": compress_probability}
     return report
 
 
@@ -268,7 +201,7 @@ def num_samples(path: str) -> int:
 def read_beton(path: str) -> Iterator[Tuple[np.ndarray, int]]:
     """Every sample of a .beton as stored: (HxWx3 uint8 RGB, label), JPEGs decoded, no resizing.
 
-    For inspection and tests; training reads through :mod:`fastkd.data.ffcv_loader`.
+    For inspection and tests; training reads through :mod:`fastkd.data.classification.ffcv_loader`.
     """
     import cv2
     from ffcv.fields.rgb_image import IMAGE_MODES
@@ -290,3 +223,29 @@ def read_beton(path: str) -> Iterator[Tuple[np.ndarray, int]]:
         else:
             img = raw[: h * w * 3].reshape(h, w, 3).copy()
         yield img, int(meta[names["label"]])
+
+
+def write_fashion_mnist_beton(out_dir: str, *, source_dir: Optional[str] = None,
+                              cache_dir: Optional[str] = None, force: bool = False,
+                              write_mode: str = "raw", num_workers: Optional[int] = None,
+                              progress: bool = True) -> Dict[str, str]:
+    """Write ``out_dir/train.beton`` and ``out_dir/test.beton``; returns {split: path}.
+
+    Raw mode keeps every pixel exact (about 140 MB for the training split).
+    """
+    directory = source_dir or fashion_mnist.locate(cache_dir)
+    if source_dir is None:
+        fashion_mnist.verify(directory)
+    os.makedirs(out_dir, exist_ok=True)
+    out = {}
+    for split in ("train", "test"):
+        path = os.path.join(out_dir, f"{split}.beton")
+        if os.path.exists(path) and not force:
+            raise FileExistsError(f"{path} exists; refusing to overwrite it (use --force / force=True)")
+        out[split] = path
+    for split, path in out.items():
+        images, labels = fashion_mnist.load(split, directory)
+        write_beton(ArraySource(images, labels, name=f"fashion-mnist/{split}", classes=fashion_mnist.CLASSES), path,
+                    write_mode=write_mode, num_workers=num_workers, force=force, progress=progress,
+                    on_corrupt="error", chunksize=1000)
+    return out

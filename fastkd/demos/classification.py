@@ -1,7 +1,7 @@
 """The demo: Fashion-MNIST teacher, then one student distilled four ways, one table and one picture.
 
-    python -m fastkd.demo                      (or: make demo / fastkd demo)
-    python -m fastkd.demo --seeds 3            (every student for seeds 0, 1, 2: mean and spread)
+    python -m fastkd.demos.classification                      (or: make demo / fastkd demo)
+    python -m fastkd.demos.classification --seeds 3            (every student for seeds 0, 1, 2: mean and spread)
 
 1. locate Fashion-MNIST (Debian package, cache, or a verified download) and write ``train.beton`` /
    ``test.beton`` (skipped when present);
@@ -20,7 +20,7 @@ every run.  The defaults fit a 2-core CPU in minutes.  Every ``KEY=VALUE`` overr
 runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...`` one side (put these list options after
 the plain overrides), e.g.
 
-    python -m fastkd.demo --device cuda --students train.epochs=10
+    python -m fastkd.demos.classification --device cuda --students train.epochs=10
 
 Runs happen in this one process (one DeepSpeed process group of one, kept between runs and between calls
 of :func:`main`), one after the other.
@@ -35,13 +35,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, draw_compare, finished_run, group, hide_numba_finalizer_noise, load_average,
+from ..resources import configs_dir
+from .common import (demo_parser, draw_compare, finished_run, group, hide_numba_finalizer_noise, load_average,
                           machine_name as machine, markdown_table, replace_run_dir, run, run_cells, run_plan,
                           seed_cells, seed_plan, seed_run_dir, seeded, select_device, threads, verdict as seed_verdict,
                           write_report)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs", "demo")
+CONFIGS = "demo"
+"""The folder of the shipped configs (:mod:`fastkd.resources`) that holds this demo's configs."""
+
+
+def config_dir() -> str:
+    return os.path.join(configs_dir(), CONFIGS)
 STUDENTS = ("baseline", "mgd", "ct", "mgd_kd")
 DESCRIPTIONS = {
     "teacher": "teacher, trained from scratch",
@@ -53,8 +58,8 @@ DESCRIPTIONS = {
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = demo_parser("fastkd demo", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS, out="runs/demo",
-                    config_dir=CONFIG_DIR)
+    p = demo_parser("fastkd demo cls", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS, out="runs/demo",
+                    config_dir=config_dir())
     p.add_argument("--data-dir", default="data/fashion-mnist",
                    help="where train.beton / test.beton are (written there when absent); with "
                         "data.source=torch, the directory of the four IDX files")
@@ -73,7 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(cfg) -> str:
     """Write the two .beton files unless both are there (FFCV source); returns what happened, for the log."""
-    from .data import locate_fashion_mnist, write_fashion_mnist_beton
+    from ..data.classification.writers import write_fashion_mnist_beton
+    from ..data.sources.fashion_mnist import locate as locate_fashion_mnist
 
     data_dir = cfg.data.path
     if cfg.data.source != "ffcv":
@@ -95,7 +101,7 @@ def run_dir(args: argparse.Namespace, name: str, seed_index: int) -> str:
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
     """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
     the k-th further seed adds k to the configured seed."""
-    from .config import load_config
+    from ..config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
@@ -107,8 +113,8 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index:
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    from .engine.plot import plot_run
-    from .engine.trainer import train
+    from ..engine.plot import plot_run
+    from ..engine.trainer import train
 
     replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
     print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
@@ -215,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     t_start = time.time()
     try:
@@ -227,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     compare = draw_compare(results, os.path.join(args.out, "compare.png"), "top1", metric="val/top1",
                            title="validation top-1 (%)")
-    command = "python -m fastkd.demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastkd.demos.classification " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, command.strip(), time.time() - t_start, load_start, used_threads)
     text += "\nplots: " + ", ".join([str(compare)] * bool(compare) + [str(r["plot"]) for r in results])
     timer.lap("plots, report")
@@ -236,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo``: main, then leave the process group."""
+    """``python -m fastkd.demos.classification``: main, then leave the process group."""
     return run(main)
 
 

@@ -1,15 +1,15 @@
-"""Detection loaders over a COCO ``.beton`` (:mod:`fastkd.data.coco`): FFCV, and a PyTorch
+"""Detection loaders over a COCO ``.beton`` (:mod:`fastkd.data.detection.coco`): FFCV, and a PyTorch
 DataLoader that reads the very same file (for comparison and for machines without FFCV's JIT).
 
-Both: decode the JPEG, resize keeping the aspect ratio (:func:`~fastkd.data.detection.resized_hw`),
+Both: decode the JPEG, resize keeping the aspect ratio (:func:`~fastkd.data.detection.batch.resized_hw`),
 pad to the batch's bucket shape, flip per (seed, epoch, sample), scale and flip the boxes, and yield
-:class:`~fastkd.data.detection.DetectionBatch` with uint8 images; :func:`~fastkd.data.detection.to_device`
+:class:`~fastkd.data.detection.batch.DetectionBatch` with uint8 images; :func:`~fastkd.data.detection.batch.to_device`
 normalises on the device.  FFCV does decode + resize + pad in one JIT-compiled parallel pass into
 its preallocated buffers (libjpeg-turbo and OpenCV's INTER_AREA through libffcv); the DataLoader
 does the same per sample in worker processes with OpenCV.  Boxes, order, flips and bucket shapes
 are identical on both; pixels agree up to the two JPEG/resize builds (measured in the tests).
 
-Order (:func:`~fastkd.data.detection.grouped_order`), sharding and position are fastkd's:
+Order (:func:`~fastkd.data.detection.batch.grouped_order`), sharding and position are fastkd's:
 ``set_epoch``, ``skip_batches``, ``state_dict``/``load_state_dict`` resume exactly mid-epoch.
 Training skips images without boxes (``skip_empty``); evaluation reads every image exactly once
 over all ranks.  FFCV's buffers are reused: a batch is valid until ``batches_ahead + 2`` more are
@@ -24,11 +24,10 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 
-from .base import DataPosition, cpu_count
-from .coco import read_sidecar
-from .fallback import KeySampler
-from .detection import (DetectionBatch, batch_bucket, bucket_shapes, flip_draw, flip_region_, grouped_order,
+from ..base import DataPosition, KeySampler, cpu_count
+from .batch import (DetectionBatch, batch_bucket, bucket_shapes, flip_draw, flip_region_, grouped_order,
                         resized_hw, transform_boxes)
+from .coco import read_sidecar
 
 
 class _Index:
@@ -152,8 +151,8 @@ class FFCVDetectionLoader(DetectionLoader):
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor
 
-        from .ffcv_loader import TorchThreads, _GivenOrder
-        from .ffcv_ops import ResizePadDecoder
+        from ..ffcv_util import GivenOrder, TorchThreads
+        from .ffcv_decoder import ResizePadDecoder
 
         super().__init__(path, **kwargs)
         workers = max(1, min(int(num_workers) if num_workers else cpu_count(), cpu_count()))
@@ -165,7 +164,7 @@ class FFCVDetectionLoader(DetectionLoader):
                               order=OrderOption.SEQUENTIAL, drop_last=False, batches_ahead=batches_ahead,
                               pipelines=pipelines)
         self._threads.restore()
-        self._loader.traversal_order = _GivenOrder(self._loader)
+        self._loader.traversal_order = GivenOrder(self._loader)
         self.num_workers = workers
 
     def _iterate(self, order: np.ndarray):
@@ -248,7 +247,7 @@ class TorchDetectionLoader(DetectionLoader):
         yield from self._loader
 
 
-def build_detection_loader(path: str, *, source: str = "ffcv", **kwargs) -> DetectionLoader:
+def make_loader(path: str, *, source: str = "ffcv", **kwargs) -> DetectionLoader:
     """'ffcv' or 'torch' loader over the COCO .beton ``path`` (see :class:`DetectionLoader` for options)."""
     if source == "ffcv":
         return FFCVDetectionLoader(path, **kwargs)
@@ -259,16 +258,26 @@ def build_detection_loader(path: str, *, source: str = "ffcv", **kwargs) -> Dete
     raise ValueError(f"detection loader source {source!r} is not 'ffcv' or 'torch'")
 
 
-def build_detection_loaders(train_path: str, val_path: str, *, batch_size: int, val_batch_size: Optional[int] = None,
-                            source: str = "ffcv", num_workers: Optional[int] = None, min_size: int = 800,
-                            max_size: int = 1333, flip_prob: float = 0.5, seed: int = 0, rank: int = 0,
-                            world_size: int = 1, grad_accum: int = 1) -> tuple:
-    """(train, val) loaders for a detection task: train shuffled, flipped, grouped, empty images skipped,
-    drop_last; val in file order, no flip, every image once over all ranks."""
-    common = dict(source=source, min_size=min_size, max_size=max_size, seed=seed, rank=rank, world_size=world_size)
-    if num_workers is not None:
-        common["num_workers"] = num_workers
-    train = build_detection_loader(train_path, train=True, batch_size=batch_size, flip_prob=flip_prob,
-                                   grad_accum=grad_accum, **common)
-    val = build_detection_loader(val_path, train=False, batch_size=val_batch_size or batch_size, **common)
-    return train, val
+OPTIONS = ("min_size", "max_size", "flip_prob")
+"""The keys of ``data.kwargs`` the loaders read (the task reads others: ``val_batch_size``, ``max_dets``, ...)."""
+VAL_BATCH_SIZE = None  # the train batch
+
+
+def build_loader(data, split: str, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device="cpu", grad_accum: int = 1, dtype=None, channels_last: bool = False) -> DetectionLoader:
+    """The ``split`` loader of this rank (``fastkd.data.build_loader``'s signature) from ``data``: ``source``
+    'ffcv' or 'torch', ``path`` / ``val_path`` COCO .beton files, ``num_workers``, ``kwargs`` :data:`OPTIONS`.
+    Train: shuffled, flipped (``flip_prob``, default 0.5), grouped by orientation, empty images skipped,
+    drop_last; other splits: file order, no flip, every image once over all ranks. Images stay uint8 on the
+    CPU (``device``, ``dtype``: :func:`fastkd.data.detection.batch.to_device` on the task's side)."""
+    train = split == "train"
+    path = data.path if train else (data.val_path or data.path)
+    if path is None:
+        raise ValueError("data.path: the detection loaders need a COCO .beton (fastkd data write coco)")
+    kw = data.kwargs or {}
+    common = dict(source=data.source, min_size=kw.get("min_size", 800), max_size=kw.get("max_size", 1333),
+                  seed=seed, rank=rank, world_size=world_size, num_workers=data.num_workers)
+    if train:
+        return make_loader(path, train=True, batch_size=batch_size, flip_prob=kw.get("flip_prob", 0.5),
+                           grad_accum=grad_accum, **common)
+    return make_loader(path, train=False, batch_size=batch_size, **common)

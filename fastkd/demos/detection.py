@@ -1,7 +1,7 @@
 """The detection demo: a RetinaNet teacher on Fashion-MNIST scenes, then one student three ways, one table.
 
-    python -m fastkd.demo_det
-    python -m fastkd.demo_det --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
+    python -m fastkd.demos.detection
+    python -m fastkd.demos.detection --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
 
 1. write the Fashion-MNIST scenes (``fastkd data write fashion-scenes``; small canvases, 24-48 px garments:
    ``--scale``, ``--garment-sizes``) and their two COCO ``.beton`` files (``fastkd data write coco``) under
@@ -20,7 +20,7 @@
 Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
 one side (put these list options after the plain overrides), e.g.
 
-    python -m fastkd.demo_det --teacher train.max_steps=1000 --students train.max_steps=1000
+    python -m fastkd.demos.detection --teacher train.max_steps=1000 --students train.max_steps=1000
 
 Runs happen one after the other in this one process (one DeepSpeed process group of one).
 """
@@ -35,13 +35,18 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .demo_common import (demo_parser, draw_compare, finished_run, group, hide_numba_finalizer_noise, load_average,
+from ..resources import configs_dir
+from .common import (demo_parser, draw_compare, finished_run, group, hide_numba_finalizer_noise, load_average,
                           machine_name as machine, markdown_table, replace_run_dir, run, run_cells, run_plan,
                           seed_cells, seed_plan, seed_run_dir, seeded, select_device, threads, verdict,
                           write_report)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs", "demo_det")
+CONFIGS = "demo_det"
+"""The folder of the shipped configs (:mod:`fastkd.resources`) that holds this demo's configs."""
+
+
+def config_dir() -> str:
+    return os.path.join(configs_dir(), CONFIGS)
 STUDENTS = ("baseline", "mgd", "ct")
 DESCRIPTIONS = {
     "teacher": "teacher, trained from scratch",
@@ -63,8 +68,8 @@ SCENES_STAMP = "scenes.json"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = demo_parser("python -m fastkd.demo_det", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS,
-                    out="runs/demo_det", config_dir=CONFIG_DIR)
+    p = demo_parser("fastkd demo det", __doc__.split("\n")[0], runs=("teacher",) + STUDENTS,
+                    out="runs/demo_det", config_dir=config_dir())
     p.add_argument("--data-dir", default="data/fashion-scenes",
                    help="where train.beton / val.beton are (written there with the scenes when absent)")
     p.add_argument("--train-scenes", type=int, default=1024, help="training scenes written (default 1024)")
@@ -89,9 +94,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(args: argparse.Namespace) -> str:
     """Write the scenes and the two .beton files unless both files are there; returns what happened."""
-    from .config import ConfigError
-    from .data.coco import write_coco_beton
-    from .data.scenes import ScenesConfig, write_fashion_scenes
+    from ..config import ConfigError
+    from ..data.detection.coco import write_coco_beton
+    from ..data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     betons = {s: os.path.join(args.data_dir, f"{s}.beton") for s in ("train", "val")}
     wanted = scene_options(args)
@@ -135,7 +140,7 @@ def _read_stamp(path: str) -> Optional[Dict[str, object]]:
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
     """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
     the k-th further seed adds k to the configured seed."""
-    from .config import load_config
+    from ..config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
@@ -148,7 +153,7 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index:
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    from .engine.trainer import train
+    from ..engine.trainer import train
 
     replace_run_dir(cfg.run_dir)  # the demo always starts over: resume: auto would pick up old runs
     print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
@@ -177,9 +182,9 @@ def draw_boxes(cfg, out: str, count: int) -> str:
     import matplotlib.pyplot as plt
     import torch
 
-    from .engine.export import student_state_dict
-    from .tasks.detection import DetectionTask
-    from .tasks.detection.forward import predict
+    from ..engine.export import student_state_dict
+    from ..tasks.detection import DetectionTask
+    from ..tasks.detection.forward import predict
 
     task = DetectionTask(cfg)
     model = task.build_model(cfg.student, "student")
@@ -284,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if args.pictures < 1:
         print(f"fastkd demo_det: --pictures must be >= 1, got {args.pictures}", file=sys.stderr)
@@ -304,7 +309,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"fastkd demo_det: error: {exc}", file=sys.stderr)
         return 2
     loads.append(load_average())
-    command = "python -m fastkd.demo_det " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastkd.demos.detection " + " ".join(sys.argv[1:] if argv is None else argv)
     text = report(results, command.strip(), time.time() - t_start, loads, [compare] * bool(compare) + [picture],
                   used_threads)
     write_report(args.out, text, results)
@@ -312,7 +317,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo_det``: main, then leave the process group."""
+    """``python -m fastkd.demos.detection``: main, then leave the process group."""
     return run(main)
 
 

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ...atomic import atomic_dir
 from .fashion_mnist import CLASSES, load
 
 CANVASES: Tuple[Tuple[int, int], ...] = ((192, 256), (256, 192), (224, 224), (160, 320), (320, 240))
@@ -197,19 +196,10 @@ def write_fashion_scenes(out_dir: str, cfg: Optional[ScenesConfig] = None, *, so
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not force:
         raise FileExistsError(f"{out_dir} exists; refusing to overwrite it (use --force / force=True)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
-    try:
+    with atomic_dir(out_dir) as tmp:
         os.makedirs(os.path.join(tmp, "annotations"))
         for split, count in (("train", cfg.train), ("val", cfg.val)):
             if count:
                 _write_split(tmp, split, count, cfg, source_dir)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     return {s: os.path.join(out_dir, "annotations", f"instances_{s}.json")
             for s, n in (("train", cfg.train), ("val", cfg.val)) if n}

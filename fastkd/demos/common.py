@@ -1,4 +1,4 @@
-"""Pieces the demos share (``fastkd.demo``, ``fastkd.demo_seg``, ``fastkd.demo_det``).
+"""Pieces the demos share (``fastkd.demos.classification``, ``.detection``, ``.segmentation``).
 
 - :func:`select_device`: hide or require GPUs before torch initialises CUDA, and pick DeepSpeed's accelerator;
 - :func:`machine_name` / :func:`machine`: the CPU (cores) or the GPU, for result tables (``machine`` adds
@@ -85,11 +85,11 @@ def hide_numba_finalizer_noise(unraisable) -> None:
 
 
 def run(main: Callable[[], int]) -> int:
-    """``python -m fastkd.demo*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs).
+    """``python -m fastkd.demos.*``: ``main()``, then leave the process group (DeepSpeed keeps it between runs).
     A run whose loss became non-finite ends the demo with the trainer's one-line message and exit status 3
     (as ``fastkd train``), not a traceback."""
-    from .engine.dist import teardown
-    from .errors import EXIT_NONFINITE, NonFiniteLossError
+    from ..engine.dist import teardown
+    from ..errors import EXIT_NONFINITE, NonFiniteLossError
 
     try:
         return main()
@@ -167,8 +167,8 @@ def finished_run(name: str, run_dir: str, metric: str, wall: Optional[float] = N
     shows (name, model, steps, images, images/s, wall s, run dir, the alphas ``alpha: auto`` chose); the wall
     time is the span of the metrics log unless given. A run without an evaluation that has ``metric`` did not
     finish: a ConfigError naming the file."""
-    from .config import ConfigError
-    from .engine.metrics import read_metrics
+    from ..config import ConfigError
+    from ..engine.metrics import read_metrics
 
     if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         raise ConfigError(f"no finished {name} run in {run_dir}")
@@ -192,7 +192,7 @@ def earlier_run(summarize: Callable[[str, str], dict], name: str, path: str) -> 
     """``summarize(name, path)`` of a finished earlier run, for the table; None when there is none, and for an
     unfinished one (interrupted, or still running in another process), with a note, instead of ending the demo
     after the runs it trained."""
-    from .config import ConfigError
+    from ..config import ConfigError
 
     if not os.path.isfile(os.path.join(path, "metrics.jsonl")):
         return None
@@ -242,7 +242,7 @@ def run_plan(plan: Sequence[Tuple[str, int]], configs: Dict[Tuple[str, int], obj
     """Train every run of ``plan`` that ``configs`` holds, in order (the teacher then exported to ``teacher_pt``;
     ``after(name, cfg)`` after each); the others come from a finished earlier run in :func:`seed_run_dir`
     (:func:`earlier_run`: an unfinished one is left out with a note). Returns the summaries in plan order."""
-    from .engine.export import export_student
+    from ..engine.export import export_student
 
     results = []
     for name, k in plan:
@@ -323,7 +323,7 @@ def draw_compare(results: List[Result], out: str, key: str, *, metric: str, titl
                  loss="loss/ce") -> Optional[str]:
     """``out``: every student's ``metric`` and task ``loss`` over steps (mean and min-max band over its seeds),
     the teacher's ``key`` as a dashed line (:func:`fastkd.engine.plot.plot_compare`); None without a student."""
-    from .engine.plot import plot_compare
+    from ..engine.plot import plot_compare
 
     students = {n: [r["run_dir"] for r in rs] for n, rs in group(results).items() if n != "teacher"}
     if not students:

@@ -11,8 +11,9 @@ maximum plus a count):
 
 The sidecar ``<file>.beton.json`` holds the category map (``categories``: COCO id, name and label;
 ``label_to_category``: COCO id by label, index 0 unused), the annotation file, the options and what
-was clipped or skipped.  The .beton and its sidecar are written under temporary names and renamed at
-the end (the sidecar first): a .beton under its final name is always complete and has its map.
+was clipped or skipped.  Written by the writer core (:mod:`fastkd.data.writer`): the .beton and its
+sidecar appear under their final names at the end (the sidecar first), a .beton is always complete and
+has its map.
 
 Checks (one :class:`CocoFormatError` naming the file and the entry): not JSON, a missing top-level
 key, an entry without its keys or with wrong types, duplicate image ids, an annotation whose image or
@@ -27,13 +28,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from ..writer import beton_target, page_size, write_fields
 
 FIELDS = ("image", "boxes", "labels", "iscrowd", "num_boxes", "image_id", "orig_h", "orig_w")
 
@@ -184,16 +185,23 @@ def _check_files(annotations: str, images: List[CocoImage]) -> None:
             raise CocoFormatError(f"{name}: the file is {h}x{w} but its entry says {img.height}x{img.width}")
 
 
-class _Source:
-    """Writer source: one tuple per image in field order; a failing decode is recorded in
-    ``report_dir`` (an exception inside FFCV's writer processes would hang it) and a 1x1 image
-    written in its place, then the caller raises."""
+class _Samples:
+    """Writer samples: one tuple per image in field order; an image that does not decode (or not at the
+    size its entry says) raises, and the writer core reports it."""
 
-    def __init__(self, images: List[CocoImage], max_boxes: int, report_dir: str):
-        self.images, self.max_boxes, self.report_dir = images, max_boxes, report_dir
+    def __init__(self, images: List[CocoImage], max_boxes: int):
+        self.images, self.max_boxes = images, max_boxes
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def describe(self, i: int) -> str:
+        return self.images[i].path
+
+    def placeholder(self, i: int):
+        k = self.max_boxes
+        return (np.zeros((1, 1, 3), np.uint8), np.zeros((k, 4), np.float32), np.zeros(k, np.int32),
+                np.zeros(k, np.uint8), 0, 0, 1, 1)
 
     def __getitem__(self, i: int):
         import cv2
@@ -201,11 +209,8 @@ class _Source:
         img = self.images[i]
         pixels = cv2.imread(img.path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         if pixels is None or pixels.shape[:2] != (img.height, img.width):
-            with open(os.path.join(self.report_dir, str(i)), "w") as f:
-                f.write(img.path)
-            pixels = np.zeros((1, 1, 3), np.uint8)
-        else:
-            pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+            raise CocoFormatError(f"{img.path}: not decodable at {img.height}x{img.width}")
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
         k = len(img.boxes)
         boxes = np.zeros((self.max_boxes, 4), np.float32)
         labels = np.zeros(self.max_boxes, np.int32)
@@ -232,9 +237,6 @@ def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_q
     """COCO images + instances JSON -> ``out_path`` (.beton) and its sidecar ``out_path + '.json'``;
     ``progress``: FFCV's progress bar while writing."""
     from ffcv.fields import IntField, NDArrayField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    from .writers import _MIN_PAGE, _cap_workers, ffcv_progress
 
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
@@ -258,43 +260,28 @@ def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_q
               "labels": NDArrayField(np.dtype("<i4"), (max_boxes,)),
               "iscrowd": NDArrayField(np.dtype("<u1"), (max_boxes,)),
               "num_boxes": IntField(), "image_id": IntField(), "orig_h": IntField(), "orig_w": IntField()}
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    base = os.path.basename(out_path)
-    tmp = tempfile.mkdtemp(prefix=base + ".", suffix=".tmp", dir=out_dir)
-    try:
-        report_dir = os.path.join(tmp, "failed")
-        os.makedirs(report_dir)
-        tmp_beton, tmp_meta = os.path.join(tmp, base), os.path.join(tmp, base + ".json")
-        side = max(max(im.height, im.width) for im in index.images)
-        side = min(side, max_side) if max_side else side
-        page = _MIN_PAGE  # a page holds the largest sample (JPEG <= raw pixels); small pages waste less
-        while page < side * side * 3 + max_boxes * 9 + (1 << 16):
-            page *= 2
-        writer = DatasetWriter(tmp_beton, fields, num_workers=min(_cap_workers(num_workers), len(index.images)),
-                               page_size=page)
-        with ffcv_progress(progress):
-            writer.from_indexed_dataset(_Source(index.images, max_boxes, report_dir), chunksize=64)
-        failed = sorted(int(n) for n in os.listdir(report_dir))
+    side = max(max(im.height, im.width) for im in index.images)
+    side = min(side, max_side) if max_side else side
+    # a page holds the largest sample (JPEG <= raw pixels); small pages waste less
+    page = page_size(side * side * 3 + max_boxes * 9 + (1 << 16))
+    with beton_target(out_path, force=force) as target:
+        samples = _Samples(index.images, max_boxes)
+        failed = write_fields(target.tmp, fields, samples, placeholder=samples.placeholder,
+                              num_workers=num_workers, page=page, chunksize=64, progress=progress)
         if failed:
-            paths = [index.images[n].path for n in failed]
+            paths = [f.where for f in failed]
             raise CocoFormatError(f"{annotations}: {len(failed)} image file(s) could not be decoded: "
                                   f"{', '.join(paths[:5])}{' ...' if len(paths) > 5 else ''}")
         report = CocoWriteReport(out_path, len(index.images), sum(len(im.boxes) for im in index.images),
                                  sum(len(im.boxes) == 0 for im in index.images), index.clipped, index.skipped,
                                  time.perf_counter() - t0)
-        meta = {"kind": "coco-detection", "annotations": os.path.abspath(annotations),
-                "images_dir": os.path.abspath(images_dir), "categories": index.categories,
-                "label_to_category": index.label_to_category, "max_boxes": max_boxes,
-                "jpeg_quality": jpeg_quality, "max_side": max_side, "num_images": report.num_images,
-                "num_boxes": report.num_boxes, "empty_images": report.empty_images,
-                "clipped": index.clipped, "skipped": [list(s) for s in index.skipped]}
-        with open(tmp_meta, "w") as f:
-            json.dump(meta, f, indent=1)
-        os.replace(tmp_meta, out_path + ".json")
-        os.replace(tmp_beton, out_path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        target.sidecar = {
+            "kind": "coco-detection", "annotations": os.path.abspath(annotations),
+            "images_dir": os.path.abspath(images_dir), "categories": index.categories,
+            "label_to_category": index.label_to_category, "max_boxes": max_boxes,
+            "jpeg_quality": jpeg_quality, "max_side": max_side, "num_images": report.num_images,
+            "num_boxes": report.num_boxes, "empty_images": report.empty_images,
+            "clipped": index.clipped, "skipped": [list(s) for s in index.skipped]}
     return report
 
 

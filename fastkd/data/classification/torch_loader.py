@@ -1,5 +1,5 @@
-"""Fallback loader: a PyTorch DataLoader over an ImageFolder tree or in-memory IDX arrays, with the
-same transforms and the same batch contract as the FFCV loader.
+"""Classification's PyTorch loader (the fallback of the FFCV one): a PyTorch DataLoader over an ImageFolder
+tree or in-memory IDX arrays, with the same transforms and the same batch contract as the FFCV loader.
 
 Workers decode (PIL) and crop/resize/flip (:class:`SampleTransform`) each sample to uint8 HxWx3;
 the main process moves the uint8 batch to the device (pinned, non-blocking) and normalises it
@@ -12,11 +12,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from .base import EpochLoader, cpu_count
-from .transforms import (DEFAULT_CENTER_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, SampleTransform,
-                         normalize_coefficients, normalize_into)
+from ..base import EpochLoader, KeySampler, cpu_count
+from ..normalize import normalize_coefficients, normalize_into
+from .transforms import DEFAULT_CENTER_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, SampleTransform
 
 
 class _TransformedSource(Dataset):
@@ -30,20 +30,6 @@ class _TransformedSource(Dataset):
         index, epoch, size = key
         image, label = self.source[index]
         return torch.from_numpy(self.transform(image, index, epoch, size)), int(label)
-
-
-class KeySampler(Sampler):
-    """Yields the keys (e.g. (index, epoch, resolution)) the loader set for the coming epoch, in order
-    (also the detection loader's sampler)."""
-
-    def __init__(self):
-        self.keys = []
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
 
 
 class TorchLoader(EpochLoader):

@@ -15,8 +15,8 @@ from typing import Dict
 
 import numpy as np
 
-from .seg_sources import SegDataError, SegFolderSource
-from .seg_transforms import IGNORE_INDEX
+from .sources import SegDataError, SegFolderSource
+from .transforms import IGNORE_INDEX
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
            "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle",

@@ -1,7 +1,7 @@
 """The segmentation demo: fashion-scenes label maps, a PSPNet teacher, one student three ways, one table.
 
-    python -m fastkd.demo_seg                  (add --threads 1 on a loaded CPU)
-    python -m fastkd.demo_seg --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
+    python -m fastkd.demos.segmentation                  (add --threads 1 on a loaded CPU)
+    python -m fastkd.demos.segmentation --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
 
 1. write small fashion-scenes with per-pixel labels (``--scale 0.4``: 64x128 .. 128x96 canvases; 400
    train / 100 val scenes) to ``--data-dir`` unless its label maps are there;
@@ -20,7 +20,7 @@
 Every ``KEY=VALUE`` overrides all four runs, ``--teacher KEY=VALUE ...`` / ``--students KEY=VALUE ...``
 one side (put these list options after the plain overrides), e.g.
 
-    python -m fastkd.demo_seg --device cuda --students train.max_steps=2000
+    python -m fastkd.demos.segmentation --device cuda --students train.max_steps=2000
 
 Runs happen in this one process, one after the other.
 """
@@ -34,12 +34,17 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from .demo_common import (demo_parser, draw_compare, finished_run, group, machine, markdown_table, replace_run_dir, run,
+from ..resources import configs_dir
+from .common import (demo_parser, draw_compare, finished_run, group, machine, markdown_table, replace_run_dir, run,
                           run_cells, run_plan, seed_cells, seed_plan, seed_run_dir, seeded, select_device, threads,
                           verdict, write_report)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "configs", "demo_seg")
+CONFIGS = "demo_seg"
+"""The folder of the shipped configs (:mod:`fastkd.resources`) that holds this demo's configs."""
+
+
+def config_dir() -> str:
+    return os.path.join(configs_dir(), CONFIGS)
 STUDENTS = ("baseline", "mgd", "ct")
 RUNS = ("teacher",) + STUDENTS
 DESCRIPTIONS = {
@@ -51,8 +56,8 @@ DESCRIPTIONS = {
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = demo_parser("python -m fastkd.demo_seg", __doc__.split("\n")[0], runs=RUNS, out="runs/demo_seg",
-                    config_dir=CONFIG_DIR)
+    p = demo_parser("fastkd demo seg", __doc__.split("\n")[0], runs=RUNS, out="runs/demo_seg",
+                    config_dir=config_dir())
     p.add_argument("--data-dir", default="data/fashion-scenes-small",
                    help="the fashion-scenes root (written there when its label maps are absent)")
     p.add_argument("--train-scenes", type=int, default=400, help="training scenes to write (default 400)")
@@ -75,7 +80,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def prepare_data(args: argparse.Namespace) -> str:
     """Write the scenes with label maps unless both splits' label maps are there; returns a log line."""
-    from .data.scenes import ScenesConfig, write_fashion_scenes
+    from ..data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     masks = [os.path.join(args.data_dir, "masks", s) for s in ("train", "val")]
     if all(os.path.isdir(m) for m in masks):
@@ -91,7 +96,7 @@ def prepare_data(args: argparse.Namespace) -> str:
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):
     """The run's YAML + the demo's paths (run directory, data, the exported teacher) + the user's overrides;
     the k-th further seed adds k to the configured seed."""
-    from .config import load_config
+    from ..config import load_config
 
     side = args.teacher if name == "teacher" else args.students
     uses_teacher = name not in ("teacher", "baseline")
@@ -102,7 +107,7 @@ def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index:
 
 def train_one(name: str, cfg) -> Dict[str, object]:
     """Train one run from scratch (an earlier run directory of the same name is replaced)."""
-    from .engine.trainer import train
+    from ..engine.trainer import train
 
     replace_run_dir(cfg.run_dir)
     print(f"\n=== {name} (seed {cfg.seed}): {DESCRIPTIONS[name]} -> {cfg.run_dir}", flush=True)
@@ -112,8 +117,8 @@ def train_one(name: str, cfg) -> Dict[str, object]:
 
 
 def _parameters(model_cfg: Dict[str, object]) -> int:
-    from .models import build
-    from .tasks.segmentation.models import MODELS
+    from ..models import build
+    from ..tasks.segmentation.models import MODELS
 
     model = build(model_cfg["name"], model_cfg["num_classes"], zoo=MODELS, **model_cfg.get("kwargs", {}))
     return sum(p.numel() for p in model.parameters())
@@ -176,10 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from .config import ConfigError
-    from .data.seg_sources import SegDataError
-    from .engine.export import student_state_dict
-    from .tasks.segmentation.picture import draw_masks
+    from ..config import ConfigError
+    from ..data.segmentation.sources import SegDataError
+    from ..engine.export import student_state_dict
+    from ..tasks.segmentation.picture import draw_masks
 
     t_start = time.time()
     teacher_pt = os.path.join(args.out, "teacher.pt")
@@ -200,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, SegDataError, FileNotFoundError) as exc:  # the last: Fashion-MNIST is not installed
         print(f"fastkd demo_seg: error: {exc}", file=sys.stderr)
         return 2
-    command = "python -m fastkd.demo_seg " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m fastkd.demos.segmentation " + " ".join(sys.argv[1:] if argv is None else argv)
     n_val = len(os.listdir(os.path.join(args.data_dir, "masks", "val")))
     text = report(results, command.strip(), time.time() - t_start, [compare] * bool(compare) + [picture], n_val,
                   used_threads)
@@ -209,7 +214,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli() -> int:
-    """``python -m fastkd.demo_seg``: main, then leave the process group."""
+    """``python -m fastkd.demos.segmentation``: main, then leave the process group."""
     return run(main)
 
 

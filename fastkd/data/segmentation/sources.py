@@ -10,22 +10,21 @@ A *segmentation source* has ``__len__``, ``__getitem__(i) -> (HxWx3 uint8 RGB, H
   fashion-scenes OUT --masks`` (``OUT/<split>/*.jpg`` + ``OUT/masks/<split>/*.png``, 0 = background).
 - :func:`write_seg_beton`: a source -> ``.beton`` with fields ``image`` (the encoded image: the source
   file's PNG bytes as they are, or JPEG), ``label`` (PNG bytes of the mapped label map), ``height``,
-  ``width``; written under a temporary name and renamed at the end; a ``<file>.json`` sidecar keeps
-  the classes, ``num_classes`` and ``ignore_index``.
+  ``width``; written by the writer core (:mod:`fastkd.data.writer`, atomically); a ``<file>.json`` sidecar
+  keeps the classes, ``num_classes`` and ``ignore_index``.
 - :class:`BetonSegSource`: reads such a file back by random access (memory-mapped), in any process.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 
-from .seg_transforms import IGNORE_INDEX
+from ..writer import beton_target, page_size, write_fields
+from .transforms import IGNORE_INDEX
 
 FASHION_SCENES_CLASSES = ("background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                           "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -140,42 +139,32 @@ def fashion_scenes(root: str, split: str) -> SegFolderSource:
 
 
 class _Encoded:
-    """FFCV writer view of a source: (image bytes, label PNG bytes, h, w); failures are reported, not raised
-    (an exception inside FFCV's writer processes would hang it)."""
+    """The writer core's view of a source: (image bytes, label PNG bytes, h, w); a failing sample raises
+    and is reported by the core, naming its files."""
 
-    def __init__(self, source, image_format: str, jpeg_quality: int, report_dir: str):
-        self.source, self.image_format, self.quality, self.report_dir = source, image_format, jpeg_quality, report_dir
+    placeholder = (np.zeros(1, np.uint8), np.zeros(1, np.uint8), 0, 0)
+
+    def __init__(self, source, image_format: str, jpeg_quality: int):
+        self.source, self.image_format, self.quality = source, image_format, jpeg_quality
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def describe(self, i: int) -> str:
+        return self.source.describe(i)
+
     def __getitem__(self, i: int):
-        try:
-            data, label = self.source.encoded(i)
-            is_png = data[:8].tobytes() == b"\x89PNG\r\n\x1a\n"
-            if self.image_format == "jpg" or not is_png:  # re-encode (PNG files pass through untouched)
-                image = decode_image(data, self.source.describe(i))
-                if image.shape[:2] != label.shape:
-                    raise SegDataError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
-                ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, self.quality]) if self.image_format == "jpg" \
-                    else (".png", [])
-                data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)[1].ravel()
-            png = cv2.imencode(".png", label)[1].ravel()
-            return data, png, label.shape[0], label.shape[1]
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises naming the file
-            with open(os.path.join(self.report_dir, str(int(i))), "w") as f:
-                f.write(f"{self.source.describe(i)}: {type(exc).__name__}: {exc}")
-            empty = np.zeros(1, np.uint8)
-            return empty, empty, 0, 0
-
-
-def _page_size(source) -> int:
-    """FFCV page (a sample must fit in one): room for a raw RGB image and its label map, at least 8 MiB."""
-    need = getattr(source, "max_pixels", 0) * 4 + (1 << 16)
-    page = 1 << 23
-    while page < need:
-        page *= 2
-    return page
+        data, label = self.source.encoded(i)
+        is_png = data[:8].tobytes() == b"\x89PNG\r\n\x1a\n"
+        if self.image_format == "jpg" or not is_png:  # re-encode (PNG files pass through untouched)
+            image = decode_image(data, self.source.describe(i))
+            if image.shape[:2] != label.shape:
+                raise SegDataError(f"image {image.shape[:2]} and label {label.shape} sizes differ")
+            ext, params = (".jpg", [cv2.IMWRITE_JPEG_QUALITY, self.quality]) if self.image_format == "jpg" \
+                else (".png", [])
+            data = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)[1].ravel()
+        png = cv2.imencode(".png", label)[1].ravel()
+        return data, png, label.shape[0], label.shape[1]
 
 
 def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_quality: int = 95,
@@ -184,39 +173,23 @@ def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_qu
     kept byte for byte, other files re-encoded losslessly) or 'jpg' (re-encoded at ``jpeg_quality``);
     ``progress``: FFCV's progress bar while writing."""
     from ffcv.fields import BytesField, IntField
-    from ffcv.writer import DatasetWriter
-
-    from .writers import ffcv_progress
 
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
-    if os.path.exists(out_path) and not force:
-        raise FileExistsError(f"{out_path} exists; refusing to overwrite it (use --force)")
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out_path) + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    report_dir = tempfile.mkdtemp(prefix="fastkd-seg-write-")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = max(1, min(num_workers or cpus, cpus, len(source)))
-    try:
-        fields = {"image": BytesField(), "label": BytesField(), "height": IntField(), "width": IntField()}
-        writer = DatasetWriter(tmp, fields, num_workers=workers, page_size=_page_size(source))
-        with ffcv_progress(progress):
-            writer.from_indexed_dataset(_Encoded(source, image_format, jpeg_quality, report_dir), chunksize=16)
-        failures = [open(os.path.join(report_dir, n)).read() for n in sorted(os.listdir(report_dir), key=int)]
+    # FFCV page (a sample must fit in one): room for a raw RGB image and its label map, at least 8 MiB
+    page = page_size(getattr(source, "max_pixels", 0) * 4 + (1 << 16), 1 << 23)
+    fields = {"image": BytesField(), "label": BytesField(), "height": IntField(), "width": IntField()}
+    with beton_target(out_path, force=force) as target:
+        failures = write_fields(target.tmp, fields, _Encoded(source, image_format, jpeg_quality),
+                                placeholder=_Encoded.placeholder, num_workers=num_workers, page=page,
+                                chunksize=16, progress=progress)
         if failures:
+            listed = [f"{f.where}: {f.reason}" for f in failures[:3]]
             more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
-            raise SegDataError(f"cannot write {out_path}: " + "; ".join(failures[:3]) + more)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        shutil.rmtree(report_dir, ignore_errors=True)
-    meta = {"task": "segmentation", "num_samples": len(source), "classes": list(source.classes),
-            "num_classes": source.num_classes, "ignore_index": IGNORE_INDEX, "image_format": image_format}
-    with open(out_path + ".json", "w") as f:
-        json.dump(meta, f, indent=1)
+            raise SegDataError(f"cannot write {out_path}: " + "; ".join(listed) + more)
+        target.sidecar = {"task": "segmentation", "num_samples": len(source), "classes": list(source.classes),
+                          "num_classes": source.num_classes, "ignore_index": IGNORE_INDEX,
+                          "image_format": image_format}
     return len(source)
 
 
