@@ -251,3 +251,37 @@ def test_recipes_name_the_v1c_file_and_a_missing_one_stops_the_run_in_preflight(
     res = cli("train", path, cwd=tmp_path)
     assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "student.kwargs.init_backbone: checkpoints/resnet18_v1c-b5776b93.pth not found" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_training_run_starts_from_the_init_backbone_file(tmp_path):
+    """A real run (fashion-scenes, 2 steps) from an mmpretrain file: the log line, and the trained student's
+    backbone is the file's, moved by two small steps only (a random start is nowhere near it)."""
+    from tests.test_engine_deepspeed import _ok, fastkd
+    from tests.test_seg_data import write_scenes
+
+    write_scenes(str(tmp_path / "scenes"), "train", 8)
+    write_scenes(str(tmp_path / "scenes"), "val", 2)
+    state = tensors(layout("mmpretrain", base=8), seed=1)
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "in1k.pth")
+    student = {"base_channels": 8, "channels": 8, "aux_channels": 8, "init_backbone": str(tmp_path / "in1k.pth")}
+    cfg = {"task": "segmentation", "seed": 0, "run_dir": str(tmp_path / "run"),
+           "student": {"name": "pspnet_r18", "num_classes": 11, "kwargs": student},
+           "data": {"source": "fashion-scenes", "path": str(tmp_path / "scenes"), "image_size": 32, "num_workers": 0,
+                    "kwargs": {"img_scale": [56, 40]}},
+           "optim": {"name": "sgd", "lr": 1.0e-3}, "schedule": {"name": "constant"},
+           "train": {"epochs": 1, "max_steps": 2, "batch_size": 4, "progress": False, "eval_every": 0,
+                     "ckpt_every": 2},
+           "deepspeed": {"config": os.path.join(REPO, "configs", "deepspeed", "zero0.json")}}
+    with open(tmp_path / "seg.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    res = _ok(fastkd("train", str(tmp_path / "seg.yaml"), cwd=tmp_path))
+    assert (f"init_backbone: loaded {len(expected('mmpretrain', state))} tensors from {tmp_path / 'in1k.pth'} "
+            "(layout: mmpretrain ResNetV1c), ignored: head.fc.weight, head.fc.bias") in res.stderr
+    _ok(fastkd("export", str(tmp_path / "run"), "--out", str(tmp_path / "student.pt"), cwd=tmp_path))
+    trained = torch.load(tmp_path / "student.pt", weights_only=True)
+    fresh = build(base_channels=8, channels=8, aux_channels=8).state_dict()
+    for key, value in expected("mmpretrain", state).items():
+        if key.endswith(".weight") and value.dim() == 4:  # convolutions: two steps of lr 1e-3 from the file
+            assert (trained[key] - value).abs().max() < 0.05 * value.abs().max(), key
+            assert (fresh[key] - value).abs().max() > 0.2 * value.abs().max(), key
