@@ -152,9 +152,9 @@ def test_each_layout_loads_into_the_backbone(kind, depth, name, tmp_path):
         assert torch.equal(own[key], value), key
     if loaded is not None:
         assert loaded.count == len(want) and loaded.ignored == ["fc.weight", "fc.bias"]
-        assert loaded.describe("in1k.pth") == (f"init_backbone: loaded {len(want)} tensors from in1k.pth (layout: "
-                                               f"{ {'v1c': 'open-mmlab v1c', 'torchvision': 'torchvision ResNet'}[kind]}), "
-                                               "ignored: fc.weight, fc.bias")
+        name = {"v1c": "open-mmlab v1c", "torchvision": "torchvision ResNet"}[kind]
+        assert loaded.describe("in1k.pth") == (f"init_backbone: loaded {len(want)} tensors from in1k.pth "
+                                               f"(layout: {name}), ignored: fc.weight, fc.bias")
 
 
 def test_files_without_batchnorm_counters_load():
@@ -185,6 +185,9 @@ def test_strict_missing_extra_and_mis_shaped_keys_are_named():
     r50 = tensors(layout("v1c", depth=50))  # a ResNet-50 into an R18 student
     message = error(model, r50)
     assert "shape mismatches" in message and "unexpected" in message and "layer1.0.conv3.weight" in message
+    whole = {f"backbone.{k}": v for k, v in tensors(layout("v1c")).items() if not k.startswith("fc.")}
+    whole["decode_head.conv_seg.weight"] = torch.zeros(19, 128, 1, 1)  # an mmseg model, not an ImageNet backbone
+    assert "whole segmentation model: convert it with `fastkd convert mmseg`" in error(model, whole)
     state = tensors(layout("v1c", base=32))
     assert "stem.0.weight [16, 3, 3, 3] vs [32, 3, 3, 3]" in error(model, state)
 
@@ -222,7 +225,8 @@ def test_convert_backbone_cli(tmp_path):
     torch.save({"meta": {}, "state_dict": state}, tmp_path / "mmpretrain.pth")
     res = cli("convert", "backbone", "mmpretrain.pth", "r18.pt", "--model", "pspnet_r18", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert f"wrote r18.pt: {len(expected('mmpretrain', state))} backbone tensors" in res.stdout and "mmpretrain ResNetV1c" in res.stdout
+    assert f"wrote r18.pt: {len(expected('mmpretrain', state))} backbone tensors" in res.stdout
+    assert "(layout: mmpretrain ResNetV1c); fits pspnet_r18" in res.stdout
     assert "ignored: head.fc.weight, head.fc.bias" in res.stdout
     out = torch.load(tmp_path / "r18.pt", weights_only=True)
     assert out.keys() == expected("mmpretrain", state).keys()

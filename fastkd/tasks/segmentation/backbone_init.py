@@ -131,23 +131,26 @@ def check_fit(model: nn.Module, state: Dict[str, torch.Tensor], layout: str, cul
               options: str = "student.kwargs") -> None:
     """ConfigError (one line, starting with ``culprit``) unless ``state`` covers the model's backbone exactly
     (``options``: where the model's options are set, for the hint about its stem)."""
-    deep = getattr(model, "deep_stem", True)
-    if layout in ("v1c", "mmpretrain") and not deep or layout == "torchvision" and deep:
-        has, wants = (("a deep stem (three 3x3 convs, ResNet-V1c)", "a plain 7x7 stem (deep_stem: false)")
-                      if deep is False else ("a plain 7x7 stem (conv1, bn1)", "a deep stem (three 3x3 convs, ResNet-V1c)"))
-        hint = (f"use the open-mmlab resnetXX_v1c weights (or mmpretrain's ResNetV1c), or set {options}.deep_stem: false"
-                if deep else f"remove {options}.deep_stem: false")
-        raise ConfigError(f"{culprit} is a {LAYOUTS[layout]} checkpoint with {has}, and "
-                          f"{type(model).__name__} has {wants}: {hint}")
+    deep, file_deep = bool(getattr(model, "deep_stem", True)), layout != "torchvision"
+    if deep != file_deep:
+        stems = {True: "a deep stem (three 3x3 convs, ResNet-V1c)", False: "a plain 7x7 stem (conv1, bn1)"}
+        hint = (f"use the open-mmlab resnetXX_v1c weights (or mmpretrain's ResNetV1c), or set "
+                f"{options}.deep_stem: false" if deep else f"remove {options}.deep_stem: false")
+        raise ConfigError(f"{culprit} is a {LAYOUTS[layout]} checkpoint with {stems[file_deep]}, and the model has "
+                          f"{stems[deep]}: {hint}")
     own = backbone_keys(model)
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     bad = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
            if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or bad:
-        parts = [f"{what} ({len(keys)}): {_listing(keys)}" for what, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatches (file vs model)", bad)) if keys]
-        raise ConfigError(f"{culprit} ({LAYOUTS[layout]} layout) does not fit the model's backbone: " + "; ".join(parts))
+        found = (("missing", missing), ("unexpected", unexpected), ("shape mismatches (file vs model)", bad))
+        parts = [f"{what} ({len(keys)}): {_listing(keys)}" for what, keys in found if keys]
+        if any(k.startswith(("decode_head.", "auxiliary_head.")) for k in unexpected):
+            parts.append("this is a whole segmentation model: convert it with `fastkd convert mmseg` and give it "
+                         "as student.checkpoint")
+        raise ConfigError(f"{culprit} ({LAYOUTS[layout]} layout) does not fit the model's backbone: "
+                          + "; ".join(parts))
 
 
 def init_backbone(model: nn.Module, state: Dict[str, torch.Tensor], path: str,
@@ -179,8 +182,8 @@ def convert_file(src: str, dst: str, *, layout: Optional[str] = None, model: Opt
                  num_classes: int = 19, force: bool = False) -> Tuple[Dict[str, torch.Tensor], Loaded]:
     """Write the backbone of ImageNet checkpoint ``src`` to ``dst`` (atomically) in the layout ``init_backbone``
     reads directly: v1c (fastkd's names) for a deep stem, torchvision's for a plain one; the classifier and
-    any ``backbone.`` / ``state_dict`` wrapping left out. With ``model`` (e.g. ``pspnet_r18``) it is first loaded strictly into that model,
-    so a wrong depth or stem fails before anything is written."""
+    any ``backbone.`` / ``state_dict`` wrapping left out. With ``model`` (e.g. ``pspnet_r18``) it is first
+    checked strictly against that model's backbone, so a wrong depth fails before anything is written."""
     from ...models.loading import load_state_dict_file
 
     if os.path.exists(dst) and not force:
