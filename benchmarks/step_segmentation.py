@@ -37,6 +37,7 @@ def build(shape: str, variant: str, batch, device, dtype):
     tree = load_yaml(CONFIG)
     tree["student"]["name"], tree["teacher"]["name"] = student_name, teacher_name
     tree["teacher"]["checkpoint"] = "unused: random weights"  # required by the config; never loaded here
+    tree["student"].get("kwargs", {}).pop("init_backbone", None)  # random weights: the step's time is the same
     tree["distill"]["backend"] = backend
     tree["train"]["compile"] = compile
     cfg = build_config(tree, source=CONFIG)

@@ -6,6 +6,7 @@
     fastkd export runs/x --out student.pt
     fastkd plot runs/x
     fastkd convert mmseg CKPT OUT [--model pspnet_r101]   (mmsegmentation checkpoint -> native keys)
+    fastkd convert backbone SRC OUT [--model pspnet_r18]  (ImageNet ResNet: v1c / mmpretrain / torchvision layout)
     fastkd convert mmdet CKPT OUT                         (mmdetection ResNet/ResNeXt + FPN -> torchvision keys)
     fastkd demo [cls|det|seg] [--device cuda] [KEY=VALUE ...]   (the demos, fastkd/demos/)
 
@@ -129,6 +130,20 @@ def cmd_convert_mmseg(args) -> int:
     return 0
 
 
+def cmd_convert_backbone(args) -> int:
+    from .tasks.segmentation.backbone_init import LAYOUTS, convert_file
+    try:
+        _, loaded = convert_file(args.checkpoint, args.out, layout=args.layout, model=args.model,
+                                 num_classes=args.num_classes, force=args.force)
+    except (ValueError, FileExistsError) as exc:  # an unknown --model, an existing OUT
+        raise ConfigError(str(exc)) from None
+    ignored = f"; ignored: {', '.join(loaded.ignored)}" if loaded.ignored else ""
+    checked = f"; fits {args.model}" if args.model else ""
+    print(f"wrote {args.out}: {loaded.count} backbone tensors from {args.checkpoint} "
+          f"(layout: {LAYOUTS[loaded.layout]}){checked}{ignored}")
+    return 0
+
+
 def cmd_convert_mmdet(args) -> int:
     from .tasks.detection.convert_mmdet import convert_file
     conv = convert_file(args.checkpoint, args.out)
@@ -193,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--num-classes", type=int, default=19, help="classes of --model (default 19, Cityscapes)")
     c.add_argument("--force", action="store_true", help="overwrite OUT")
     c.set_defaults(func=cmd_convert_mmseg)
+    c = kinds.add_parser("backbone", help="ImageNet ResNet backbone (open-mmlab v1c, mmpretrain or torchvision "
+                                          "layout) -> the file segmentation's init_backbone reads")
+    c.add_argument("checkpoint", help="ImageNet checkpoint (.pth), e.g. resnet18_v1c-b5776b93.pth")
+    c.add_argument("out", help="output state_dict file")
+    c.add_argument("--layout", choices=["v1c", "mmpretrain", "torchvision"], default=None,
+                   help="the layout SRC must be in (default: recognised from its stem keys)")
+    c.add_argument("--model", default=None, help="check by loading into this model's backbone (e.g. pspnet_r18)")
+    c.add_argument("--num-classes", type=int, default=19, help="classes of --model (default 19, Cityscapes)")
+    c.add_argument("--force", action="store_true", help="overwrite OUT")
+    c.set_defaults(func=cmd_convert_backbone)
     c = kinds.add_parser("mmdet", help="mmdetection ResNet/ResNeXt + FPN (+ DCN, RetinaNet head) -> torchvision layout")
     c.add_argument("checkpoint", help="mmdetection .pth")
     c.add_argument("out", help="output state_dict (.pt)")

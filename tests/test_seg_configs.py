@@ -29,6 +29,8 @@ def test_recipe_follows_dense_md(path):
     assert cfg.task == "segmentation" and cfg.student.num_classes == 19
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
     assert (cfg.schedule.name, cfg.schedule.power, cfg.schedule.min_lr) == ("poly", 0.9, 1e-4)
+    # every student starts from mmseg's ImageNet backbone (open-mmlab://resnet18_v1c)
+    assert cfg.student.kwargs["init_backbone"] == "checkpoints/resnet18_v1c-b5776b93.pth"
     assert cfg.train.max_steps == 40000 and 8 <= cfg.train.batch_size <= 16 and cfg.train.sync_bn
     kw = cfg.data.kwargs
     assert (kw["crop_size"], kw["ratio_range"], kw["cat_max_ratio"], kw["img_scale"]) == (
@@ -46,7 +48,7 @@ def test_recipe_follows_dense_md(path):
 
 @pytest.mark.parametrize("path", [p for p in CITYSCAPES if "baseline" not in p], ids=os.path.basename)
 def test_pairs_fit_the_models(path):
-    cfg = load_config(path)
+    cfg = load_config(path, ["student.kwargs={}"])  # shapes only: no ImageNet weights to load
     with torch.device("meta"):  # shapes only: the 68 M-parameter teacher costs nothing there
         task = SegmentationTask(cfg)
         student, teacher = task.build_model(cfg.student, "student").eval(), task.build_model(cfg.teacher, "teacher").eval()

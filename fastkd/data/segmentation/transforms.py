@@ -16,7 +16,7 @@ Training, in mmseg's order (numpy / OpenCV, on uint8 HxWx3 RGB images and HxW ui
 
 Every draw comes from ``np.random.default_rng(SeedSequence([seed, epoch, index]))``: the same sample of
 the same epoch is transformed identically on every run, worker count and resume.  Normalisation
-happens on the device (:func:`fastkd.data.transforms.normalize_into`).  Evaluation takes the image
+happens on the device (:func:`fastkd.data.normalize.normalize_into`).  Evaluation takes the image
 and its label as stored (full resolution, no resize).
 """
 from __future__ import annotations

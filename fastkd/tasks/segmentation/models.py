@@ -5,6 +5,7 @@ the configs behind MGD's and CT's Cityscapes numbers), with torchvision-style mo
 ``fastkd convert mmseg`` maps a checkpoint onto it key by key:
 
     stem           3x3/2 conv 32 -> 3x3 conv 32 -> 3x3 conv 64 (BN + ReLU after each), then 3x3/2 max-pool
+                   (``deep_stem=False``: torchvision's 7x7/2 conv 64 + BN + ReLU instead)
     layer1..4      strides 1, 2, 1, 1 and dilations 1, 1, 2, 4: stride 8 from layer2 on; the first block
                    of a dilated stage uses half the stage's dilation (mmseg's contract_dilation, the same
                    as torchvision's replace_stride_with_dilation). BasicBlocks dilate their first 3x3 conv
@@ -145,19 +146,26 @@ class SegmentationModel(nn.Module):
 
     ``base_channels`` (64) sets the stem width and the stage widths (x1, x2, x4, x8, as mmseg's ResNet);
     ``channels`` / ``aux_channels`` the decode / auxiliary head widths (``aux_channels=0``: no auxiliary
-    head); ``head`` is ``psp`` or ``aspp``.
+    head); ``head`` is ``psp`` or ``aspp``; ``deep_stem=False`` replaces the three 3x3 stem convs with
+    torchvision's 7x7 one (ResNet-V1b), so that torchvision's ImageNet ResNets can initialise the backbone.
     """
 
     def __init__(self, block, layers: Sequence[int], head: str, num_classes: int, *, channels: int,
                  aux_channels: Optional[int] = 0, in_channels: int = 3, base_channels: int = 64,
-                 dropout: float = 0.1, strides: Sequence[int] = STRIDES, dilations: Sequence[int] = DILATIONS):
+                 dropout: float = 0.1, strides: Sequence[int] = STRIDES, dilations: Sequence[int] = DILATIONS,
+                 deep_stem: bool = True):
         super().__init__()
         if len(layers) != 4 or len(strides) != 4 or len(dilations) != 4:
             raise ValueError(f"layers, strides and dilations need 4 entries each, got {list(layers)}, "
                              f"{list(strides)}, {list(dilations)}")
         stem_channels, half = base_channels, base_channels // 2
-        self.stem = nn.Sequential(*conv_bn_relu(in_channels, half, 3, stride=2), *conv_bn_relu(half, half, 3),
-                                  *conv_bn_relu(half, stem_channels, 3))
+        self.deep_stem = bool(deep_stem)
+        if self.deep_stem:  # ResNet-V1c: keys stem.{0,1,3,4,6,7}.*
+            self.stem = nn.Sequential(*conv_bn_relu(in_channels, half, 3, stride=2), *conv_bn_relu(half, half, 3),
+                                      *conv_bn_relu(half, stem_channels, 3))
+        else:  # torchvision's / ResNet-V1b's 7x7/2 conv: keys stem.{0,1}.* (torchvision's conv1, bn1)
+            self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 7, stride=2, padding=3, bias=False),
+                                      nn.BatchNorm2d(stem_channels), nn.ReLU(inplace=True))
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_channels: Dict[str, int] = {}
         self.feature_reductions: Dict[str, int] = {}

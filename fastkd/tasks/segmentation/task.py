@@ -13,6 +13,12 @@
   logits, mIoU / mAcc / aAcc / per-class IoU summed over every rank (:mod:`fastkd.tasks.segmentation.miou`): the
   numbers do not depend on ``val_batch_size`` or on which images share a batch.
 
+Model options (``student.kwargs``): the factory's (``base_channels``, ``channels``, ``aux_channels``, ``dropout``,
+``deep_stem``) and ``init_backbone: PATH``, ImageNet weights for the backbone in the open-mmlab v1c,
+mmpretrain or torchvision layout (:mod:`fastkd.tasks.segmentation.backbone_init`; strict, one log line; a
+missing file stops the run in preflight). A teacher loads ``teacher.checkpoint`` whole and takes no
+``init_backbone``.
+
 Data config (``data:``): ``source`` ffcv | cityscapes | fashion-scenes, ``path`` (a folder of
 ``train.beton`` / ``val.beton``, a Cityscapes root, or a fashion-scenes root), ``val_path``, ``mean`` /
 ``std`` (default ImageNet's, as mmseg's Cityscapes configs), ``num_workers``, ``image_size`` (the crop
@@ -22,13 +28,15 @@ and ``val_batch_size`` (default 1; images of different sizes in a batch are run 
 """
 from __future__ import annotations
 
+import os
+from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import ConfigError, KDConfig
+from ...config import ConfigError, KDConfig, ModelConfig
 from ...data import build_loaders
 from ...data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize_coefficients
 from ...data.segmentation.loader import SegBatch
@@ -46,6 +54,19 @@ def seg_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: 
     return loss / labels.numel()
 
 
+def _check_init_backbone(mcfg: ModelConfig, role: str) -> None:
+    """ConfigError unless ``mcfg.kwargs.init_backbone`` is a file a student can start from."""
+    path, key = mcfg.kwargs["init_backbone"], f"{role}.kwargs.init_backbone"
+    if role == "teacher":
+        raise ConfigError(f"{key}: a teacher loads its whole model from teacher.checkpoint; ImageNet weights start "
+                          "a model that is trained (a teacher is trained as the student of a baseline run)")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{key}: a path to an ImageNet backbone checkpoint, got {path!r}")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{key}: {path} not found (ImageNet backbone weights, e.g. open-mmlab's resnet18_v1c: "
+                          "https://download.openmmlab.com/pretrain/third_party/resnet18_v1c-b5776b93.pth)")
+
+
 class SegmentationTask(Task):
     """Semantic segmentation as a fastkd task (see the module docstring)."""
 
@@ -61,6 +82,30 @@ class SegmentationTask(Task):
         self.mean = tuple(data.mean) if custom else IMAGENET_MEAN
         self.std = tuple(data.std) if custom else IMAGENET_STD
         self._coeffs: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # -- models ----------------------------------------------------------------------------------------------
+    def build_model(self, mcfg: ModelConfig, role: str) -> nn.Module:
+        """The model; ``kwargs.init_backbone: PATH`` (a student's) loads ImageNet weights into its backbone
+        (:mod:`fastkd.tasks.segmentation.backbone_init`: v1c, mmpretrain or torchvision layout, strict)."""
+        path = mcfg.kwargs.get("init_backbone")
+        if path is None:
+            return super().build_model(mcfg, role)
+        _check_init_backbone(mcfg, role)
+        model = super().build_model(replace(mcfg, kwargs={k: v for k, v in mcfg.kwargs.items()
+                                                          if k != "init_backbone"}), role)
+        from .backbone_init import init_from_file
+
+        init_from_file(model, path, f"{role}.kwargs.init_backbone")
+        return model
+
+    def preflight(self) -> None:
+        """The ``init_backbone`` files exist (a run names a missing one before any set-up)."""
+        if self.cfg is None:
+            return
+        for role in ("student", "teacher"):
+            mcfg = getattr(self.cfg, role)
+            if mcfg is not None and mcfg.kwargs.get("init_backbone") is not None:
+                _check_init_backbone(mcfg, role)
 
     # -- data ------------------------------------------------------------------------------------------------
     def build_loaders(self, *, micro: int, grad_accum: int, rank: int, world: int, seed: int, device,
