@@ -223,6 +223,9 @@ def _write_coco(args) -> int:
 
 
 def _inspect(args) -> int:
+    from .base import ffcv_import
+
+    ffcv_import()
     from ffcv.reader import Reader
 
     from .ffcv_loader import sidecar

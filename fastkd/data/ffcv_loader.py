@@ -22,14 +22,18 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
-from ffcv.pipeline.state import State
-from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
-from ffcv.traversal_order.base import TraversalOrder
+
+from .base import ffcv_import
+
+ffcv_import()  # FFCV's first import would set torch's thread count to 1
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 from .base import EpochLoader, cpu_count
 from .ffcv_seeded import SeededRandomResizedCrop
@@ -130,7 +134,8 @@ class TorchThreads:
     """FFCV sets torch's intra-op thread count to its worker count (``Compiler.set_num_threads``,
     ffcv/pipeline/compiler.py) when a Loader is built and again in its epoch iterator's thread before the first
     batch: a run's own count (``--threads``, OMP_NUM_THREADS) would silently become ``num_workers``. Captured
-    before the Loader is built; :meth:`restore` after the build and at each batch gives the process its count back."""
+    before the Loader is built; :meth:`restore` after the build and at each batch gives the process its count back.
+    (FFCV's first import sets it to 1: :func:`fastkd.data.base.ffcv_import` keeps the count there.)"""
 
     def __init__(self):
         self.count = torch.get_num_threads()
