@@ -438,3 +438,40 @@ def test_ffcv_detection_loader_leaves_torch_thread_count_alone(betons):
             assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+_THREADS_SCRIPT = """
+import sys, torch
+torch.set_num_threads(3)
+from fastkd.engine.preflight import beton_problem
+from fastkd.data.detection.loader import make_loader
+seen = []
+assert beton_problem(sys.argv[1]) is None
+seen.append(("header read", torch.get_num_threads()))
+for source in ("torch", "ffcv"):
+    loader = make_loader(sys.argv[1], source=source, train=True, batch_size=2, min_size=160,
+                         max_size=224, **({"num_workers": 2} if source == "ffcv" else {}))
+    seen.append((source + " built", torch.get_num_threads()))
+    for _ in loader:
+        seen.append((source + " batch", torch.get_num_threads()))
+import fastkd.data.classification.ffcv_loader
+seen.append(("classification loader imported", torch.get_num_threads()))
+print(seen)
+"""
+
+
+def test_importing_ffcv_leaves_torch_thread_count_alone(betons):
+    """FFCV's first import sets torch's thread count to 1 (ffcv/pipeline/compiler.py, module level): in a
+    fresh process that asked for 3 threads, reading a .beton's header, building and iterating either
+    detection loader, and importing the classification loader all leave the count at 3."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("OMP_NUM_THREADS", None)
+    done = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, betons["train"]], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own script's printed list
+    assert len(seen) > 4 and all(n == 3 for _, n in seen), seen

@@ -8,6 +8,7 @@ with the import arrows of each layer.
 from __future__ import annotations
 
 import ast
+import gc
 import os
 import sys
 from typing import Dict, List, Optional, Set, Tuple
@@ -48,6 +49,19 @@ def module_name(path: str) -> str:
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
 
 
+def parse(source: str, path: str) -> ast.AST:
+    """ast.parse with the garbage collector paused: on Python 3.11, a finalizer that runs inside the AST's
+    construction (numba's, left by earlier FFCV tests in the same process) can end it in "SystemError: AST
+    constructor recursion depth mismatch" (the recursion-depth bookkeeping of CPython 3.11's AST objects)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source, path)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class Graph:
     """Files and the files each one imports (``arrows[a]``: {b: [line numbers]})."""
 
@@ -66,7 +80,7 @@ class Graph:
         module = module_name(path)
         package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
         with open(os.path.join(REPO, path)) as f:
-            tree = ast.parse(f.read(), path)
+            tree = parse(f.read(), path)
         out: Dict[str, List[int]] = {}
         for node in ast.walk(tree):
             targets: List[Optional[str]] = []

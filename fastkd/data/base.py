@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
@@ -19,6 +20,24 @@ import torch
 from torch.utils.data import Sampler
 
 from .order import epoch_order, num_batches
+
+
+def ffcv_import() -> None:
+    """Import FFCV, keeping torch's intra-op thread count.
+
+    FFCV's first import runs ``Compiler.set_num_threads(1)`` (module level of ``ffcv/pipeline/compiler.py``),
+    which calls ``torch.set_num_threads(1)``: a process that merely reads a .beton's header, writes one or
+    builds either detection loader would drop to one torch thread, whatever its ``--threads`` or
+    OMP_NUM_THREADS said.  Every fastkd module imports FFCV after calling this; later calls cost a dict
+    lookup.  Import errors propagate (callers that probe for FFCV catch them)."""
+    if "ffcv.pipeline.compiler" in sys.modules:
+        return
+    count = torch.get_num_threads()
+    try:
+        import ffcv.pipeline.compiler  # noqa: F401 - imports the whole package
+    finally:
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
 
 
 def cpu_count() -> int:

@@ -63,6 +63,9 @@ def user_error(e: Exception) -> int:
 
 
 def _inspect(args) -> int:
+    from .base import ffcv_import
+
+    ffcv_import()
     from ffcv.reader import Reader
 
     from .format import sidecar

@@ -19,9 +19,13 @@ from typing import Callable, Tuple
 
 import numba
 import numpy as np
-from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.pipeline.compiler import Compiler
+
+from .base import ffcv_import
+
+ffcv_import()  # FFCV's first import would set torch's thread count to 1
+from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
 
 from .seeded import crop_box, flips, seed_key
 

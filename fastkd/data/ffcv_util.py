@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from ffcv.loader import Loader
-from ffcv.traversal_order.base import TraversalOrder
+
+from .base import ffcv_import
+
+ffcv_import()  # FFCV's first import would set torch's thread count to 1
+from ffcv.loader import Loader  # noqa: E402
+from ffcv.traversal_order.base import TraversalOrder  # noqa: E402
 
 
 class GivenOrder(TraversalOrder):

@@ -13,6 +13,9 @@ SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "test"), "test"
 def ffcv_available() -> Tuple[bool, str]:
     """(importable, why not)."""
     try:
+        from .base import ffcv_import
+
+        ffcv_import()
         import ffcv  # noqa: F401
         from ffcv.loader import Loader  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure (missing libs, ABI) means "use torch"

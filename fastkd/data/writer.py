@@ -69,6 +69,9 @@ def ffcv_progress(enabled: bool):
         return
     import functools
 
+    from .base import ffcv_import
+
+    ffcv_import()
     from ffcv import writer
 
     drawn = writer.tqdm
@@ -104,6 +107,9 @@ def write_fields(path: str, fields: dict, samples, *, placeholder: Union[tuple, 
                  chunksize: int = 100, progress: bool = True) -> List[Failure]:
     """One pass of FFCV's writer: ``samples[i]`` (a tuple in ``fields`` order) for every ``i`` of
     ``indices`` (default all) into ``path``; returns the samples that failed, by index."""
+    from .base import ffcv_import
+
+    ffcv_import()
     from ffcv.writer import DatasetWriter
 
     n = len(samples) if indices is None else len(indices)

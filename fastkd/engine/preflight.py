@@ -72,6 +72,9 @@ def check_beton(path: str) -> None:
 
 def beton_problem(path: str) -> Optional[str]:
     import numpy as np
+    from ..data.base import ffcv_import
+
+    ffcv_import()
     from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 
     size = os.path.getsize(path)

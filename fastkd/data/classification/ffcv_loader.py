@@ -21,13 +21,17 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
-from ffcv.pipeline.state import State
-from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from ..base import ffcv_import
+
+ffcv_import()  # FFCV's first import would set torch's thread count to 1
+from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder  # noqa: E402
+from ffcv.loader import Loader, OrderOption  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.operation import Operation  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage  # noqa: E402
 
 from ..base import EpochLoader, cpu_count
 from ..ffcv_seeded import SeededRandomResizedCrop

@@ -125,6 +125,9 @@ def write_beton(source, out_path: str, *, write_mode: str = "proportion",
     on_corrupt: 'skip' (leave the file out, count and name it in the report) or 'error' (raise
     CorruptImageError naming the file; nothing is written under ``out_path``).
     """
+    from ..base import ffcv_import
+
+    ffcv_import()
     from ffcv.fields import IntField, RGBImageField
 
     if write_mode not in WRITE_MODES:
@@ -193,6 +196,9 @@ def write_imagefolder_beton(root: str, out_path: str, **kwargs) -> WriteReport:
 
 def num_samples(path: str) -> int:
     """Samples in a .beton file (reads the header only)."""
+    from ..base import ffcv_import
+
+    ffcv_import()
     from ffcv.reader import Reader
 
     return int(Reader(path).num_samples)
@@ -204,6 +210,10 @@ def read_beton(path: str) -> Iterator[Tuple[np.ndarray, int]]:
     For inspection and tests; training reads through :mod:`fastkd.data.classification.ffcv_loader`.
     """
     import cv2
+
+    from ..base import ffcv_import
+
+    ffcv_import()
     from ffcv.fields.rgb_image import IMAGE_MODES
     from ffcv.reader import Reader
 

@@ -236,6 +236,9 @@ def write_coco_beton(images_dir: str, annotations: str, out_path: str, *, jpeg_q
                      progress: bool = True) -> CocoWriteReport:
     """COCO images + instances JSON -> ``out_path`` (.beton) and its sidecar ``out_path + '.json'``;
     ``progress``: FFCV's progress bar while writing."""
+    from ..base import ffcv_import
+
+    ffcv_import()
     from ffcv.fields import IntField, NDArrayField, RGBImageField
 
     if not 1 <= jpeg_quality <= 100:

@@ -19,11 +19,15 @@ from dataclasses import replace
 from typing import Callable, Tuple
 
 import numpy as np
-from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
-from ffcv.pipeline.allocation_query import AllocationQuery
-from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.state import State
+
+from ..base import ffcv_import
+
+ffcv_import()  # FFCV's first import would set torch's thread count to 1
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder  # noqa: E402
+from ffcv.libffcv import imdecode, resize_crop  # noqa: E402
+from ffcv.pipeline.allocation_query import AllocationQuery  # noqa: E402
+from ffcv.pipeline.compiler import Compiler  # noqa: E402
+from ffcv.pipeline.state import State  # noqa: E402
 
 from .batch import bucket_shapes, resized_hw
 

@@ -34,6 +34,9 @@ class _Index:
     """Per-sample numbers every loader needs, from the .beton's metadata table (no page reads)."""
 
     def __init__(self, path: str):
+        from ..base import ffcv_import
+
+        ffcv_import()
         from ffcv.reader import Reader
 
         if not os.path.isfile(path):
@@ -147,6 +150,9 @@ class FFCVDetectionLoader(DetectionLoader):
 
     def __init__(self, path: str, *, num_workers: Optional[int] = None, os_cache: bool = True,
                  batches_ahead: int = 2, **kwargs):
+        from ..base import ffcv_import
+
+        ffcv_import()
         from ffcv.fields.ndarray import NDArrayDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import ToTensor

@@ -172,6 +172,9 @@ def write_seg_beton(source, out_path: str, *, image_format: str = "png", jpeg_qu
     """Write ``source`` to ``out_path``; returns the number of samples. ``image_format``: 'png' (PNG files
     kept byte for byte, other files re-encoded losslessly) or 'jpg' (re-encoded at ``jpeg_quality``);
     ``progress``: FFCV's progress bar while writing."""
+    from ..base import ffcv_import
+
+    ffcv_import()
     from ffcv.fields import BytesField, IntField
 
     if image_format not in ("png", "jpg"):
@@ -197,6 +200,9 @@ class BetonSegSource:
     """Random access to a segmentation ``.beton`` (memory-mapped; opened lazily in each process)."""
 
     def __init__(self, path: str):
+        from ..base import ffcv_import
+
+        ffcv_import()
         from ffcv.reader import Reader
 
         if not os.path.isfile(path):
