@@ -131,7 +131,7 @@ class PairConfig:
 
     Each loss has its own subclass with its own fields (``MGDPairConfig``, ``CTPairConfig``), registered
     under its name; ``loss:`` picks it, in YAML and here: ``PairConfig(student=..., teacher=..., loss="ct")``
-    builds a ``CTPairConfig``. A loss of one's own: ``fastkd.losses.register_loss`` (README, "The losses").
+    builds a ``CTPairConfig``. A loss of one's own: ``fastkd.losses.register_loss`` (docs/losses.md).
     """
     student: str
     """Student feature name (a key of the student's feature dict, e.g. layer4)."""

@@ -28,7 +28,7 @@ def _fashion_mnist():
 
 def test_demo_configs_validate_and_agree():
     cfgs = {n: load_config(os.path.join(demo_seg.config_dir(), f"{n}.yaml")) for n in demo_seg.RUNS}
-    assert all(c.task == "segmentation" and c.data.source == "fashion-scenes" for c in cfgs.values())
+    assert all(c.task == "segmentation" and c.data.source == "ffcv" for c in cfgs.values())
     teacher = cfgs["teacher"].student
     for name in demo_seg.STUDENTS:  # one student, one schedule, one data pipeline
         c = cfgs[name]

@@ -4,7 +4,8 @@
     python -m fastkd.demos.segmentation --seeds 3        (every student for seeds 0, 1, 2: mean, spread and a verdict)
 
 1. write small fashion-scenes with per-pixel labels (``--scale 0.4``: 64x128 .. 128x96 canvases; 400
-   train / 100 val scenes) to ``--data-dir`` unless its label maps are there;
+   train / 100 val scenes) to ``--data-dir`` unless its label maps are there, and their two ``.beton`` files,
+   which every run reads (``data.source: ffcv``);
 2. train the teacher (``configs/demo_seg/teacher.yaml``: PSPNet-R18 D8 at half width) and export it to
    ``OUT/teacher.pt``;
 3. train the same student (PSPNet-R18 D8 at quarter width) three ways, for each student seed (``--seeds N``:
@@ -79,18 +80,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def prepare_data(args: argparse.Namespace) -> str:
-    """Write the scenes with label maps unless both splits' label maps are there; returns a log line."""
+    """Write the scenes with label maps unless both splits' label maps are there, and their two segmentation
+    ``.beton`` files (``--data-dir``/train.beton, val.beton: PNG, lossless) unless they are there and not older
+    than the scenes; returns a log line. The runs read the ``.beton`` files (``data.source: ffcv``)."""
+    from ..data.segmentation.sources import fashion_scenes, write_seg_beton
     from ..data.sources.scenes import ScenesConfig, write_fashion_scenes
 
     masks = [os.path.join(args.data_dir, "masks", s) for s in ("train", "val")]
+    t0 = time.time()
     if all(os.path.isdir(m) for m in masks):
         counts = [len(os.listdir(m)) for m in masks]
-        return f"fashion-scenes with label maps present in {args.data_dir} ({counts[0]} train / {counts[1]} val)"
-    cfg = ScenesConfig(train=args.train_scenes, val=args.val_scenes, masks=True, scale=args.scale)
-    t0 = time.time()
-    write_fashion_scenes(args.data_dir, cfg, force=True)
-    return (f"wrote {cfg.train} train / {cfg.val} val fashion-scenes (scale {cfg.scale}, label maps) to "
-            f"{args.data_dir} in {time.time() - t0:.0f} s")
+        line = f"fashion-scenes with label maps present in {args.data_dir} ({counts[0]} train / {counts[1]} val)"
+    else:
+        cfg = ScenesConfig(train=args.train_scenes, val=args.val_scenes, masks=True, scale=args.scale)
+        write_fashion_scenes(args.data_dir, cfg, force=True)
+        line = (f"wrote {cfg.train} train / {cfg.val} val fashion-scenes (scale {cfg.scale}, label maps) to "
+                f"{args.data_dir}")
+    written = []
+    for split, mask_dir in zip(("train", "val"), masks):
+        beton = os.path.join(args.data_dir, f"{split}.beton")
+        if os.path.isfile(beton) and os.path.getmtime(beton) >= os.path.getmtime(mask_dir):
+            continue
+        write_seg_beton(fashion_scenes(args.data_dir, split), beton, image_format="png", force=True, progress=False)
+        written.append(beton)
+    if written:
+        line += f"; wrote {', '.join(written)}"
+    return line + f" in {time.time() - t0:.0f} s"
 
 
 def run_config(name: str, args: argparse.Namespace, teacher_pt: str, seed_index: int = 0):

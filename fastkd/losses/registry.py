@@ -1,7 +1,7 @@
 """The feature losses by name: each one's config class, module, mask seeding and start-up check.
 
-A feature loss is one entry here; the Distiller asks the entry, never the name (README, "A feature loss
-of your own"):
+A feature loss is one entry here; the Distiller asks the entry, never the name (docs/losses.md,
+"A feature loss of your own"):
 
     register_loss(MyPairConfig, build_my_loss, seeded=False)          # MyPairConfig.loss is the name
 
