@@ -21,7 +21,26 @@ by orientation, uint8 batches with their targets (normalisation is ``to_device``
 training, the same for both, and not timed).  FFCV decodes + resizes + pads in its
 JIT-compiled pass; the DataLoader does the same with OpenCV in its worker processes.
 
-  python benchmarks/bench_data.py --detection --images 512 --batch-size 16 --epochs 3 --out benchmarks/results/data_cpu.md
+  python benchmarks/bench_data.py --detection --images 512 --batch-size 16 --epochs 3 \\
+      --out benchmarks/results/data_cpu.md
+
+With --segmentation: the segmentation loader (fastkd.data.segmentation.loader) on a synthetic Cityscapes tree
+(leftImg8bit/train/<city>/*_leftImg8bit.png + gtFine/train/<city>/*_gtFine_labelIds.png, --images images of
+--seg-size, default 1024x512; textured PNGs of about 1 byte a pixel like Cityscapes' photos, label maps of
+blocks of the 19 classes and ignored regions, in labelIds as Cityscapes ships them), every row through the same
+seeded training transform (fastkd.data.segmentation.transforms with configs/cityscapes' settings, img_scale
+the images' own size, as the configs' 2048x1024 at --seg-size 2048x1024: rescale ratio 0.5-2.0, --size square
+crop, cat_max_ratio 0.75, flip 0.5, photometric distortion; uint8 batches, normalisation on the device not
+timed), same batch size and --workers DataLoader workers.  Rows: the .beton written by `fastkd data write
+cityscapes` (image_format png: the PNG files byte for byte), a .beton with image_format jpg (q95: lossy, a
+cheaper decode), and the Cityscapes folder read directly (the 1.00x reference).  All three run in PyTorch
+DataLoader worker processes: fastkd reads a segmentation .beton with its own decoder (OpenCV for the image,
+PIL for the label map), not FFCV's JIT-compiled pipeline (fastkd does not use it for variable-size label
+maps).  What the .beton buys is one memory-mapped file instead of two files opened per sample and, with jpg,
+a cheaper decode than PNG; with png it is the same decode work as the folder.
+
+  python benchmarks/bench_data.py --segmentation --images 128 --batch-size 8 --workers 2 --epochs 3 \\
+      --out benchmarks/results/data_cpu.md
 """
 from __future__ import annotations
 
@@ -72,7 +91,7 @@ def run_epochs(loader, epochs: int) -> tuple:
 
 
 def run_detection_epochs(loader, epochs: int) -> tuple:
-    """Like run_epochs for detection batches (uint8, as the loaders hand them to ``to_device``)."""
+    """Like run_epochs for detection and segmentation batches (uint8, as the loaders hand them to ``to_device``)."""
     rates, firsts = [], []
     for epoch in range(epochs + 1):
         loader.set_epoch(epoch)
@@ -103,9 +122,10 @@ def detection(args, work: str) -> tuple:
     files = [os.path.join(scenes, "train", f) for f in os.listdir(os.path.join(scenes, "train"))]
     jpeg_kb = np.mean([os.path.getsize(f) for f in files]) / 1024
     results = {}
-    for name, source in (("ffcv (detection, jpg .beton)", "ffcv"), ("torch DataLoader (detection, same .beton)", "torch")):
-        loader = make_loader(beton, source=source, train=True, batch_size=args.batch_size,
-                                        num_workers=args.workers, min_size=args.min_size, max_size=args.max_size, seed=0)
+    for name, source in (("ffcv (detection, jpg .beton)", "ffcv"),
+                         ("torch DataLoader (detection, same .beton)", "torch")):
+        loader = make_loader(beton, source=source, train=True, batch_size=args.batch_size, num_workers=args.workers,
+                             min_size=args.min_size, max_size=args.max_size, seed=0)
         rates, firsts = run_detection_epochs(loader, args.epochs)
         results[name] = (statistics.median(rates), min(rates), max(rates), statistics.median(firsts))
         print(f"{name:>18}: {results[name][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f}), "
@@ -114,16 +134,104 @@ def detection(args, work: str) -> tuple:
     line = (f"- data: {args.images} fashion-scenes JPEGs (160x320 to 320x240, mean {jpeg_kb:.0f} KB, q90) with "
             f"1-8 boxes each, one COCO .beton; output: resize to shorter side {args.min_size} / longer at most "
             f"{args.max_size}, seeded flip of image and boxes, padded to the orientation bucket, uint8 "
-            f"(to_device's normalisation not timed), batch {args.batch_size}, {args.workers} workers each, median of {args.epochs} epochs "
-            f"after 1 warm-up")
+            f"(to_device's normalisation not timed), batch {args.batch_size}, {args.workers} workers each, median of "
+            f"{args.epochs} epochs after 1 warm-up")
+    return results, line
+
+
+CITIES = ("aachen", "bochum", "bremen")
+
+
+def make_cityscapes(root: str, n: int, width: int, height: int) -> None:
+    """A synthetic Cityscapes train split: n textured PNG images and their labelIds maps (blocks of the 19
+    classes, sky on top, road below, an ignored ego-vehicle strip at the bottom and a few ignored patches)."""
+    import cv2
+
+    from fastkd.data.segmentation.cityscapes import LABEL_TO_TRAIN
+
+    to_label = np.zeros(256, np.uint8)  # train id -> labelId; 255 (ignored) -> 0 (unlabeled)
+    for label_id, train_id in LABEL_TO_TRAIN.items():
+        to_label[train_id] = label_id
+    rng = np.random.default_rng(0)
+    palette = rng.integers(30, 226, (256, 3)).astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    gradient = np.stack([(xx * (c + 1) * 0.15 * 1024 / width + yy * 0.1 * (2 - c) * 512 / height + 40 * c) % 256
+                         for c in range(3)], -1)
+    bands = ((10, 2, 8), (2, 8, 5, 6, 7, 3, 4), (11, 12, 13, 14, 15, 16, 17, 18, 9, 8), (0, 1, 0, 9))
+    for k in range(n):
+        city = CITIES[k % len(CITIES)]
+        stem = f"{city}_{k // len(CITIES):06d}_000019"
+        for d in ("leftImg8bit", "gtFine"):
+            os.makedirs(os.path.join(root, d, "train", city), exist_ok=True)
+        grid = np.stack([rng.choice(bands[min(r * len(bands) // 8, len(bands) - 1)], 16) for r in range(8)])
+        train = cv2.resize(grid.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+        for _ in range(int(rng.integers(3, 9))):  # objects and ignored patches over the blocks
+            h, w = int(rng.integers(height // 16, height // 3)), int(rng.integers(width // 32, width // 6))
+            t, l = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
+            train[t:t + h, l:l + w] = rng.choice([255, 11, 13, 5, 6, 7, 17, 18])
+        train[height - height // 12:] = 255
+        # Region colours, smooth gradients and correlated noise: ~1 byte a pixel as PNG, as Cityscapes' photos.
+        noise = cv2.GaussianBlur(rng.normal(0, 6, (height, width, 3)).astype(np.float32), (0, 0), 1.0)
+        image = np.clip(0.6 * palette[train] + 0.4 * gradient + noise, 0, 255).astype(np.uint8)
+        cv2.imwrite(os.path.join(root, "leftImg8bit", "train", city, f"{stem}_leftImg8bit.png"),
+                    cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 6])
+        cv2.imwrite(os.path.join(root, "gtFine", "train", city, f"{stem}_gtFine_labelIds.png"), to_label[train])
+
+
+def segmentation(args, work: str) -> tuple:
+    """.beton (png), .beton (jpg q95) and the Cityscapes folder through the same training transform; returns
+    (results, data line); the folder is the last (reference) entry."""
+    from fastkd.config import DataConfig
+    from fastkd.data.segmentation import cityscapes
+    from fastkd.data.segmentation.loader import build_loader
+    from fastkd.data.segmentation.sources import BetonSegSource, write_seg_beton
+
+    width, height = (int(v) for v in args.seg_size.lower().split("x"))
+    name = f"cityscapes-{width}x{height}-{args.images}"
+    root = os.path.join(work, name)
+    if not os.path.isdir(root):
+        make_cityscapes(root, args.images, width, height)
+    runs = []
+    for fmt, label in (("png", "png, the PNG files as they are"), ("jpg", "jpg q95, lossy")):
+        beton = os.path.join(work, f"{name}-{fmt}.beton")
+        if not os.path.exists(beton):
+            write_seg_beton(cityscapes.source(root, "train"), beton, image_format=fmt, jpeg_quality=95,
+                            force=True, progress=False)
+        runs.append((f".beton ({label})", "ffcv", beton))
+    runs.append(("Cityscapes folder (PNG files), reference", "cityscapes", root))
+    kwargs = dict(img_scale=(width, height), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, flip_prob=0.5,
+                  photometric=True)
+    results = {}
+    for row, kind, path in runs:
+        data = DataConfig(source=kind, path=path, image_size=args.size, num_workers=args.workers, kwargs=kwargs)
+        loader = build_loader(data, "train", batch_size=args.batch_size, seed=0)
+        rates, firsts = run_detection_epochs(loader, args.epochs)
+        results[row] = (statistics.median(rates), min(rates), max(rates), statistics.median(firsts))
+        print(f"{row:>18}: {results[row][0]:8.1f} images/s (min {min(rates):.1f}, max {max(rates):.1f}), "
+              f"first batch after {results[row][3]:.0f} ms")
+        del loader
+
+    def mean_kb(sub: str) -> float:
+        d = os.path.join(root, sub, "train")
+        return np.mean([os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs]) / 1024
+
+    jpg_kb = BetonSegSource(runs[1][2]).image_meta["size"].mean() / 1024
+    line = (f"- data: {args.images} synthetic Cityscapes images, {width}x{height} RGB PNG (mean "
+            f"{mean_kb('leftImg8bit'):.0f} KB; label maps {mean_kb('gtFine'):.0f} KB, labelIds -> 19 train ids + 255), "
+            f"the jpg .beton's images mean {jpg_kb:.0f} KB (q95); output: rescale ratio 0.5-2.0 of {width}x{height}, "
+            f"{args.size}x{args.size} crop (cat_max_ratio 0.75), flip 0.5, photometric distortion, uint8 "
+            f"(to_device's normalisation not timed), "
+            f"batch {args.batch_size}, {args.workers} DataLoader workers each (every row), median of {args.epochs} "
+            f"epochs after 1 warm-up")
     return results, line
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=None,
+                   help="output side (default 224); --segmentation: the square crop (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64; --segmentation: 8")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--channels-last", action="store_true", help="channels_last output (both loaders)")
@@ -133,7 +241,11 @@ def main() -> None:
     p.add_argument("--detection", action="store_true", help="benchmark the detection loaders instead")
     p.add_argument("--min-size", type=int, default=320, help="detection: shorter side after resizing")
     p.add_argument("--max-size", type=int, default=512, help="detection: longer side at most")
+    p.add_argument("--segmentation", action="store_true", help="benchmark the segmentation loaders instead")
+    p.add_argument("--seg-size", default="1024x512", help="segmentation: WxH of the synthetic Cityscapes images")
     args = p.parse_args()
+    args.size = args.size or (512 if args.segmentation else 224)
+    args.batch_size = args.batch_size or (8 if args.segmentation else 64)
 
     from fastkd.data.classification.build import make_loader
     from fastkd.data.classification.writers import write_imagefolder_beton
@@ -142,6 +254,10 @@ def main() -> None:
     if args.detection:
         results, data_line = detection(args, work)
         report(args, results, data_line)
+        return
+    if args.segmentation:
+        results, data_line = segmentation(args, work)
+        report(args, results, data_line, ref="folder")
         return
     folder = os.path.join(work, "train")
     if not os.path.isdir(folder):
@@ -171,8 +287,8 @@ def main() -> None:
     report(args, results, data_line)
 
 
-def report(args, results: dict, data_line: str) -> None:
-    """Print the ratios to the DataLoader (the last entry); append the table to --out."""
+def report(args, results: dict, data_line: str, ref: str = "torch") -> None:
+    """Print the ratios to the reference (the last entry: the DataLoader, or ``ref``); append the table to --out."""
     import torch
 
     from fastkd.data.base import cpu_count
@@ -180,25 +296,31 @@ def report(args, results: dict, data_line: str) -> None:
     names = list(results)
     base = results[names[-1]][0]
     for name in names[:-1]:
-        print(f"{name} / torch: {results[name][0] / base:.2f}x")
+        print(f"{name} / {ref}: {results[name][0] / base:.2f}x")
     if args.out:
         cmd = "python benchmarks/bench_data.py " + " ".join(sys.argv[1:])
         load = os.getloadavg()
         rows = [f"## {datetime.date.today().isoformat()} - {_cpu_model()}, {cpu_count()} CPU cores, no GPU", "",
-                f"- versions: Python {platform.python_version()}, torch {torch.__version__}, ffcv {importlib.metadata.version('ffcv')}, "
-                f"numpy {np.__version__}",
+                f"- versions: Python {platform.python_version()}, torch {torch.__version__}, "
+                f"ffcv {importlib.metadata.version('ffcv')}, numpy {np.__version__}",
                 f"- command: `{cmd}`",
                 data_line,
                 f"- load average at the end (1/5/15 min): {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
                 + ("(other jobs were running: absolute numbers are noisy, compare the ratios)"
                    if load[0] > 1.5 else f"(about idle for {cpu_count()} cores)"), "",
-                "| loader | images/s (median) | min | max | vs torch | first batch (ms) |",
+                f"| loader | images/s (median) | min | max | vs {ref} | first batch (ms) |",
                 "|---|---|---|---|---|---|"]
         rows += [f"| {k} | {v[0]:.1f} | {v[1]:.1f} | {v[2]:.1f} | {v[0] / base:.2f}x | {v[3]:.0f} |"
                  for k, v in results.items()]
         rows += ["", ""]
+        tail = b"\n\n"  # the new section starts after a blank line
+        if os.path.exists(args.out) and os.path.getsize(args.out):
+            with open(args.out, "rb") as f:
+                f.seek(-min(2, os.path.getsize(args.out)), os.SEEK_END)
+                tail = f.read()
+        gap = "" if tail.endswith(b"\n\n") else "\n" if tail.endswith(b"\n") else "\n\n"
         with open(args.out, "a") as f:
-            f.write("\n".join(rows))
+            f.write(gap + "\n".join(rows))
 
 
 def _cpu_model() -> str:
