@@ -73,35 +73,64 @@ def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher: Optional[
     plt = _pyplot()
     losses = [loss] if isinstance(loss, str) else list(loss)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 5))
-    for label, dirs in runs.items():
+    evals = {}  # label -> (steps, per-step values over seeds) of the metric
+    for i, (label, dirs) in enumerate(runs.items()):
         rows = [_rows(d) for d in dirs]
         seeds = f" ({len(dirs)} seeds)" if len(dirs) > 1 else ""
-        for ax, kind, keys, factor, marker in ((acc_ax, "eval", [metric], scale, "o"),
-                                               (loss_ax, "train", losses, 1.0, None)):
-            steps, values = _aligned([[(r["step"], factor * sum(r[k] for k in keys)) for r in rs
-                                       if r.get("kind") == kind and all(k in r for k in keys)] for rs in rows])
-            if not steps:
-                continue
-            mean = [sum(v) / len(v) for v in values]
-            line, = ax.plot(steps, mean, marker=marker, ms=3, label=label + seeds)
-            if len(dirs) > 1:
-                ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2,
-                                color=line.get_color(), lw=0)
+        evals[label] = _aligned([[(r["step"], scale * r[metric]) for r in rs
+                                  if r.get("kind") == "eval" and metric in r] for rs in rows])
+        steps, values = _aligned([[(r["step"], sum(r[k] for k in losses)) for r in rs
+                                   if r.get("kind") == "train" and all(k in r for k in losses)] for rs in rows])
+        if steps:
+            _band(loss_ax, steps, values, label + seeds, None, len(dirs) > 1, f"C{i}")
+    if all(len(steps) <= 1 for steps, _ in evals.values()):
+        _final_points(acc_ax, evals)  # evaluated once, at the end: one column per run, every seed a dot
+        title += f" at step {max((s[0] for s, _ in evals.values() if s), default=0)}"
+    else:
+        for i, (label, (steps, values)) in enumerate(evals.items()):
+            if steps:
+                seeds = f" ({len(runs[label])} seeds)" if len(runs[label]) > 1 else ""
+                _band(acc_ax, steps, values, label + seeds, "o", len(runs[label]) > 1, f"C{i}")
+        acc_ax.set(xlabel="step")
     if teacher is not None:
-        acc_ax.axhline(teacher, ls="--", c="gray", label="teacher")
-    acc_ax.set(title=title, xlabel="step")
+        acc_ax.axhline(teacher, ls="--", c="gray", label=f"teacher: {teacher:.2f}")
+    acc_ax.set(title=title)
     loss_ax.set(title=f"task loss ({' + '.join(k.split('/')[-1] for k in losses)}, training)", xlabel="step",
                 yscale="log")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if any(len(dirs) > 1 for dirs in runs.values()):
-        fig.suptitle("lines: mean over seeds; bands: min-max over seeds", fontsize=10)
+        fig.suptitle("lines: mean over seeds; bands and error bars: min-max over seeds", fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _band(ax, steps, values, label, marker, band: bool, color: str) -> None:
+    """The mean over seeds at each step, and the min-max band when there are several seeds."""
+    ax.plot(steps, [sum(v) / len(v) for v in values], marker=marker, ms=3, label=label, color=color)
+    if band:
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=color, lw=0)
+
+
+def _final_points(ax, evals) -> None:
+    """One column per run (coloured as its loss line): each seed's final value as a small dot, the mean as a
+    large one with the min-max range as an error bar."""
+    for i, (label, (steps, values)) in enumerate(evals.items()):
+        color = f"C{i}"
+        if not steps:
+            continue
+        v = values[-1]
+        mean = sum(v) / len(v)
+        ax.errorbar([i], [mean], yerr=[[mean - min(v)], [max(v) - mean]], fmt="o", ms=7, capsize=6, color=color,
+                    label=f"{label}: {mean:.2f}" + (f" ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else ""))
+        if len(v) > 1:
+            ax.scatter([i + 0.12] * len(v), v, s=12, color=color, alpha=0.6)
+    ax.set_xticks(range(len(evals)), list(evals))
+    ax.set_xlim(-0.6, len(evals) - 0.4)
 
 
 def _aligned(curves: List[List[tuple]]):
