@@ -7,11 +7,11 @@ import pytest
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 
-from fastkd.engine.plot import _final_points, plot_compare  # noqa: E402
+from fastkd.engine.plot import _compare_figure, _final_points, plot_compare  # noqa: E402
 
 
 def _run(path, evals, losses=(2.0, 1.0)):
-    path.mkdir()
+    path.mkdir(parents=True)
     rows = [{"kind": "train", "step": 10 * (i + 1), "loss/ce": v} for i, v in enumerate(losses)]
     rows += [{"kind": "eval", "step": s, "val/mIoU": v} for s, v in evals]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -31,10 +31,30 @@ def test_final_points_one_column_per_run_with_the_mean_and_range():
     plt.close(fig)
 
 
-@pytest.mark.parametrize("evals", [[(20, 5.0)], [(10, 4.0), (20, 5.0)]], ids=["once", "twice"])
-def test_plot_compare_writes_the_picture(tmp_path, evals):
-    runs = {"baseline": [_run(tmp_path / "b0", evals), _run(tmp_path / "b1", [(s, v + 1) for s, v in evals])],
+def _runs(tmp_path, evals):
+    return {"baseline": [_run(tmp_path / "b0", evals), _run(tmp_path / "b1", [(s, v + 1) for s, v in evals])],
             "mgd": [_run(tmp_path / "m0", [(s, v + 3) for s, v in evals])]}
-    out = plot_compare(runs, str(tmp_path / "compare.png"), teacher=9.0, metric="val/mIoU",
+
+
+def test_runs_evaluated_once_get_a_column_each_and_runs_evaluated_along_the_way_get_lines(tmp_path):
+    import matplotlib.pyplot as plt
+
+    kw = dict(teacher=9.0, metric="val/mIoU", title="mIoU", scale=1.0, loss="loss/ce")
+    once = _compare_figure(plt, _runs(tmp_path / "once", [(20, 5.0)]), **kw)
+    acc = once.axes[0]
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["baseline", "mgd"] and acc.get_title() == "mIoU at step 20"
+    assert acc.get_legend_handles_labels()[1] == ["teacher: 9.00", "baseline: 5.50 (5.00-6.00)", "mgd: 8.00"]
+    along = _compare_figure(plt, _runs(tmp_path / "along", [(10, 4.0), (20, 5.0)]), **kw)
+    acc = along.axes[0]
+    assert acc.get_xlabel() == "step" and acc.get_title() == "mIoU"
+    curves = {line.get_label(): list(line.get_ydata()) for line in acc.lines if line.get_label() != "teacher: 9.00"}
+    assert curves == {"baseline (2 seeds)": [4.5, 5.5], "mgd": [7.0, 8.0]}
+    loss = {line.get_label(): list(line.get_ydata()) for line in along.axes[1].lines}
+    assert loss == {"baseline (2 seeds)": [2.0, 1.0], "mgd": [2.0, 1.0]}
+    plt.close("all")
+
+
+def test_plot_compare_writes_the_picture(tmp_path):
+    out = plot_compare(_runs(tmp_path, [(20, 5.0)]), str(tmp_path / "compare.png"), teacher=9.0, metric="val/mIoU",
                        title="validation mIoU (%)")
-    assert (tmp_path / "compare.png").stat().st_size > 10000 and out.endswith("compare.png")
+    assert out == str(tmp_path / "compare.png") and (tmp_path / "compare.png").stat().st_size > 10000

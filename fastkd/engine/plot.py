@@ -71,26 +71,35 @@ def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher: Optional[
     all on the same two axes; ``teacher`` (already scaled) as a dashed line. ``loss``: a training row's key, or
     several summed (detection's classification + box regression)."""
     plt = _pyplot()
+    fig = _compare_figure(plt, runs, teacher=teacher, metric=metric, title=title, scale=scale, loss=loss)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _compare_figure(plt, runs, *, teacher, metric, title, scale, loss):
+    """:func:`plot_compare`'s figure: the metric panel (lines over steps, or one column per run when every
+    run was evaluated once) and the loss panel."""
     losses = [loss] if isinstance(loss, str) else list(loss)
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(13, 5))
-    evals = {}  # label -> (steps, per-step values over seeds) of the metric
+    evals, names = {}, {}  # label -> (steps, per-step values over seeds) of the metric; label -> legend name
     for i, (label, dirs) in enumerate(runs.items()):
         rows = [_rows(d) for d in dirs]
-        seeds = f" ({len(dirs)} seeds)" if len(dirs) > 1 else ""
+        names[label] = label + (f" ({len(dirs)} seeds)" if len(dirs) > 1 else "")
         evals[label] = _aligned([[(r["step"], scale * r[metric]) for r in rs
                                   if r.get("kind") == "eval" and metric in r] for rs in rows])
         steps, values = _aligned([[(r["step"], sum(r[k] for k in losses)) for r in rs
                                    if r.get("kind") == "train" and all(k in r for k in losses)] for rs in rows])
         if steps:
-            _band(loss_ax, steps, values, label + seeds, None, len(dirs) > 1, f"C{i}")
+            _band(loss_ax, steps, values, names[label], None, len(dirs) > 1, f"C{i}")
     if all(len(steps) <= 1 for steps, _ in evals.values()):
         _final_points(acc_ax, evals)  # evaluated once, at the end: one column per run, every seed a dot
         title += f" at step {max((s[0] for s, _ in evals.values() if s), default=0)}"
     else:
         for i, (label, (steps, values)) in enumerate(evals.items()):
             if steps:
-                seeds = f" ({len(runs[label])} seeds)" if len(runs[label]) > 1 else ""
-                _band(acc_ax, steps, values, label + seeds, "o", len(runs[label]) > 1, f"C{i}")
+                _band(acc_ax, steps, values, names[label], "o", len(runs[label]) > 1, f"C{i}")
         acc_ax.set(xlabel="step")
     if teacher is not None:
         acc_ax.axhline(teacher, ls="--", c="gray", label=f"teacher: {teacher:.2f}")
@@ -103,10 +112,7 @@ def plot_compare(runs: Dict[str, Sequence[str]], out: str, *, teacher: Optional[
     if any(len(dirs) > 1 for dirs in runs.values()):
         fig.suptitle("lines: mean over seeds; bands and error bars: min-max over seeds", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _band(ax, steps, values, label, marker, band: bool, color: str) -> None:
